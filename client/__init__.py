@@ -1,0 +1,1 @@
+"""The department client: a Flower ClientApp that trains locally with DP-SGD."""

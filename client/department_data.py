@@ -1,0 +1,97 @@
+"""Which department a ClientApp serves, where its data and state live, and its prepared splits.
+
+Two ways a department is described, both ending in ``DepartmentSettings``:
+- deployment: the SuperNode's ``--node-config`` gives ``department``, ``data-path`` and
+  ``state-dir`` (and optionally its own ``epsilon`` / ``delta``, which may only lower the run's);
+- simulation: ``partition-dir`` in the run config holds ``manifest.json`` written by
+  ``fedpriv simulate``; the node's ``partition-id`` picks the department, and its state lives
+  under ``<out-dir>/departments/<name>``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shared.config import RunConfig
+from shared.data import Record, check_labels, load_records
+from shared.errors import ConfigError, DataError
+from shared.partition import train_val_split
+
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class DepartmentSettings:
+    name: str
+    data_path: Path
+    state_dir: Path
+    target_epsilon: float
+    delta: float
+
+
+@dataclass(frozen=True)
+class DepartmentData:
+    name: str
+    train: list[Record]
+    val: list[Record]
+
+
+def resolve_department(config: RunConfig, node_config: Mapping[str, Any]) -> DepartmentSettings:
+    if "department" in node_config:
+        missing = [k for k in ("data-path", "state-dir") if not node_config.get(k)]
+        if missing:
+            raise ConfigError([f"node config lacks '{k}'" for k in missing], source="department node config")
+        name = str(node_config["department"])
+        data_path, state_dir = Path(str(node_config["data-path"])), Path(str(node_config["state-dir"]))
+        own_budget: Mapping[str, Any] = node_config
+    elif config.partition_dir:
+        manifest_path = Path(config.partition_dir) / MANIFEST
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise DataError(f"{manifest_path}: cannot read the simulation manifest ({exc})") from None
+        index = int(node_config.get("partition-id", -1))
+        departments = manifest["departments"]
+        if not 0 <= index < len(departments):
+            raise ConfigError(
+                f"partition-id {index} has no department ({len(departments)} in {manifest_path}); "
+                "num-supernodes must equal the number of departments"
+            )
+        entry = departments[index]
+        name, data_path = entry["name"], Path(config.partition_dir) / entry["file"]
+        state_dir = Path(config.out_dir) / "departments" / name
+        own_budget = entry
+    else:
+        raise ConfigError(
+            "this node is no department: give the SuperNode --node-config \"department=... data-path=... "
+            "state-dir=...\" (deployment) or set partition-dir (simulation)"
+        )
+    epsilon = float(own_budget.get("epsilon", config.target_epsilon))
+    delta = float(own_budget.get("delta", config.target_delta))
+    problems = []
+    if not 0 < epsilon <= config.target_epsilon:
+        problems.append(f"department {name}: epsilon must be in (0, {config.target_epsilon}] (got {epsilon})")
+    if not 0 < delta <= config.target_delta:
+        problems.append(f"department {name}: delta must be in (0, {config.target_delta}] (got {delta})")
+    if problems:
+        raise ConfigError(problems, source=f"privacy budget of department {name}")
+    return DepartmentSettings(name, data_path, state_dir, epsilon, delta)
+
+
+def load_department(settings: DepartmentSettings, config: RunConfig, *, min_train: int | None = None) -> DepartmentData:
+    """Read, check and split a department's records; fail naming the department and file."""
+    records = load_records(settings.data_path)
+    if config.labels:
+        check_labels(records, config.labels)
+    split = train_val_split(records, val_fraction=config.val_fraction, seed=config.seed)
+    needed = config.batch_size if min_train is None else min_train
+    if len(split.train) < needed or not split.val:
+        raise DataError(
+            f"department {settings.name} ({settings.data_path}): {len(split.train)} training records, "
+            f"{len(split.val)} validation; needs at least batch-size={needed} for training and 1 for validation"
+        )
+    return DepartmentData(settings.name, split.train, split.val)

@@ -1,0 +1,99 @@
+"""Local training of one round: DP-SGD through Opacus, or plain SGD for non-private baselines.
+
+The trained module is whatever carries the trainable parameters: the linear head on cached
+features (head-only mode) or the whole ``TextClassifier`` with LoRA adapters. Batches are
+tuples ``(*inputs, labels)`` and the module is called as ``module(*inputs)``.
+"""
+
+from __future__ import annotations
+
+import secrets
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from client.privacy import Mechanism, PrivacyPlan
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    mean_loss: float
+    steps: int
+    history: list[Mechanism]  # the Opacus accountant's history after the round (DP only)
+
+
+def _optimizer(module: nn.Module, *, learning_rate: float, momentum: float) -> torch.optim.Optimizer:
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    return torch.optim.SGD(trainable, lr=learning_rate, momentum=momentum)
+
+
+def train_private(
+    *, module: nn.Module, dataset: Dataset, plan: PrivacyPlan, prior: list[Mechanism],
+    batch_size: int, local_epochs: int, learning_rate: float, momentum: float, max_grad_norm: float,
+) -> TrainResult:
+    """One round of DP-SGD: Poisson sampling, per-sample clipping to ``max_grad_norm``, Gaussian noise."""
+    from opacus import PrivacyEngine
+
+    # torch's default generator starts from the same seed in every process: sampling and noise
+    # get generators seeded from the OS's entropy instead, fresh each round.
+    sampling_rng, noise_rng = (torch.Generator().manual_seed(secrets.randbits(63)) for _ in range(2))
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, generator=sampling_rng)
+    module.train()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
+        engine = PrivacyEngine(accountant=plan.accountant)
+        engine.accountant.history = list(prior)
+        dp_module, optimizer, dp_loader = engine.make_private(
+            module=module,
+            optimizer=_optimizer(module, learning_rate=learning_rate, momentum=momentum),
+            data_loader=loader,
+            noise_multiplier=plan.noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            poisson_sampling=True,
+            noise_generator=noise_rng,
+        )
+    if abs(dp_loader.sample_rate - plan.sample_rate) > 1e-12:
+        raise RuntimeError(f"Opacus sampling rate {dp_loader.sample_rate} differs from the plan's {plan.sample_rate}")
+    try:
+        mean_loss, steps = _run_epochs(dp_module, optimizer, dp_loader, local_epochs)
+    finally:
+        dp_module._close()  # remove Opacus hooks so the module can be reused next round
+    if steps != plan.steps_per_round:
+        raise RuntimeError(f"ran {steps} DP steps, the privacy plan accounted for {plan.steps_per_round}")
+    return TrainResult(mean_loss, steps, list(engine.accountant.history))
+
+
+def train_plain(
+    *, module: nn.Module, dataset: Dataset, batch_size: int, local_epochs: int,
+    learning_rate: float, momentum: float, seed: int,
+) -> TrainResult:
+    """Non-private baseline: shuffled mini-batches, no clipping, no noise, no guarantee."""
+    generator = torch.Generator().manual_seed(seed)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator)
+    optimizer = _optimizer(module, learning_rate=learning_rate, momentum=momentum)
+    mean_loss, steps = _run_epochs(module, optimizer, loader, local_epochs)
+    return TrainResult(mean_loss, steps, [])
+
+
+def _run_epochs(
+    module: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, epochs: int
+) -> tuple[float, int]:
+    module.train()
+    loss_sum, loss_count, steps = 0.0, 0, 0
+    for _ in range(epochs):
+        for batch in loader:
+            *inputs, labels = batch
+            optimizer.zero_grad(set_to_none=True)
+            # An empty Poisson batch still runs and takes a (noise-only) step: skipping it
+            # would change the mechanism that the accountant counts.
+            summed = nn.functional.cross_entropy(module(*inputs), labels, reduction="sum")
+            (summed / max(len(labels), 1)).backward()
+            optimizer.step()
+            loss_sum += summed.item()
+            loss_count += len(labels)
+            steps += 1
+    module.eval()
+    return (loss_sum / loss_count if loss_count else float("nan")), steps

@@ -1,0 +1,62 @@
+"""One federated run from the server's side: build the model, run Flower's workflow, export.
+
+The workflow is Flower's legacy ``DefaultWorkflow`` over a ``LegacyContext`` because, in flwr
+1.42, that is the only path on which Flower's ``SecAggPlusWorkflow`` runs: secure aggregation
+is one ``fit_workflow`` argument away, and ``FedprivStrategy`` needs no change for it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from flwr.common import Context, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.server import Grid, LegacyContext, ServerConfig
+from flwr.server.workflow import DefaultWorkflow
+
+from server.evaluation import make_server_evaluator
+from server.run_record import RunRecorder
+from server.strategy import FedprivStrategy
+from shared.config import RunConfig
+from shared.errors import ConfigError
+from shared.export import export_model
+from shared.model import build_classifier, load_backbone, trainable_names
+from shared.params import get_trainable, set_trainable
+
+
+def run_federation(grid: Grid, context: Context, config: RunConfig, recorder: RunRecorder) -> dict:
+    if len(config.labels) < 2:
+        raise ConfigError("labels must list the federation's label set (at least 2 labels)")
+    backbone = load_backbone(config.model)
+    with torch.random.fork_rng():
+        torch.manual_seed(config.seed)
+        classifier = build_classifier(
+            backbone, num_labels=len(config.labels), lora_r=config.lora_r, lora_alpha=config.lora_alpha,
+            lora_targets=config.lora_targets,
+        )
+        torch.nn.init.zeros_(classifier.head.weight)
+        torch.nn.init.zeros_(classifier.head.bias)
+    strategy = FedprivStrategy(
+        config=config,
+        recorder=recorder,
+        parameter_names=trainable_names(classifier),
+        backbone_fingerprint=backbone.fingerprint,
+        initial_parameters=ndarrays_to_parameters(get_trainable(classifier)),
+        evaluate_fn=make_server_evaluator(
+            config=config, classifier=classifier, backbone=backbone, cache_dir=Path(config.out_dir) / "feature-cache"
+        ),
+    )
+    legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=config.num_server_rounds), strategy=strategy)
+    DefaultWorkflow()(grid, legacy)
+
+    set_trainable(classifier, parameters_to_ndarrays(strategy.latest_parameters))
+    trained_rounds = [r for r in recorder.rounds.values() if r["round"] > 0 and r.get("train_loss") is not None]
+    if not trained_rounds:
+        return recorder.finish(state="failed", message="no round produced an update: see failures in metrics.json")
+    metrics = recorder.finish(state="completed")
+    export_model(
+        Path(config.out_dir) / "model", classifier=classifier, backbone=backbone, labels=config.labels,
+        max_length=config.max_length,
+        summary={"final_accuracy": metrics["final_accuracy"], "dp": config.dp, "privacy": metrics["privacy"]},
+    )
+    return metrics

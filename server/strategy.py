@@ -1,0 +1,151 @@
+"""FedAvg over the trainable parameters, plus what a privacy-aware admin needs from each round.
+
+``FedprivStrategy`` is Flower's own ``FedAvg`` (weighted by ``num-examples``) with hooks that
+- send each round's config (round, planned rounds, label and backbone fingerprints),
+- record every department's reported epsilon, loss and status, and every failure,
+- leave out of the average any department that answered "budget exhausted" (it sent weight 0),
+- checkpoint the global trainable parameters after every round.
+It stays a plain legacy ``Strategy`` so that Flower's SecAgg+ workflow can drive it unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from flwr.common import (
+    EvaluateRes,
+    FitRes,
+    Parameters,
+    Scalar,
+    parameters_to_ndarrays,
+)
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.strategy import FedAvg
+
+from server.run_record import RunRecorder
+from shared import protocol
+from shared.checkpoint import save_checkpoint
+from shared.config import RunConfig
+
+EvaluateFn = Callable[[int, list, dict[str, Scalar]], tuple[float, dict[str, Scalar]] | None]
+
+
+class FedprivStrategy(FedAvg):
+    def __init__(
+        self, *, config: RunConfig, recorder: RunRecorder, parameter_names: list[str], backbone_fingerprint: str,
+        initial_parameters: Parameters, evaluate_fn: EvaluateFn | None,
+    ) -> None:
+        self.run_config = config
+        self.recorder = recorder
+        self.parameter_names = parameter_names
+        self.backbone_fingerprint = backbone_fingerprint
+        self.latest_parameters = initial_parameters
+        super().__init__(
+            fraction_fit=config.fraction_train,
+            fraction_evaluate=1.0,
+            min_fit_clients=config.min_departments,
+            min_evaluate_clients=config.min_departments,
+            min_available_clients=config.min_departments,
+            initial_parameters=initial_parameters,
+            evaluate_fn=evaluate_fn,
+            on_fit_config_fn=self._round_config,
+            on_evaluate_config_fn=self._round_config,
+            accept_failures=True,
+        )
+
+    def _round_config(self, server_round: int) -> dict[str, Scalar]:
+        return {
+            protocol.SERVER_ROUND: server_round,
+            protocol.NUM_ROUNDS: self.run_config.num_server_rounds,
+            protocol.LABEL_FINGERPRINT: self.run_config.label_fingerprint,
+            protocol.BACKBONE_FINGERPRINT: self.backbone_fingerprint,
+        }
+
+    def aggregate_fit(
+        self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures: list[Any]
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        departments: dict[str, dict[str, Any]] = {}
+        trained: list[tuple[ClientProxy, FitRes]] = []
+        for proxy, res in results:
+            m = res.metrics
+            name = str(m.get(protocol.DEPARTMENT, f"node-{proxy.cid}"))
+            departments[name] = {
+                "status": m.get(protocol.STATUS),
+                "epsilon": m.get(protocol.EPSILON),
+                "delta": m.get(protocol.DELTA),
+                "target_epsilon": m.get(protocol.TARGET_EPSILON),
+                "noise_multiplier": m.get(protocol.NOISE_MULTIPLIER),
+                "train_loss": m.get(protocol.TRAIN_LOSS),
+                "num_examples": res.num_examples,
+                "dp": bool(m.get(protocol.DP_ENABLED, True)),
+                "reason": m.get(protocol.REASON),
+            }
+            if m.get(protocol.STATUS) == protocol.STATUS_TRAINED and res.num_examples > 0:
+                trained.append((proxy, res))
+        failure_notes = [_describe_failure(f) for f in failures]
+        total = sum(res.num_examples for _, res in trained)
+        train_loss = (
+            sum(float(res.metrics[protocol.TRAIN_LOSS]) * res.num_examples for _, res in trained) / total
+            if total else None
+        )
+        self.recorder.record_fit(server_round, departments=departments, train_loss=train_loss)
+        self.recorder.record_failures(server_round, failure_notes)
+        if not trained:
+            return None, {}
+        parameters, metrics = super().aggregate_fit(server_round, trained, [])
+        if parameters is not None:
+            self.latest_parameters = parameters
+            arrays = parameters_to_ndarrays(parameters)
+            save_checkpoint(
+                self.recorder.out_dir / "checkpoints" / f"round-{server_round:03d}.safetensors",
+                dict(zip(self.parameter_names, arrays, strict=True)),
+                {"round": server_round, "run_id": self.recorder.run_id,
+                 "label_fingerprint": self.run_config.label_fingerprint,
+                 "backbone_fingerprint": self.backbone_fingerprint},
+            )
+        return parameters, metrics
+
+    def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
+        result = super().evaluate(server_round, parameters)
+        if result is not None:
+            loss, metrics = result
+            self.recorder.record_evaluation(
+                server_round, loss=loss, accuracy=float(metrics[protocol.ACCURACY]), source="server"
+            )
+        return result
+
+    def aggregate_evaluate(
+        self, server_round: int, results: list[tuple[ClientProxy, EvaluateRes]], failures: list[Any]
+    ) -> tuple[float | None, dict[str, Scalar]]:
+        departments = {
+            str(res.metrics.get(protocol.DEPARTMENT, f"node-{proxy.cid}")): {
+                "val_accuracy": res.metrics.get(protocol.ACCURACY), "val_loss": res.loss, "val_examples": res.num_examples,
+            }
+            for proxy, res in results
+        }
+        total = sum(res.num_examples for _, res in results)
+        if total:
+            loss = sum(res.loss * res.num_examples for _, res in results) / total
+            accuracy = sum(float(res.metrics[protocol.ACCURACY]) * res.num_examples for _, res in results) / total
+            self.recorder.record_evaluation(
+                server_round, loss=loss, accuracy=accuracy, source="federated", departments=departments
+            )
+        self.recorder.record_failures(server_round, [f"evaluate: {_describe_failure(f)}" for f in failures])
+        self.recorder.flush_round(server_round)
+        if not total:
+            return None, {}
+        return loss, {protocol.ACCURACY: accuracy}
+
+
+def _describe_failure(failure: Any) -> str:
+    """One readable line: a department's own error message, not the Ray/Flower traceback around it."""
+    if isinstance(failure, tuple) and len(failure) == 2:
+        proxy, res = failure
+        text = f"node {proxy.cid}: {getattr(res, 'status', res)}"
+    else:
+        text = str(failure)
+    if "Message: " in text:
+        text = text.rsplit("Message: ", 1)[1]
+    text = " ".join(text.replace("\\n", " ").split())
+    return text[:400]

@@ -1,0 +1,1 @@
+"""Code used by both the fedpriv server and the department clients."""

@@ -1,0 +1,162 @@
+"""Run settings: read once from Flower's run config into a frozen, validated dataclass.
+
+The keys are the kebab-case keys of ``[tool.flwr.app.config]`` in pyproject.toml.
+Both the ServerApp and every ClientApp build a ``RunConfig`` from ``context.run_config``
+and pass it down; nothing else reads the raw mapping.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from shared.errors import ConfigError
+
+ACCOUNTANTS = ("rdp", "prv")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every setting of one federated run; invalid values raise ``ConfigError`` listing all of them."""
+
+    num_server_rounds: int = 10
+    local_epochs: int = 1
+    batch_size: int = 256  # expected logical batch under Poisson sampling
+    learning_rate: float = 2.0
+    momentum: float = 0.9
+    max_grad_norm: float = 1.0  # per-sample clipping bound C
+    target_epsilon: float = 8.0  # per-department budget over the whole run
+    target_delta: float = 1e-5
+    dp: bool = True  # False only for baselines: then no privacy guarantee holds
+    accountant: str = "rdp"
+    model: str = "minilm"  # "minilm", "tiny" or a local Hugging Face model folder
+    lora_r: int = 0  # 0: train the classification head only, on frozen features
+    lora_alpha: int = 16
+    lora_targets: tuple[str, ...] = ("query", "value")
+    max_length: int = 64
+    labels: tuple[str, ...] = ()
+    fraction_train: float = 1.0
+    min_departments: int = 2
+    val_fraction: float = 0.1
+    seed: int = 0
+    out_dir: str = "fedpriv-runs/latest"
+    partition_dir: str = ""  # simulation only: folder with manifest.json and department files
+    test_data: str = ""  # CSV/JSONL for server-side evaluation; empty: federated evaluation
+
+    def __post_init__(self) -> None:
+        problems = _validate(self)
+        if problems:
+            raise ConfigError(problems, source="run configuration")
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> RunConfig:
+        """Build from Flower's ``context.run_config`` (kebab-case keys, scalar values)."""
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = {}
+        problems: list[str] = []
+        for key, raw in run_config.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                problems.append(f"unknown setting '{key}'")
+                continue
+            try:
+                values[name] = _coerce(name, known[name].type, raw)
+            except ValueError as exc:
+                problems.append(f"'{key}': {exc}")
+        if problems:
+            raise ConfigError(problems, source="run configuration")
+        return cls(**values)
+
+    def to_run_config(self) -> dict[str, Any]:
+        """The inverse of ``from_run_config``: a flat mapping with kebab-case keys."""
+        flat: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "labels":
+                value = json.dumps(list(value))
+            elif isinstance(value, tuple):
+                value = ",".join(value)
+            flat[f.name.replace("_", "-")] = value
+        return flat
+
+    @property
+    def label_fingerprint(self) -> str:
+        """Short hash of the ordered label set; server and departments must agree on it."""
+        return hashlib.sha256(json.dumps(list(self.labels)).encode()).hexdigest()[:16]
+
+    @property
+    def head_only(self) -> bool:
+        return self.lora_r == 0
+
+
+def _coerce(name: str, annotation: str, raw: Any) -> Any:
+    if name == "labels":
+        if raw in ("", None):
+            return ()
+        if isinstance(raw, str):
+            try:
+                parsed = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"expected a JSON list of label names, got {raw[:60]!r}") from exc
+        else:
+            parsed = raw
+        if not isinstance(parsed, list) or not all(isinstance(x, str) for x in parsed):
+            raise ValueError("expected a JSON list of label names")
+        return tuple(parsed)
+    if annotation == "tuple[str, ...]":
+        if not isinstance(raw, str):
+            raise ValueError(f"expected a comma-separated string, got {raw!r}")
+        return tuple(part.strip() for part in raw.split(",") if part.strip())
+    if annotation == "bool":
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.lower() in ("true", "false"):
+            return raw.lower() == "true"
+        raise ValueError(f"expected true or false, got {raw!r}")
+    if annotation == "int":
+        if isinstance(raw, bool) or not isinstance(raw, int):
+            raise ValueError(f"expected an integer, got {raw!r}")
+        return raw
+    if annotation == "float":
+        if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+            raise ValueError(f"expected a number, got {raw!r}")
+        return float(raw)
+    if not isinstance(raw, str):
+        raise ValueError(f"expected a string, got {raw!r}")
+    return raw
+
+
+def _validate(cfg: RunConfig) -> list[str]:
+    problems: list[str] = []
+
+    def need(condition: bool, message: str) -> None:
+        if not condition:
+            problems.append(message)
+
+    need(cfg.num_server_rounds >= 1, f"num-server-rounds must be >= 1 (got {cfg.num_server_rounds})")
+    need(cfg.local_epochs >= 1, f"local-epochs must be >= 1 (got {cfg.local_epochs})")
+    need(cfg.batch_size >= 1, f"batch-size must be >= 1 (got {cfg.batch_size})")
+    need(cfg.learning_rate > 0, f"learning-rate must be > 0 (got {cfg.learning_rate})")
+    need(0 <= cfg.momentum < 1, f"momentum must be in [0, 1) (got {cfg.momentum})")
+    need(cfg.max_grad_norm > 0, f"max-grad-norm must be > 0 (got {cfg.max_grad_norm})")
+    need(cfg.target_epsilon > 0, f"target-epsilon must be > 0 (got {cfg.target_epsilon})")
+    need(0 < cfg.target_delta < 1, f"target-delta must be in (0, 1) (got {cfg.target_delta})")
+    need(cfg.accountant in ACCOUNTANTS, f"accountant must be one of {ACCOUNTANTS} (got {cfg.accountant!r})")
+    need(bool(cfg.model), "model must name 'minilm', 'tiny' or a local model folder")
+    need(cfg.lora_r >= 0, f"lora-r must be >= 0 (got {cfg.lora_r}); 0 trains the head only")
+    need(cfg.lora_alpha >= 1, f"lora-alpha must be >= 1 (got {cfg.lora_alpha})")
+    need(cfg.lora_r == 0 or bool(cfg.lora_targets), "lora-targets must name at least one module when lora-r > 0")
+    need(8 <= cfg.max_length <= 512, f"max-length must be in [8, 512] (got {cfg.max_length})")
+    need(len(set(cfg.labels)) == len(cfg.labels), "labels contain duplicates")
+    need(0 < cfg.fraction_train <= 1, f"fraction-train must be in (0, 1] (got {cfg.fraction_train})")
+    need(cfg.min_departments >= 1, f"min-departments must be >= 1 (got {cfg.min_departments})")
+    need(0 < cfg.val_fraction < 0.5, f"val-fraction must be in (0, 0.5) (got {cfg.val_fraction})")
+    need(bool(cfg.out_dir), "out-dir must not be empty")
+    return problems
+
+
+DEFAULTS = RunConfig()

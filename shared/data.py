@@ -1,0 +1,156 @@
+"""A department's labelled records: reading CSV/JSONL files and checking them against the label set.
+
+Accepted formats (chosen by file suffix):
+- CSV with a header row holding ``text`` and ``label`` and optionally ``department``;
+- JSONL, one object per line with the same keys.
+Every problem names the file, the line and the column, and up to ``MAX_REPORTED`` problems
+are reported together so that a user can fix a file in one pass.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from shared.errors import DataError
+
+REQUIRED_COLUMNS = ("text", "label")
+OPTIONAL_COLUMNS = ("department",)
+SUFFIXES = (".csv", ".jsonl", ".json")
+MAX_REPORTED = 10
+
+
+@dataclass(frozen=True)
+class Record:
+    text: str
+    label: str
+    department: str | None = None
+    source: str = ""  # "file:line", for error messages
+
+
+def load_records(path: str | Path) -> list[Record]:
+    """Read every record of a CSV or JSONL file; raise ``DataError`` naming each bad line."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder, expected a .csv or .jsonl file")
+    suffix = path.suffix.lower()
+    if suffix not in SUFFIXES:
+        raise DataError(f"{path}: unsupported file type '{suffix}', expected one of {', '.join(SUFFIXES)}")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    if not text.strip():
+        raise DataError(f"{path}: file is empty")
+    rows = _csv_rows(path, text) if suffix == ".csv" else _jsonl_rows(path, text)
+    return _to_records(path, rows)
+
+
+def _csv_rows(path: Path, text: str) -> Iterable[tuple[int, dict[str, object] | str]]:
+    reader = csv.reader(text.splitlines())
+    try:
+        header = [h.strip() for h in next(reader)]
+    except csv.Error as exc:
+        raise DataError(f"{path}:1: malformed CSV header ({exc})") from None
+    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+    if missing:
+        raise DataError(
+            f"{path}:1: missing column(s) {', '.join(missing)}; the header has {', '.join(header) or 'nothing'}"
+        )
+    while True:
+        try:
+            fields = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            yield reader.line_num, f"malformed CSV ({exc})"
+            continue
+        if not fields or all(not f.strip() for f in fields):
+            continue
+        if len(fields) != len(header):
+            yield reader.line_num, f"expected {len(header)} fields as in the header, found {len(fields)}"
+            continue
+        yield reader.line_num, dict(zip(header, fields, strict=True))
+
+
+def _jsonl_rows(path: Path, text: str) -> Iterable[tuple[int, dict[str, object] | str]]:
+    for line_number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            yield line_number, f"not valid JSON ({exc.msg} at column {exc.colno})"
+            continue
+        if not isinstance(row, dict):
+            yield line_number, f"expected a JSON object, found {type(row).__name__}"
+            continue
+        yield line_number, row
+
+
+def _to_records(path: Path, rows: Iterable[tuple[int, dict[str, object] | str]]) -> list[Record]:
+    records: list[Record] = []
+    problems: list[str] = []
+    for line_number, row in rows:
+        where = f"{path}:{line_number}"
+        if isinstance(row, str):
+            problems.append(f"{where}: {row}")
+            continue
+        row_problems = []
+        values: dict[str, str | None] = {}
+        for column in REQUIRED_COLUMNS + OPTIONAL_COLUMNS:
+            value = row.get(column)
+            if value is None and column in OPTIONAL_COLUMNS:
+                values[column] = None
+                continue
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and column == "label":
+                value = str(value)
+            if not isinstance(value, str) or not value.strip():
+                row_problems.append(f"column '{column}' is missing or empty")
+                continue
+            values[column] = value.strip()
+        if row_problems:
+            problems.append(f"{where}: {'; '.join(row_problems)}")
+            continue
+        records.append(Record(values["text"], values["label"], values["department"] or None, where))  # type: ignore[arg-type]
+    if problems:
+        raise DataError(_summarise(path, problems))
+    if not records:
+        raise DataError(f"{path}: no records (the file has a header or blank lines only)")
+    return records
+
+
+def check_labels(records: Sequence[Record], labels: Sequence[str]) -> None:
+    """Raise ``DataError`` naming file, line and label for every record outside the label set."""
+    known = set(labels)
+    problems = [f"{r.source}: unknown label {r.label!r}" for r in records if r.label not in known]
+    if problems:
+        shown = ", ".join(sorted(known)[:8]) + (", ..." if len(known) > 8 else "")
+        raise DataError(_summarise(None, problems) + f"\nThe federation's labels are: {shown}")
+
+
+def derive_labels(records: Iterable[Record]) -> tuple[str, ...]:
+    """The sorted label set of the given records (simulation derives the federation's labels so)."""
+    return tuple(sorted({r.label for r in records}))
+
+
+def write_jsonl(records: Iterable[Record], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as out:
+        for r in records:
+            row = {"text": r.text, "label": r.label}
+            if r.department:
+                row["department"] = r.department
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def _summarise(path: Path | None, problems: list[str]) -> str:
+    head = f"{path}: {len(problems)} bad record(s)" if path else f"{len(problems)} bad record(s)"
+    shown = "\n".join(f"  {p}" for p in problems[:MAX_REPORTED])
+    more = f"\n  ... and {len(problems) - MAX_REPORTED} more" if len(problems) > MAX_REPORTED else ""
+    return f"{head}:\n{shown}{more}"

@@ -1,0 +1,115 @@
+"""The exported model folder: plain transformers + peft + safetensors pieces, usable without fedpriv.
+
+    model/
+      backbone/             AutoModel.from_pretrained / AutoTokenizer.from_pretrained
+      adapter/              PeftModel.from_pretrained(backbone, "adapter")   (only when LoRA was trained)
+      head.safetensors      weight (L, H), bias (L,) of the linear head
+      fedpriv_model.json    labels in head order, pooling, max length, privacy summary
+      README.md             the ten lines that load it without fedpriv
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from shared.errors import ModelError
+from shared.model import Backbone, TextClassifier, mean_pool
+
+MANIFEST = "fedpriv_model.json"
+POOLING = "mean over attention mask, then L2 normalisation"
+
+_LOADING_README = """# Exported fedpriv model
+
+Trained with fedpriv (federated, differentially private). Load it without fedpriv:
+
+```python
+import json, torch
+from safetensors.torch import load_file
+from transformers import AutoModel, AutoTokenizer
+
+meta = json.load(open("fedpriv_model.json"))
+tokenizer = AutoTokenizer.from_pretrained("backbone")
+encoder = AutoModel.from_pretrained("backbone")
+if meta["lora"]:
+    from peft import PeftModel
+    encoder = PeftModel.from_pretrained(encoder, "adapter")
+head = load_file("head.safetensors")
+batch = tokenizer(["reset my password"], padding=True, truncation=True, max_length=meta["max_length"], return_tensors="pt")
+hidden = encoder(**batch).last_hidden_state
+mask = batch["attention_mask"].unsqueeze(-1).float()
+features = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+probabilities = (features @ head["weight"].T + head["bias"]).softmax(-1)
+print(meta["labels"][int(probabilities.argmax())])
+```
+"""
+
+
+def export_model(
+    folder: Path, *, classifier: TextClassifier, backbone: Backbone, labels: Sequence[str], max_length: int,
+    summary: Mapping[str, Any],
+) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    backbone.model.save_pretrained(folder / "backbone")
+    backbone.tokenizer.save_pretrained(folder / "backbone")
+    lora = classifier.encoder is not backbone.model
+    if lora:
+        classifier.encoder.save_pretrained(folder / "adapter")
+    save_file(
+        {"weight": classifier.head.weight.detach().contiguous(), "bias": classifier.head.bias.detach().contiguous()},
+        str(folder / "head.safetensors"),
+    )
+    manifest = {
+        "labels": list(labels), "max_length": max_length, "pooling": POOLING, "lora": lora,
+        "backbone_fingerprint": backbone.fingerprint, **summary,
+    }
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    (folder / "README.md").write_text(_LOADING_README)
+
+
+@dataclass
+class ExportedModel:
+    encoder: torch.nn.Module
+    tokenizer: Any
+    head: torch.nn.Linear
+    labels: list[str]
+    max_length: int
+
+    @torch.no_grad()
+    def predict(self, texts: Sequence[str]) -> torch.Tensor:
+        """Class probabilities, (N, L) in ``labels`` order."""
+        batch = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        hidden = self.encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        return self.head(mean_pool(hidden, batch["attention_mask"])).softmax(dim=-1)
+
+
+def load_exported(folder: Path) -> ExportedModel:
+    from transformers import AutoModel, AutoTokenizer
+
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        raise ModelError(f"{folder}: not an exported fedpriv model (no {MANIFEST})")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        labels, max_length, lora = list(manifest["labels"]), int(manifest["max_length"]), bool(manifest["lora"])
+        tokenizer = AutoTokenizer.from_pretrained(folder / "backbone")
+        encoder = AutoModel.from_pretrained(folder / "backbone")
+        if lora:
+            from peft import PeftModel
+
+            encoder = PeftModel.from_pretrained(encoder, folder / "adapter")
+        weights = load_file(str(folder / "head.safetensors"))
+        head = torch.nn.Linear(weights["weight"].shape[1], weights["weight"].shape[0])
+        head.load_state_dict(weights)
+    except (OSError, ValueError, KeyError, json.JSONDecodeError, RuntimeError) as exc:
+        raise ModelError(f"{folder}: cannot load the exported model ({type(exc).__name__}: {exc})") from None
+    if head.out_features != len(labels):
+        raise ModelError(f"{folder}: head has {head.out_features} outputs but {MANIFEST} lists {len(labels)} labels")
+    encoder.eval()
+    return ExportedModel(encoder, tokenizer, head, labels, max_length)

@@ -1,0 +1,82 @@
+"""Tokenising texts and embedding them with the frozen backbone, cached on disk.
+
+In head-only mode (lora-r = 0) the backbone is a fixed public function, so a department embeds
+its records once and every later round trains on the cached features: no privacy cost (the
+features are a deterministic function of one record and public weights) and no repeated forward
+passes. The cache key covers the backbone fingerprint, max length and every text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from torch.utils.data import TensorDataset
+
+from shared.data import Record
+from shared.model import Backbone, mean_pool
+
+EMBED_BATCH = 128
+
+
+def tokenize(backbone: Backbone, texts: Sequence[str], *, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padded token ids and attention mask, (N, T) each, T <= max_length."""
+    batch = backbone.tokenizer(
+        list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+    )
+    return batch["input_ids"], batch["attention_mask"]
+
+
+@torch.no_grad()
+def embed_texts(backbone: Backbone, texts: Sequence[str], *, max_length: int) -> torch.Tensor:
+    """Mean-pooled, unit-length embeddings (N, H); batches of similar length to keep padding small."""
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    out = torch.empty(len(texts), backbone.hidden_size)
+    for start in range(0, len(order), EMBED_BATCH):
+        index = order[start : start + EMBED_BATCH]
+        input_ids, attention_mask = tokenize(backbone, [texts[i] for i in index], max_length=max_length)
+        hidden = backbone.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        out[index] = mean_pool(hidden, attention_mask)
+    return out
+
+
+def cached_features(
+    backbone: Backbone, texts: Sequence[str], *, max_length: int, cache_dir: Path | None
+) -> torch.Tensor:
+    if cache_dir is None:
+        return embed_texts(backbone, texts, max_length=max_length)
+    digest = hashlib.sha256(f"{backbone.fingerprint}|{max_length}".encode())
+    for text in texts:
+        digest.update(text.encode())
+        digest.update(b"\0")
+    path = Path(cache_dir) / f"features-{digest.hexdigest()[:20]}.pt"
+    if path.exists():
+        try:
+            features = torch.load(path, weights_only=True)
+            if features.shape == (len(texts), backbone.hidden_size):
+                return features
+        except (RuntimeError, OSError, EOFError):
+            pass  # a damaged cache is rebuilt, never trusted
+    features = embed_texts(backbone, texts, max_length=max_length)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(features, tmp)
+    tmp.replace(path)
+    return features
+
+
+def labelled_dataset(
+    backbone: Backbone, records: Sequence[Record], *, labels: Sequence[str], max_length: int,
+    head_only: bool, cache_dir: Path | None,
+) -> TensorDataset:
+    """``(features, labels)`` in head-only mode, ``(input_ids, attention_mask, labels)`` with LoRA."""
+    label_index = {label: i for i, label in enumerate(labels)}
+    texts = [r.text for r in records]
+    targets = torch.tensor([label_index[r.label] for r in records])
+    if head_only:
+        return TensorDataset(cached_features(backbone, texts, max_length=max_length, cache_dir=cache_dir), targets)
+    input_ids, attention_mask = tokenize(backbone, texts, max_length=max_length)
+    return TensorDataset(input_ids, attention_mask, targets)

@@ -1,0 +1,26 @@
+"""Names of the values that travel between the server and departments in each round's messages.
+
+Server -> department (per-round config): the round number, the planned number of rounds, and
+fingerprints of the label set and of the frozen backbone, so that a department with other labels
+or another model refuses before training instead of corrupting the aggregate.
+Department -> server (metrics): who it is, what it spent, how training went.
+"""
+
+SERVER_ROUND = "server-round"
+NUM_ROUNDS = "num-rounds"
+LABEL_FINGERPRINT = "label-fingerprint"
+BACKBONE_FINGERPRINT = "backbone-fingerprint"
+
+DEPARTMENT = "department"
+STATUS = "status"
+STATUS_TRAINED = "trained"
+STATUS_BUDGET_EXHAUSTED = "budget-exhausted"
+TRAIN_LOSS = "train-loss"
+EPSILON = "epsilon"
+DELTA = "delta"
+TARGET_EPSILON = "target-epsilon"
+NOISE_MULTIPLIER = "noise-multiplier"
+DP_ENABLED = "dp"
+STEPS = "steps"
+ACCURACY = "accuracy"
+REASON = "reason"

@@ -1,0 +1,1 @@
+"""Local federations on one machine (Flower's simulation engine) and the ``fedpriv`` command line."""

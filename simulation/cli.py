@@ -1,0 +1,99 @@
+"""The ``fedpriv`` command line. ``flwr run`` is the launcher underneath every federation."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from shared.config import DEFAULTS
+from shared.errors import FedprivError
+
+app = typer.Typer(
+    help="fedpriv: federated fine-tuning of a text classifier across departments, with differential privacy.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+
+@contextmanager
+def user_errors():
+    """A user's mistake ends the command with one clear message and exit code 1, no traceback."""
+    try:
+        yield
+    except FedprivError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(code=1) from None
+
+
+@app.command()
+def simulate(
+    data: Annotated[Path | None, typer.Option(help="CSV/JSONL file (text,label[,department]) or the CLINC150 folder. Default: the built-in synthetic demo corpus.")] = None,
+    test_data: Annotated[Path | None, typer.Option(help="Held-out CSV/JSONL for server-side evaluation (CLINC150: its test split).")] = None,
+    partition: Annotated[str | None, typer.Option(help="column | domain | dirichlet | iid. Default: domain for CLINC150, else column.")] = None,
+    departments: Annotated[int | None, typer.Option(help="Number of departments for dirichlet / iid (default 4).")] = None,
+    alpha: Annotated[float, typer.Option(help="Dirichlet concentration for --partition dirichlet.")] = 0.5,
+    rounds: Annotated[int, typer.Option(help="Federated rounds.")] = DEFAULTS.num_server_rounds,
+    local_epochs: Annotated[int, typer.Option(help="Local epochs per round.")] = DEFAULTS.local_epochs,
+    batch_size: Annotated[int | None, typer.Option(help=f"Expected batch size (Poisson sampling). Default: {DEFAULTS.batch_size}, at most a quarter of the smallest department.")] = None,
+    learning_rate: Annotated[float, typer.Option(help="Local SGD learning rate.")] = DEFAULTS.learning_rate,
+    max_grad_norm: Annotated[float, typer.Option(help="Per-sample clipping bound.")] = DEFAULTS.max_grad_norm,
+    epsilon: Annotated[float, typer.Option(help="Each department's privacy budget epsilon over the whole run.")] = DEFAULTS.target_epsilon,
+    delta: Annotated[float, typer.Option(help="Each department's delta; must be below 1/records.")] = DEFAULTS.target_delta,
+    accountant: Annotated[str, typer.Option(help="Privacy accountant: rdp or prv.")] = DEFAULTS.accountant,
+    model: Annotated[str, typer.Option(help="minilm (packaged all-MiniLM-L6-v2), tiny (tests), or a local Hugging Face model folder.")] = DEFAULTS.model,
+    lora_r: Annotated[int, typer.Option(help="LoRA rank; 0 trains only the head on frozen features.")] = DEFAULTS.lora_r,
+    no_dp: Annotated[bool, typer.Option("--no-dp", help="Baseline WITHOUT differential privacy: no guarantee holds.")] = False,
+    out: Annotated[Path | None, typer.Option(help="Run folder (default: fedpriv-runs/<time>).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for partitioning, splits and initialisation (never for DP noise).")] = DEFAULTS.seed,
+) -> None:
+    """Run a federation of departments on this machine with Flower's simulation engine."""
+    from simulation.simulate import SimulationRequest, simulate_federation
+
+    with user_errors():
+        if batch_size is not None and batch_size < 1:
+            raise typer.BadParameter(f"must be >= 1 (got {batch_size})", param_hint="--batch-size")
+        request = SimulationRequest(
+            data=data, test_data=test_data, partition=partition, departments=departments, alpha=alpha,
+            rounds=rounds, local_epochs=local_epochs, batch_size=batch_size, learning_rate=learning_rate,
+            max_grad_norm=max_grad_norm, epsilon=epsilon, delta=delta, accountant=accountant, model=model,
+            lora_r=lora_r, dp=not no_dp, out=out or Path("fedpriv-runs") / time.strftime("%Y%m%d-%H%M%S"), seed=seed,
+        )
+        status = simulate_federation(request, console=console)
+    if status["state"] != "completed":
+        raise typer.Exit(code=1)
+
+
+@app.command()
+def predict(
+    texts: Annotated[list[str], typer.Argument(help="Texts to classify.")],
+    model: Annotated[Path, typer.Option("--model", help="Exported model folder (RUN/model).")],
+    top: Annotated[int, typer.Option(help="How many labels to show per text.")] = 1,
+) -> None:
+    """Classify texts with an exported fedpriv model."""
+    from shared.export import load_exported
+    from shared.logs import quiet_libraries
+
+    quiet_libraries()
+    with user_errors():
+        exported = load_exported(model)
+    probabilities = exported.predict(texts)
+    for text, row in zip(texts, probabilities, strict=True):
+        scores, indices = row.topk(min(top, len(exported.labels)))
+        shown = ", ".join(f"{exported.labels[i]} ({s:.3f})" for s, i in zip(scores.tolist(), indices.tolist(), strict=True))
+        console.print(f"{shown}\t{text}", highlight=False)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

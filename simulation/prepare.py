@@ -1,0 +1,152 @@
+"""Turning one data set into a simulated federation: department files, a manifest, a test split.
+
+Everything a user can get wrong about the data is checked here, before Flower starts: bad files,
+unknown labels in the test split, departments too small for the batch size, a delta that is not
+below 1/records. Each department's records then sit in their own JSONL file, as they would on
+separate hosts, and the department clients read only their own.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from shared import clinc150, partition
+from shared.data import Record, check_labels, derive_labels, load_records, write_jsonl
+from shared.demo_corpus import DESCRIPTION as DEMO_DESCRIPTION
+from shared.demo_corpus import demo_records
+from shared.errors import ConfigError, DataError
+
+
+@dataclass(frozen=True)
+class DataPlan:
+    data: Path | None
+    test_data: Path | None
+    partition: str | None
+    departments: int | None
+    alpha: float
+    seed: int
+
+
+@dataclass(frozen=True)
+class Department:
+    name: str
+    file: str
+    records: int
+    train_records: int
+    labels: int
+
+
+@dataclass(frozen=True)
+class Federation:
+    partition_dir: Path
+    description: str
+    labels: tuple[str, ...]
+    departments: tuple[Department, ...]
+    test_file: Path | None
+
+
+def _source_records(plan: DataPlan) -> tuple[list[Record], list[Record] | None, str, dict | None]:
+    """(pool, test or None, description, domains or None)."""
+    if plan.data is None:
+        return demo_records(), None, DEMO_DESCRIPTION, None
+    if clinc150.is_clinc150_dir(plan.data):
+        data = clinc150.load_clinc150(plan.data)
+        return data.pool, data.test, f"CLINC150 in-scope ({plan.data})", data.domains
+    if plan.data.is_dir():
+        raise DataError(f"{plan.data}: a folder that is not CLINC150; give a .csv or .jsonl file")
+    return load_records(plan.data), None, str(plan.data), None
+
+
+def _partition(plan: DataPlan, pool: list[Record], domains: dict | None) -> dict[str, list[Record]]:
+    scheme = plan.partition or ("domain" if domains else "column")
+    if scheme not in partition.PARTITIONS:
+        raise ConfigError(f"--partition must be one of {', '.join(partition.PARTITIONS)} (got {scheme!r})")
+    if scheme in ("column", "domain") and plan.departments is not None:
+        raise ConfigError(f"--departments applies to dirichlet and iid; --partition {scheme} decides the departments itself")
+    if scheme == "column":
+        if not any(r.department for r in pool):
+            raise DataError(
+                f"{plan.data}: no 'department' column; add one or choose --partition dirichlet/iid with --departments N"
+            )
+        return partition.by_column(pool)
+    if scheme == "domain":
+        if domains is None:
+            raise ConfigError("--partition domain needs the CLINC150 folder as --data (it defines the domains)")
+        return partition.by_domain(pool, domains)
+    count = plan.departments or 4
+    if scheme == "iid":
+        return partition.iid(pool, num_departments=count, seed=plan.seed)
+    return partition.dirichlet(pool, num_departments=count, alpha=plan.alpha, seed=plan.seed, min_records=2)
+
+
+@dataclass(frozen=True)
+class Partitioned:
+    description: str
+    labels: tuple[str, ...]
+    shares: dict[str, list[Record]]
+    test: list[Record] | None
+
+    def smallest_train_split(self, *, val_fraction: float, seed: int) -> int:
+        """Training records of the smallest department (a batch size must fit every department)."""
+        return min(
+            len(partition.train_val_split(records, val_fraction=val_fraction, seed=seed).train)
+            for records in self.shares.values()
+        )
+
+
+def partition_data(plan: DataPlan) -> Partitioned:
+    pool, test, description, domains = _source_records(plan)
+    labels = derive_labels(pool)
+    if len(labels) < 2:
+        raise DataError(f"{description}: needs at least 2 distinct labels, found {len(labels)}")
+    if plan.test_data is not None:
+        test = load_records(plan.test_data)
+    if test is not None:
+        check_labels(test, labels)
+    shares = _partition(plan, pool, domains)
+    if not shares:
+        raise DataError(f"{description}: no departments after partitioning")
+    return Partitioned(description, labels, shares, test)
+
+
+def write_federation(
+    data: Partitioned, *, out_dir: Path, val_fraction: float, batch_size: int, delta: float, dp: bool, seed: int
+) -> Federation:
+    """Check every department against the training settings, then write one file per department."""
+    problems = []
+    departments = []
+    for name, records in data.shares.items():
+        train = len(partition.train_val_split(records, val_fraction=val_fraction, seed=seed).train)
+        if train < batch_size or len(records) - train < 1:
+            problems.append(
+                f"department {name}: {len(records)} records leave {train} for training after the validation split; "
+                f"needs at least batch-size={batch_size}"
+            )
+        if dp and not delta < 1 / max(train, 1):
+            problems.append(f"department {name}: delta={delta} must be below 1/records = 1/{train}")
+        departments.append(
+            Department(name, f"departments/{_safe(name)}.jsonl", len(records), train, len({r.label for r in records}))
+        )
+    if problems:
+        raise DataError("cannot train these departments:\n" + "\n".join(f"  - {p}" for p in problems))
+
+    partition_dir = out_dir / "federation"
+    for department in departments:
+        write_jsonl(data.shares[department.name], partition_dir / department.file)
+    test_file = None
+    if data.test is not None:
+        test_file = partition_dir / "test.jsonl"
+        write_jsonl(data.test, test_file)
+    manifest = {
+        "description": data.description,
+        "labels": list(data.labels),
+        "departments": [{"name": d.name, "file": d.file, "records": d.records} for d in departments],
+    }
+    (partition_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return Federation(partition_dir, data.description, data.labels, tuple(departments), test_file)
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)

@@ -1,0 +1,159 @@
+"""``fedpriv simulate``: check everything, partition the data, run the federation, report.
+
+All user mistakes are found here before Flower starts (data files, labels, department sizes,
+budgets, settings, the model path), so a run never dies halfway for a reason known up front.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from server.run_record import METRICS_FILE, PLOT_FILE
+from shared.config import DEFAULTS, RunConfig
+from shared.errors import ConfigError
+from simulation.launcher import run_simulation
+from simulation.prepare import DataPlan, Federation, partition_data, write_federation
+
+
+@dataclass(frozen=True)
+class SimulationRequest:
+    data: Path | None
+    test_data: Path | None
+    partition: str | None
+    departments: int | None
+    alpha: float
+    rounds: int
+    local_epochs: int
+    batch_size: int | None
+    learning_rate: float
+    max_grad_norm: float
+    epsilon: float
+    delta: float
+    accountant: str
+    model: str
+    lora_r: int
+    dp: bool
+    out: Path
+    seed: int
+
+
+def _check_out_dir(out: Path) -> Path:
+    out = out.expanduser().resolve()
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"--out {out} already holds files; choose a new run folder")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def simulate_federation(request: SimulationRequest, *, console: Console) -> dict[str, Any]:
+    from shared.model import MINILM, TINY, load_backbone
+
+    if request.model not in (MINILM, TINY) and not Path(request.model).expanduser().is_dir():
+        raise ConfigError(f"--model {request.model}: not 'minilm', 'tiny' or an existing model folder")
+    data_plan = DataPlan(
+        data=request.data, test_data=request.test_data, partition=request.partition,
+        departments=request.departments, alpha=request.alpha, seed=request.seed,
+    )
+    partitioned = partition_data(data_plan)
+    val_fraction = DEFAULTS.val_fraction
+    batch_size = request.batch_size or max(
+        1, min(DEFAULTS.batch_size, partitioned.smallest_train_split(val_fraction=val_fraction, seed=request.seed) // 4)
+    )
+    out = _check_out_dir(request.out)
+    federation = write_federation(
+        partitioned, out_dir=out, val_fraction=val_fraction, batch_size=batch_size, delta=request.delta,
+        dp=request.dp, seed=request.seed,
+    )
+    config = RunConfig(
+        num_server_rounds=request.rounds, local_epochs=request.local_epochs, batch_size=batch_size,
+        learning_rate=request.learning_rate, max_grad_norm=request.max_grad_norm,
+        target_epsilon=request.epsilon, target_delta=request.delta, dp=request.dp, accountant=request.accountant,
+        model=str(Path(request.model).expanduser().resolve()) if request.model not in (MINILM, TINY) else request.model,
+        lora_r=request.lora_r, labels=federation.labels, min_departments=len(federation.departments),
+        val_fraction=val_fraction, seed=request.seed, out_dir=str(out),
+        partition_dir=str(federation.partition_dir),
+        test_data=str(federation.test_file) if federation.test_file else "",
+    )
+    load_backbone(config.model)  # a bad model folder fails here, with its reason
+
+    _print_header(console, federation, config)
+    status = run_simulation(
+        run_config=config.to_run_config(), num_departments=len(federation.departments), run_dir=out,
+        on_round=lambda entry: _print_round(console, entry, config),
+    )
+    _print_summary(console, out, status)
+    return status
+
+
+def _print_header(console: Console, federation: Federation, config: RunConfig) -> None:
+    console.print(f"[bold]fedpriv simulate[/]: {federation.description}")
+    console.print(
+        f"{len(federation.departments)} departments, {len(federation.labels)} labels, {config.num_server_rounds} rounds, "
+        f"model {config.model} ({'head only' if config.head_only else f'LoRA r={config.lora_r} + head'}), "
+        f"batch {config.batch_size}"
+    )
+    if config.dp:
+        console.print(
+            f"Differential privacy: DP-SGD, each department's budget epsilon={config.target_epsilon}, "
+            f"delta={config.target_delta} over the whole run ({config.accountant} accountant)"
+        )
+    else:
+        console.print("[bold red]WARNING: --no-dp: NO differential privacy. No privacy guarantee holds for this run.[/]")
+    console.print(f"Run folder: {config.out_dir}  (starting Flower's simulation engine...)")
+
+
+def _print_round(console: Console, entry: dict[str, Any], config: RunConfig) -> None:
+    departments = entry.get("departments", {})
+    epsilons = {n: d.get("epsilon") for n, d in departments.items() if d.get("epsilon") is not None}
+    if not config.dp:
+        eps_text = "no DP"
+    elif len(epsilons) <= 5:
+        eps_text = " ".join(f"{n}={e:.2f}" for n, e in sorted(epsilons.items()))
+    elif epsilons:
+        eps_text = f"{min(epsilons.values()):.2f}..{max(epsilons.values()):.2f} over {len(epsilons)} depts"
+    else:
+        eps_text = "-"
+    def fmt(value: Any, spec: str) -> str:
+        return format(value, spec) if isinstance(value, (int, float)) else "-"
+    failures = f"  [red]{len(entry['failures'])} failure(s)[/]" if entry.get("failures") else ""
+    console.print(
+        f"round {entry['round']:>3}/{config.num_server_rounds}  acc {fmt(entry.get('accuracy'), '.4f')}  "
+        f"loss {fmt(entry.get('loss'), '.4f')}  train-loss {fmt(entry.get('train_loss'), '.4f')}  "
+        f"epsilon {eps_text}  [{fmt(entry.get('elapsed_s'), '.0f')} s]{failures}",
+        highlight=False,
+    )
+
+
+def _print_summary(console: Console, out: Path, status: dict[str, Any]) -> None:
+    import json
+
+    metrics_path = out / METRICS_FILE
+    if status.get("state") != "completed":
+        console.print(f"[bold red]run failed:[/] {status.get('message')}")
+    if not metrics_path.exists():
+        return
+    metrics = json.loads(metrics_path.read_text())
+    last = metrics["rounds"][-1] if metrics["rounds"] else {}
+    table = Table(title="Privacy per department")
+    for column in ("department", "epsilon spent", "budget", "delta", "rounds trained", "val accuracy"):
+        table.add_column(column)
+    for name, ledger in sorted(metrics["privacy"].items()):
+        val = last.get("departments", {}).get(name, {}).get("val_accuracy")
+        table.add_row(
+            name,
+            f"{ledger['epsilon']:.3f}" if ledger.get("epsilon") is not None else "no DP",
+            str(ledger.get("target_epsilon") or "-"), str(ledger.get("delta") or "-"),
+            str(ledger.get("rounds_trained")), f"{val:.4f}" if val is not None else "-",
+        )
+    console.print(table)
+    if metrics.get("final_accuracy") is not None:
+        console.print(f"final accuracy {metrics['final_accuracy']:.4f} ({metrics['final_accuracy_source']})")
+    for name, failures in (("failures", [f for r in metrics["rounds"] for f in r.get("failures", [])]),):
+        if failures:
+            console.print(f"[yellow]{len(failures)} {name}[/], first: {failures[0]}")
+    console.print(f"metrics: {metrics_path}\nplot: {out / PLOT_FILE}\nmodel: {out / 'model'}")

@@ -1,0 +1,79 @@
+"""Guard against opacus issue 820: Opacus per-sample gradients on a PEFT LoRA model must equal a
+plain per-example loop, and DP-SGD must actually move the LoRA weights. These tests are why the
+opacus/peft/transformers/torch versions are pinned in pyproject.toml."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from shared.features import tokenize
+from shared.model import build_classifier, trainable_names
+
+TEXTS = ["reset my password", "book a meeting room for six people tomorrow", "invoice 4411 status", "vpn"]
+
+
+def _lora_model(backbone):
+    torch.manual_seed(0)
+    model = build_classifier(backbone, num_labels=3, lora_r=4, lora_alpha=8, lora_targets=("query", "value"))
+    with torch.no_grad():  # LoRA B starts at zero, which would hide a wrong gradient for A
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    return model
+
+
+def test_opacus_per_sample_grads_match_per_example_loop(tiny_backbone):
+    from opacus import GradSampleModule
+
+    model = _lora_model(tiny_backbone)
+    names = trainable_names(model)
+    assert any("lora_A" in n for n in names) and any("lora_B" in n for n in names) and "head.weight" in names
+    input_ids, mask = tokenize(tiny_backbone, TEXTS, max_length=16)
+    labels = torch.tensor([0, 1, 2, 1])
+
+    expected = {n: [] for n in names}
+    params = dict(model.named_parameters())
+    for i in range(len(TEXTS)):
+        model.zero_grad()
+        loss = nn.functional.cross_entropy(model(input_ids[i : i + 1], mask[i : i + 1]), labels[i : i + 1])
+        loss.backward()
+        for n in names:
+            expected[n].append(params[n].grad.detach().clone())
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gsm = GradSampleModule(model, loss_reduction="sum")
+    gsm.zero_grad()
+    nn.functional.cross_entropy(gsm(input_ids, mask), labels, reduction="sum").backward()
+    for n in names:
+        per_sample = params[n].grad_sample
+        assert per_sample is not None, f"Opacus computed no per-sample gradient for {n}"
+        assert per_sample.shape == (len(TEXTS), *params[n].shape)
+        torch.testing.assert_close(per_sample, torch.stack(expected[n]), rtol=1e-4, atol=1e-6, msg=n)
+    gsm._close()
+
+
+def test_dp_sgd_moves_lora_weights(tiny_backbone):
+    from torch.utils.data import TensorDataset
+
+    from client.dp_training import train_private
+    from client.privacy import PrivacyPlan, poisson_schedule
+
+    model = _lora_model(tiny_backbone)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    input_ids, mask = tokenize(tiny_backbone, TEXTS * 4, max_length=16)
+    dataset = TensorDataset(input_ids, mask, torch.tensor([0, 1, 2, 1] * 4))
+    q, steps = poisson_schedule(num_records=16, batch_size=4, local_epochs=1)
+    plan = PrivacyPlan(1.0, q, steps, 1, 8.0, 1e-5, "rdp")
+    result = train_private(
+        module=model, dataset=dataset, plan=plan, prior=[], batch_size=4, local_epochs=1,
+        learning_rate=0.5, momentum=0.0, max_grad_norm=1.0,
+    )
+    assert result.steps == steps
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert (p.detach() - before[n]).abs().max() > 0, f"{n} did not change under DP-SGD"
+    assert not any(hasattr(p, "grad_sample") and p.grad_sample is not None for p in model.parameters())

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
 from shared.errors import ModelError
@@ -33,8 +33,6 @@ def load_checkpoint(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         raise ModelError(f"{path}: checkpoint not found")
     try:
         arrays = load_file(str(path))
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="numpy") as f:
             metadata = json.loads((f.metadata() or {})[METADATA_KEY])
     except (SafetensorError, OSError, KeyError, json.JSONDecodeError, ValueError) as exc:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from shared.errors import ModelError
@@ -107,7 +108,7 @@ def load_exported(folder: Path) -> ExportedModel:
         weights = load_file(str(folder / "head.safetensors"))
         head = torch.nn.Linear(weights["weight"].shape[1], weights["weight"].shape[0])
         head.load_state_dict(weights)
-    except (OSError, ValueError, KeyError, json.JSONDecodeError, RuntimeError) as exc:
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
         raise ModelError(f"{folder}: cannot load the exported model ({type(exc).__name__}: {exc})") from None
     if head.out_features != len(labels):
         raise ModelError(f"{folder}: head has {head.out_features} outputs but {MANIFEST} lists {len(labels)} labels")

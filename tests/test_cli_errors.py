@@ -1,0 +1,84 @@
+"""A user's mistake stops `fedpriv simulate` before training, with one message and no traceback."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from simulation.cli import app
+
+runner = CliRunner()
+
+
+def run(*args):
+    result = runner.invoke(app, list(args))
+    assert "Traceback" not in result.output
+    return result
+
+
+def csv(tmp_path, body, name="data.csv"):
+    path = tmp_path / name
+    path.write_text(body)
+    return path
+
+
+def small_federation(tmp_path, per_department=40):
+    rows = "".join(f"request {i} about {dept},{label},{dept}\n"
+                   for dept in ("it", "hr", "finance") for label in ("a", "b") for i in range(per_department // 2))
+    return csv(tmp_path, "text,label,department\n" + rows)
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--epsilon", "0"], "target-epsilon must be > 0 (got 0.0)"),
+        (["--epsilon", "-1", "--rounds", "0"], "num-server-rounds must be >= 1"),
+        (["--delta", "0.1"], "delta=0.1 must be below 1/records"),
+        (["--model", "/no/such/model"], "--model /no/such/model: not 'minilm', 'tiny' or an existing model folder"),
+        (["--partition", "shuffle"], "--partition must be one of column, domain, dirichlet, iid"),
+        (["--partition", "domain"], "--partition domain needs the CLINC150 folder"),
+        (["--batch-size", "500"], "needs at least batch-size=500"),
+        (["--accountant", "moments"], "accountant must be one of"),
+    ],
+)
+def test_bad_options_fail_cleanly(tmp_path, args, expected):
+    result = run("simulate", "--data", str(small_federation(tmp_path)), "--model", "tiny", "--out", str(tmp_path / "run"), *args)
+    assert result.exit_code == 1, result.output
+    assert expected in " ".join(result.output.split())
+
+
+def test_bad_data_files_fail_cleanly(tmp_path):
+    malformed = csv(tmp_path, "text,label\nhello,a,extra\n", "bad.csv")
+    result = run("simulate", "--data", str(malformed), "--out", str(tmp_path / "r1"))
+    assert result.exit_code == 1 and f"{malformed}:2" in result.output.replace("\n", "")
+
+    no_label = csv(tmp_path, "text,intent\nhello,a\n", "nolabel.csv")
+    result = run("simulate", "--data", str(no_label), "--out", str(tmp_path / "r2"))
+    assert result.exit_code == 1 and "missing column(s) label" in result.output
+
+    test_file = csv(tmp_path, "text,label\nsomething,zzz\n", "test.csv")
+    result = run("simulate", "--data", str(small_federation(tmp_path)), "--test-data", str(test_file),
+                 "--out", str(tmp_path / "r3"))
+    assert result.exit_code == 1 and "unknown label 'zzz'" in result.output
+
+    no_departments = csv(tmp_path, "text,label\nhello,a\nbye,b\n", "nodept.csv")
+    result = run("simulate", "--data", str(no_departments), "--out", str(tmp_path / "r4"))
+    assert result.exit_code == 1 and "no 'department' column" in " ".join(result.output.split())
+
+
+def test_empty_department_and_reused_run_folder(tmp_path):
+    data = small_federation(tmp_path, per_department=4)
+    result = run("simulate", "--data", str(data), "--batch-size", "8", "--out", str(tmp_path / "r"))
+    assert result.exit_code == 1
+    for department in ("it", "hr", "finance"):
+        assert f"department {department}:" in result.output
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "metrics.json").write_text("{}")
+    result = run("simulate", "--model", "tiny", "--out", str(used))
+    assert result.exit_code == 1 and "already holds files" in " ".join(result.output.split())
+
+
+def test_predict_on_a_missing_model(tmp_path):
+    result = run("predict", "--model", str(tmp_path), "hello")
+    assert result.exit_code == 1 and "not an exported fedpriv model" in result.output

@@ -1,0 +1,48 @@
+"""RunConfig: one place that reads Flower's run config, validates everything, names every bad value."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from shared.config import RunConfig
+from shared.errors import ConfigError
+
+PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
+
+
+def test_pyproject_defaults_are_the_dataclass_defaults():
+    app_config = tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"]
+    assert RunConfig.from_run_config(app_config) == RunConfig()
+    assert set(app_config) == set(RunConfig().to_run_config())
+
+
+def test_round_trip_with_labels():
+    config = RunConfig(labels=("a", "b,c", 'd"e'), lora_targets=("query", "key"), dp=False, target_epsilon=3.0)
+    assert RunConfig.from_run_config(config.to_run_config()) == config
+
+
+def test_every_problem_is_reported_at_once():
+    with pytest.raises(ConfigError) as info:
+        RunConfig(target_epsilon=0, target_delta=1.5, batch_size=0, accountant="moments", learning_rate=-1)
+    message = str(info.value)
+    for fragment in ("target-epsilon must be > 0 (got 0)", "target-delta must be in (0, 1) (got 1.5)",
+                     "batch-size must be >= 1 (got 0)", "accountant must be one of", "learning-rate must be > 0"):
+        assert fragment in message
+    assert len(info.value.problems) == 5
+
+
+def test_types_and_unknown_keys_from_run_config():
+    with pytest.raises(ConfigError) as info:
+        RunConfig.from_run_config({"num-server-rounds": "three", "dp": "maybe", "colour": "red", "labels": "[1, 2]"})
+    message = str(info.value)
+    assert "'num-server-rounds': expected an integer" in message
+    assert "'dp': expected true or false" in message
+    assert "unknown setting 'colour'" in message
+    assert "'labels': expected a JSON list of label names" in message
+
+
+def test_label_fingerprint_depends_on_order():
+    assert RunConfig(labels=("a", "b")).label_fingerprint != RunConfig(labels=("b", "a")).label_fingerprint

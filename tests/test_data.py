@@ -1,0 +1,87 @@
+"""Reading department files: every format error names the file, the line and the column."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from shared.data import Record, check_labels, derive_labels, load_records, write_jsonl
+from shared.errors import DataError
+
+
+def write(tmp_path, name, text, encoding="utf-8"):
+    path = tmp_path / name
+    path.write_bytes(text.encode(encoding))
+    return path
+
+
+def test_csv_with_department_column(tmp_path):
+    path = write(tmp_path, "d.csv", 'text,label,department\n"reset my password, please",pw,it\nbook a room,room,facilities\n')
+    records = load_records(path)
+    assert [(r.text, r.label, r.department) for r in records] == [
+        ("reset my password, please", "pw", "it"),
+        ("book a room", "room", "facilities"),
+    ]
+    assert records[1].source == f"{path}:3"
+
+
+def test_jsonl_and_numeric_labels(tmp_path):
+    path = write(tmp_path, "d.jsonl", json.dumps({"text": "a", "label": 1}) + "\n\n" + json.dumps({"text": "b", "label": "x"}) + "\n")
+    assert [(r.text, r.label, r.department) for r in load_records(path)] == [("a", "1", None), ("b", "x", None)]
+
+
+def test_roundtrip_through_write_jsonl(tmp_path):
+    records = [Record("hello", "greet", "hr"), Record("bye", "leave", None)]
+    write_jsonl(records, tmp_path / "out.jsonl")
+    back = load_records(tmp_path / "out.jsonl")
+    assert [(r.text, r.label, r.department) for r in back] == [("hello", "greet", "hr"), ("bye", "leave", None)]
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "expected"),
+    [
+        ("e.csv", "", "file is empty"),
+        ("h.csv", "text,label\n", "no records"),
+        ("m.csv", "text,category\nhello,x\n", "missing column(s) label"),
+        ("f.csv", "text,label\nhello,x,extra\n", ":2: expected 2 fields"),
+        ("b.csv", "text,label\n,x\n", ":2: column 'text' is missing or empty"),
+        ("j.jsonl", '{"text": "a", "label": "x"}\n{broken\n', ":2: not valid JSON"),
+        ("a.jsonl", '["a", "x"]\n', ":1: expected a JSON object"),
+        ("n.jsonl", '{"text": "a"}\n', ":1: column 'label' is missing or empty"),
+        ("x.txt", "text,label\n", "unsupported file type"),
+    ],
+)
+def test_bad_files_are_named_with_line(tmp_path, name, content, expected):
+    path = write(tmp_path, name, content)
+    with pytest.raises(DataError) as info:
+        load_records(path)
+    assert str(path) in str(info.value)
+    assert expected in str(info.value)
+
+
+def test_not_utf8_and_missing_file(tmp_path):
+    path = write(tmp_path, "latin.csv", "text,label\ncaf\u00e9,x\n", encoding="latin-1")
+    with pytest.raises(DataError, match="not UTF-8"):
+        load_records(path)
+    with pytest.raises(DataError, match="file not found"):
+        load_records(tmp_path / "absent.csv")
+
+
+def test_many_problems_are_reported_together(tmp_path):
+    lines = "text,label\n" + "".join(",x\n" for _ in range(15))
+    with pytest.raises(DataError) as info:
+        load_records(write(tmp_path, "many.csv", lines))
+    message = str(info.value)
+    assert "15 bad record(s)" in message and ":2:" in message and "and 5 more" in message
+
+
+def test_unknown_label_names_file_line_and_label(tmp_path):
+    path = write(tmp_path, "d.csv", "text,label\nhello,greet\nwhat,mystery\n")
+    with pytest.raises(DataError) as info:
+        check_labels(load_records(path), ["greet", "leave"])
+    assert f"{path}:3: unknown label 'mystery'" in str(info.value)
+
+
+def test_derive_labels_is_sorted_and_unique():
+    assert derive_labels([Record("a", "z"), Record("b", "a"), Record("c", "z")]) == ("a", "z")

@@ -1,0 +1,105 @@
+"""Integration: a department client runs real DP-SGD rounds on the tiny Transformer, without Flower."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from client.department import DepartmentClient, prepare, shared_classifier
+from client.department_data import resolve_department
+from client.privacy import LEDGER_FILE, PrivacyLedger
+from shared import protocol
+from shared.config import RunConfig
+from shared.data import Record, write_jsonl
+from shared.errors import ConfigError, DataError
+from shared.params import get_trainable
+
+LABELS = ("expense", "password", "room")
+TEXTS = {
+    "expense": ["file my taxi expenses", "hotel receipt reimbursement", "expense claim for the trip"],
+    "password": ["reset my password", "locked out of my account", "forgot my email password"],
+    "room": ["book a meeting room", "reserve the boardroom", "need a room for six"],
+}
+
+
+def department_file(tmp_path, copies=12):
+    records = [Record(f"{t} {i}", label) for label, ts in TEXTS.items() for t in ts for i in range(copies)]
+    path = tmp_path / "finance.jsonl"
+    write_jsonl(records, path)
+    return path
+
+
+def make_client(tmp_path, *, lora_r=0, dp=True, epsilon=5.0, rounds=3, node_extra=None):
+    config = RunConfig(
+        model="tiny", labels=LABELS, batch_size=16, learning_rate=0.5, num_server_rounds=rounds, lora_r=lora_r,
+        lora_alpha=8, dp=dp, target_epsilon=epsilon, target_delta=1e-4, out_dir=str(tmp_path / "out"),
+    )
+    node = {"department": "finance", "data-path": str(department_file(tmp_path)), "state-dir": str(tmp_path / "state")}
+    node.update(node_extra or {})
+    settings = resolve_department(config, node)
+    return DepartmentClient(config=config, settings=settings, run_id=42), config
+
+
+def request(config, server_round):
+    return {protocol.SERVER_ROUND: server_round, protocol.NUM_ROUNDS: config.num_server_rounds,
+            protocol.LABEL_FINGERPRINT: config.label_fingerprint}
+
+
+@pytest.mark.parametrize("lora_r", [0, 4])
+def test_dp_rounds_account_and_persist_across_client_restarts(tmp_path, lora_r):
+    client, config = make_client(tmp_path, lora_r=lora_r)
+    start = get_trainable(client.classifier)
+    params, n, metrics = client.fit(start, request(config, 1))
+    assert metrics[protocol.STATUS] == protocol.STATUS_TRAINED
+    assert n == 97 and 0 < metrics[protocol.EPSILON] < 5.0 and metrics[protocol.NOISE_MULTIPLIER] > 0
+    assert any(not np.array_equal(a, b) for a, b in zip(params, start, strict=True))
+
+    shared_classifier.cache_clear()  # a new process: nothing in memory survives
+    prepare.cache_clear()
+    restarted, _ = make_client(tmp_path, lora_r=lora_r)
+    eps = [metrics[protocol.EPSILON]]
+    for server_round in (2, 3):
+        params, _, metrics = restarted.fit(params, request(config, server_round))
+        eps.append(metrics[protocol.EPSILON])
+    assert eps == sorted(eps) and 4.95 <= eps[-1] <= 5.0
+    assert len(PrivacyLedger(tmp_path / "state", department="finance").entries) == 3
+
+    params_after, weight, refused = restarted.fit(params, request(config, 4))
+    assert refused[protocol.STATUS] == protocol.STATUS_BUDGET_EXHAUSTED and weight == 0
+    assert "budget" in refused[protocol.REASON] and refused[protocol.EPSILON] == pytest.approx(eps[-1])
+    assert params_after is params
+
+    loss, n_val, evaluation = restarted.evaluate(params, request(config, 3))
+    assert n_val == 11 and 0.0 <= evaluation[protocol.ACCURACY] <= 1.0 and loss > 0
+
+
+def test_no_dp_writes_no_ledger_and_says_so(tmp_path):
+    client, config = make_client(tmp_path, dp=False)
+    _, _, metrics = client.fit(get_trainable(client.classifier), request(config, 1))
+    assert metrics[protocol.DP_ENABLED] is False and protocol.EPSILON not in metrics
+    assert not (tmp_path / "state" / LEDGER_FILE).exists()
+
+
+def test_mismatched_labels_are_refused_before_training(tmp_path):
+    client, config = make_client(tmp_path)
+    other = RunConfig(model="tiny", labels=("a", "b"), out_dir="x")
+    bad = request(config, 1) | {protocol.LABEL_FINGERPRINT: other.label_fingerprint}
+    with pytest.raises(ConfigError, match="label set differs"):
+        client.fit(get_trainable(client.classifier), bad)
+    assert not (tmp_path / "state" / LEDGER_FILE).exists()
+
+
+def test_department_budget_may_only_be_lower(tmp_path):
+    with pytest.raises(ConfigError, match=r"epsilon must be in \(0, 5.0\]"):
+        make_client(tmp_path, node_extra={"epsilon": 9.0})
+    client, config = make_client(tmp_path, node_extra={"epsilon": 1.0})
+    _, _, metrics = client.fit(get_trainable(client.classifier), request(config, 1))
+    assert metrics[protocol.TARGET_EPSILON] == 1.0 and metrics[protocol.EPSILON] < 1.0
+
+
+def test_too_small_department_is_named(tmp_path):
+    client, config = make_client(tmp_path)
+    write_jsonl([Record("a", "expense"), Record("b", "room")], client.settings.data_path)
+    prepare.cache_clear()
+    with pytest.raises(DataError, match="department finance .* needs at least batch-size=16"):
+        client.fit(get_trainable(client.classifier), request(config, 1))

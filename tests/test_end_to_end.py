@@ -1,0 +1,90 @@
+"""End to end through the real `fedpriv` command: Flower's simulation engine, DP clients, the run folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from shared.clinc150 import default_location, is_clinc150_dir
+
+FEDPRIV = str(Path(sys.executable).parent / "fedpriv")
+TOPICS = {
+    "password": "reset my password for the {} account",
+    "vpn": "the vpn will not connect from {} today",
+    "expense": "reimburse my {} taxi and hotel expenses",
+    "room": "book a meeting room on the {} floor",
+}
+WORDS = ["email", "crm", "home", "office", "london", "berlin", "second", "third", "north", "south", "wiki", "erp"]
+
+
+def write_federation(tmp_path: Path) -> tuple[Path, Path]:
+    rows = ["text,label,department"]
+    for department in ("it", "hr", "finance"):
+        for label, template in TOPICS.items():
+            rows += [f"{template.format(w)} {i},{label},{department}" for i, w in enumerate(WORDS * 2)]
+    data = tmp_path / "federation.csv"
+    data.write_text("\n".join(rows) + "\n")
+    test = tmp_path / "test.csv"
+    test.write_text("text,label\n" + "".join(f"{t.format(w)},{label}\n" for label, t in TOPICS.items() for w in WORDS))
+    return data, test
+
+
+def fedpriv(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([FEDPRIV, *args], capture_output=True, text=True, timeout=timeout, env=dict(os.environ))
+
+
+def test_simulate_tiny_three_departments_two_rounds(tmp_path):
+    data, test = write_federation(tmp_path)
+    out = tmp_path / "run"
+    result = fedpriv("simulate", "--data", str(data), "--test-data", str(test), "--model", "tiny", "--rounds", "2",
+                     "--batch-size", "16", "--learning-rate", "2.0", "--epsilon", "8", "--delta", "1e-3",
+                     "--out", str(out))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "round   2/2" in result.stdout
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["dp"] is True
+    assert [r["round"] for r in metrics["rounds"]] == [1, 2]
+    assert set(metrics["privacy"]) == {"it", "hr", "finance"}
+    for ledger in metrics["privacy"].values():
+        assert 0 < ledger["epsilon"] <= 8.0 and ledger["delta"] == 1e-3 and ledger["rounds_trained"] == 2
+    initial_loss = metrics["initial"]["loss"]
+    losses = [r["loss"] for r in metrics["rounds"]]
+    assert losses[-1] < initial_loss, (initial_loss, losses)
+    assert metrics["final_accuracy_source"] == "server test split"
+    assert 0 <= metrics["final_accuracy"] <= 1
+    for department in ("it", "hr", "finance"):
+        ledger_lines = (out / "departments" / department / "privacy-ledger.jsonl").read_text().splitlines()
+        assert len(ledger_lines) == 2
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["round-001.safetensors", "round-002.safetensors"]
+    assert (out / "accuracy_epsilon.png").stat().st_size > 1000
+
+    prediction = fedpriv("predict", "--model", str(out / "model"), "reset my password for the wiki account")
+    assert prediction.returncode == 0 and prediction.stdout.split()[0] in TOPICS
+
+
+@pytest.mark.slow
+def test_default_demo_with_minilm(tmp_path):
+    """The README's main command: the built-in synthetic demo on the packaged MiniLM."""
+    out = tmp_path / "demo"
+    result = fedpriv("simulate", "--out", str(out), timeout=900)
+    assert result.returncode == 0, result.stdout + result.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["final_accuracy"] > 0.8
+    assert all(0 < p["epsilon"] <= 8.0 for p in metrics["privacy"].values())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not is_clinc150_dir(default_location()), reason="CLINC150 not found beside the checkout")
+def test_clinc150_by_domain_runs_and_learns(tmp_path):
+    out = tmp_path / "clinc"
+    result = fedpriv("simulate", "--data", str(default_location()), "--rounds", "3", "--out", str(out), timeout=1200)
+    assert result.returncode == 0, result.stdout + result.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["privacy"]) == 10
+    assert metrics["final_accuracy_source"] == "server test split" and metrics["final_accuracy"] > 0.3

@@ -1,0 +1,71 @@
+"""Checkpoints and the exported model: loadable by fedpriv, by plain transformers/peft, and corruption is caught."""
+
+from __future__ import annotations
+
+import json
+import runpy
+
+import numpy as np
+import pytest
+import torch
+
+from shared.checkpoint import load_checkpoint, save_checkpoint
+from shared.errors import ModelError
+from shared.export import export_model, load_exported
+from shared.model import build_classifier
+
+LABELS = ["greet", "leave", "pay"]
+
+
+def test_checkpoint_roundtrip_and_corruption(tmp_path):
+    path = tmp_path / "round-001.safetensors"
+    arrays = {"head.weight": np.ones((3, 4), np.float32), "head.bias": np.zeros(3, np.float32)}
+    save_checkpoint(path, arrays, {"round": 1})
+    loaded, metadata = load_checkpoint(path)
+    assert metadata == {"round": 1}
+    np.testing.assert_array_equal(loaded["head.weight"], arrays["head.weight"])
+    path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(ModelError, match="corrupt or foreign checkpoint"):
+        load_checkpoint(path)
+    with pytest.raises(ModelError, match="not found"):
+        load_checkpoint(tmp_path / "absent.safetensors")
+
+
+@pytest.mark.parametrize("lora_r", [0, 2])
+def test_export_loads_with_fedpriv_and_with_plain_transformers(tmp_path, tiny_backbone, lora_r, monkeypatch):
+    torch.manual_seed(0)
+    model = build_classifier(tiny_backbone, num_labels=3, lora_r=lora_r, lora_alpha=4, lora_targets=("query",))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.5)
+    export_model(tmp_path, classifier=model, backbone=tiny_backbone, labels=LABELS, max_length=32,
+                 summary={"final_accuracy": 0.5})
+    exported = load_exported(tmp_path)
+    texts = ["reset my password", "book a room"]
+    probabilities = exported.predict(texts)
+    with torch.no_grad():
+        batch = tiny_backbone.tokenizer(texts, padding=True, truncation=True, max_length=32, return_tensors="pt")
+        expected = model(batch["input_ids"], batch["attention_mask"]).softmax(-1)
+    torch.testing.assert_close(probabilities, expected, rtol=1e-4, atol=1e-5)
+
+    # The README snippet shipped in the folder runs with transformers + peft alone.
+    readme = (tmp_path / "README.md").read_text()
+    snippet = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "snippet.py").write_text(snippet)
+    monkeypatch.chdir(tmp_path)
+    namespace = runpy.run_path(str(tmp_path / "snippet.py"))
+    torch.testing.assert_close(namespace["probabilities"], expected[:1], rtol=1e-4, atol=1e-5)
+
+
+def test_broken_export_is_named(tmp_path, tiny_backbone):
+    model = build_classifier(tiny_backbone, num_labels=3, lora_r=0, lora_alpha=4, lora_targets=("query",))
+    export_model(tmp_path, classifier=model, backbone=tiny_backbone, labels=LABELS, max_length=32, summary={})
+    manifest = json.loads((tmp_path / "fedpriv_model.json").read_text())
+    manifest["labels"] = LABELS[:2]
+    (tmp_path / "fedpriv_model.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelError, match="3 outputs but fedpriv_model.json lists 2 labels"):
+        load_exported(tmp_path)
+    (tmp_path / "head.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ModelError, match="cannot load the exported model"):
+        load_exported(tmp_path)

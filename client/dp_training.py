@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import secrets
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -46,19 +47,26 @@ def train_private(
         warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
         engine = PrivacyEngine(accountant=plan.accountant)
         engine.accountant.history = list(prior)
-        dp_module, optimizer, dp_loader = engine.make_private(
+        # A plain Linear (the head on cached features) uses ghost clipping: per-sample gradient norms
+        # without materialising per-sample gradients. Anything else (LoRA inside the Transformer)
+        # uses hooks mode, the one tests/test_per_sample_grads.py checks against a per-example loop.
+        ghost = isinstance(module, nn.Linear)
+        made = engine.make_private(
             module=module,
             optimizer=_optimizer(module, learning_rate=learning_rate, momentum=momentum),
             data_loader=loader,
+            criterion=nn.CrossEntropyLoss(),
             noise_multiplier=plan.noise_multiplier,
             max_grad_norm=max_grad_norm,
             poisson_sampling=True,
             noise_generator=noise_rng,
+            grad_sample_mode="ghost" if ghost else "hooks",
         )
+    dp_module, optimizer, criterion, dp_loader = made if ghost else (made[0], made[1], nn.CrossEntropyLoss(), made[2])
     if abs(dp_loader.sample_rate - plan.sample_rate) > 1e-12:
         raise RuntimeError(f"Opacus sampling rate {dp_loader.sample_rate} differs from the plan's {plan.sample_rate}")
     try:
-        mean_loss, steps = _run_epochs(dp_module, optimizer, dp_loader, local_epochs)
+        mean_loss, steps = _run_epochs(dp_module, optimizer, dp_loader, local_epochs, criterion)
     finally:
         dp_module._close()  # remove Opacus hooks so the module can be reused next round
     if steps != plan.steps_per_round:
@@ -74,12 +82,12 @@ def train_plain(
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator)
     optimizer = _optimizer(module, learning_rate=learning_rate, momentum=momentum)
-    mean_loss, steps = _run_epochs(module, optimizer, loader, local_epochs)
+    mean_loss, steps = _run_epochs(module, optimizer, loader, local_epochs, nn.CrossEntropyLoss())
     return TrainResult(mean_loss, steps, [])
 
 
 def _run_epochs(
-    module: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, epochs: int
+    module: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, epochs: int, criterion: Callable
 ) -> tuple[float, int]:
     module.train()
     loss_sum, loss_count, steps = 0.0, 0, 0
@@ -87,12 +95,12 @@ def _run_epochs(
         for batch in loader:
             *inputs, labels = batch
             optimizer.zero_grad(set_to_none=True)
-            # An empty Poisson batch still runs and takes a (noise-only) step: skipping it
-            # would change the mechanism that the accountant counts.
-            summed = nn.functional.cross_entropy(module(*inputs), labels, reduction="sum")
-            (summed / max(len(labels), 1)).backward()
+            logits = module(*inputs)
+            # An empty Poisson batch still runs and takes its (noise-only) step: skipping it would
+            # change the mechanism that the accountant counts. Its gradients are zero-sized sums.
+            criterion(logits, labels).backward()
             optimizer.step()
-            loss_sum += summed.item()
+            loss_sum += nn.functional.cross_entropy(logits.detach(), labels, reduction="sum").item()
             loss_count += len(labels)
             steps += 1
     module.eval()

@@ -124,6 +124,9 @@ def build_classifier(
 
         # PEFT injects adapters in place: give it a copy so the cached backbone stays clean.
         base = copy.deepcopy(backbone.model)
+        for module in base.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = 0.0  # DP-SGD's noise regularises; dropout would only add variance
         try:
             encoder = get_peft_model(
                 base, LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=list(lora_targets))

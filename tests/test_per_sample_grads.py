@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import warnings
 
+import pytest
 import torch
 from torch import nn
 
@@ -77,3 +78,61 @@ def test_dp_sgd_moves_lora_weights(tiny_backbone):
         if p.requires_grad:
             assert (p.detach() - before[n]).abs().max() > 0, f"{n} did not change under DP-SGD"
     assert not any(hasattr(p, "grad_sample") and p.grad_sample is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("head_only", [False, True])
+def test_dp_step_equals_the_clipped_per_example_mean(tiny_backbone, head_only):
+    """The step train_private takes (noise 0) is -lr * mean of per-example clipped gradients:
+    hooks mode for the LoRA model, ghost clipping for the head on cached features."""
+    from torch.utils.data import TensorDataset
+
+    from client.dp_training import train_private
+    from client.privacy import PrivacyPlan, poisson_schedule
+    from shared.features import embed_texts
+
+    full = _lora_model(tiny_backbone)
+    texts = TEXTS * 2
+    input_ids, mask = tokenize(tiny_backbone, texts, max_length=16)
+    labels = torch.tensor([0, 1, 2, 1, 2, 0, 1, 0])
+    if head_only:
+        model, inputs = full.head, (embed_texts(tiny_backbone, texts, max_length=16) * 50,)
+    else:
+        model, inputs = full, (input_ids, mask)
+    names = trainable_names(model)
+    params = dict(model.named_parameters())
+    clip = 0.05
+    clipped_sum = {n: torch.zeros_like(params[n]) for n in names}
+    for i in range(len(texts)):
+        model.zero_grad()
+        nn.functional.cross_entropy(model(*(x[i : i + 1] for x in inputs)), labels[i : i + 1]).backward()
+        norm = torch.sqrt(sum(params[n].grad.pow(2).sum() for n in names))
+        assert norm > clip  # the bound is active for every example
+        for n in names:
+            clipped_sum[n] += params[n].grad * min(1.0, clip / float(norm))
+    before = {n: params[n].detach().clone() for n in names}
+
+    q, steps = poisson_schedule(num_records=len(texts), batch_size=len(texts), local_epochs=1)
+    assert (q, steps) == (1.0, 1)  # q = 1: every record is in the single batch, deterministically
+    train_private(
+        module=model, dataset=TensorDataset(*inputs, labels), plan=PrivacyPlan(0.0, q, steps, 1, 8.0, 1e-5, "rdp"),
+        prior=[], batch_size=len(texts), local_epochs=1, learning_rate=1.0, momentum=0.0, max_grad_norm=clip,
+    )
+    for n in names:
+        torch.testing.assert_close(before[n] - params[n].detach(), clipped_sum[n] / len(texts), rtol=1e-3, atol=1e-6)
+
+
+def test_empty_poisson_batches_still_take_their_step():
+    from torch.utils.data import TensorDataset
+
+    from client.dp_training import train_private
+    from client.privacy import PrivacyPlan, poisson_schedule
+
+    head = nn.Linear(4, 3)
+    q, steps = poisson_schedule(num_records=20, batch_size=1, local_epochs=1)  # P(some empty batch) > 0.9999
+    result = train_private(
+        module=head, dataset=TensorDataset(torch.randn(20, 4), torch.randint(0, 3, (20,))),
+        plan=PrivacyPlan(1.0, q, steps, 1, 8.0, 1e-5, "rdp"), prior=[(1.0, q, 5)], batch_size=1, local_epochs=1,
+        learning_rate=0.1, momentum=0.0, max_grad_norm=1.0,
+    )
+    assert result.steps == 20
+    assert result.history == [(1.0, q, 25)]  # Opacus counted every step, on top of the prior history

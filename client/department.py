@@ -44,6 +44,7 @@ class PreparedData:
     department: DepartmentData
     train: TensorDataset  # (*inputs, labels): (features,) head-only, (input_ids, attention_mask) with LoRA
     val: TensorDataset
+    test: TensorDataset | None
 
 
 @functools.lru_cache(maxsize=16)
@@ -57,7 +58,8 @@ def prepare(settings: DepartmentSettings, config: RunConfig) -> PreparedData:
             head_only=config.head_only, cache_dir=settings.state_dir / "feature-cache",
         )
 
-    return PreparedData(department, tensors(department.train), tensors(department.val))
+    test = tensors(department.test) if department.test else None
+    return PreparedData(department, tensors(department.train), tensors(department.val), test)
 
 
 class DepartmentClient(NumPyClient):
@@ -133,6 +135,11 @@ class DepartmentClient(NumPyClient):
         self._check_request(config)
         set_trainable(self.classifier, parameters)
         data = prepare(self.settings, self.config)
-        loss, accuracy = evaluate_module(self._trained_module(), data.val)
-        return loss, len(data.val), {protocol.DEPARTMENT: self.settings.name, protocol.ACCURACY: accuracy}
+        split = config.get(protocol.EVALUATION_SPLIT, protocol.SPLIT_VAL)
+        dataset = data.test if split == protocol.SPLIT_TEST and data.test is not None else data.val
+        loss, accuracy = evaluate_module(self._trained_module(), dataset)
+        return loss, len(dataset), {
+            protocol.DEPARTMENT: self.settings.name, protocol.ACCURACY: accuracy,
+            protocol.EVALUATION_SPLIT: protocol.SPLIT_TEST if dataset is data.test else protocol.SPLIT_VAL,
+        }
 

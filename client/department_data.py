@@ -19,7 +19,7 @@ from typing import Any
 from shared.config import RunConfig
 from shared.data import Record, check_labels, load_records
 from shared.errors import ConfigError, DataError
-from shared.partition import train_val_split
+from shared.partition import split_department
 
 MANIFEST = "manifest.json"
 
@@ -38,6 +38,7 @@ class DepartmentData:
     name: str
     train: list[Record]
     val: list[Record]
+    test: list[Record]
 
 
 def resolve_department(config: RunConfig, node_config: Mapping[str, Any]) -> DepartmentSettings:
@@ -87,11 +88,13 @@ def load_department(settings: DepartmentSettings, config: RunConfig, *, min_trai
     records = load_records(settings.data_path)
     if config.labels:
         check_labels(records, config.labels)
-    split = train_val_split(records, val_fraction=config.val_fraction, seed=config.seed)
+    split = split_department(
+        records, val_fraction=config.val_fraction, test_fraction=config.test_fraction, seed=config.seed
+    )
     needed = config.batch_size if min_train is None else min_train
     if len(split.train) < needed or not split.val:
         raise DataError(
             f"department {settings.name} ({settings.data_path}): {len(split.train)} training records, "
             f"{len(split.val)} validation; needs at least batch-size={needed} for training and 1 for validation"
         )
-    return DepartmentData(settings.name, split.train, split.val)
+    return DepartmentData(settings.name, split.train, split.val, split.test)

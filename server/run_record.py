@@ -82,8 +82,9 @@ class RunRecorder:
     ) -> None:
         entry = self._round(server_round)
         entry.setdefault("evaluation", {})[source] = {"loss": loss, "accuracy": accuracy}
-        if source == "server" or "accuracy" not in entry:
-            entry["accuracy"], entry["loss"] = accuracy, loss
+        # The headline number of a round: the server's test split when there is one.
+        if source == "server test split" or "server test split" not in entry["evaluation"]:
+            entry["accuracy"], entry["loss"], entry["accuracy_source"] = accuracy, loss, source
         for name, values in (departments or {}).items():
             entry["departments"].setdefault(name, {}).update(values)
 
@@ -98,12 +99,11 @@ class RunRecorder:
         finished = [self.rounds[r] for r in sorted(self.rounds) if r > 0]
         evaluated = [r for r in finished if r.get("accuracy") is not None]
         last = evaluated[-1] if evaluated else {}
-        source = "server test split" if "server" in last.get("evaluation", {}) else "federated validation"
         metrics = {
             "run_id": self.run_id,
             "status": state,
             "final_accuracy": last.get("accuracy"),
-            "final_accuracy_source": source if last else None,
+            "final_accuracy_source": last.get("accuracy_source"),
             "dp": self.config.dp,
             "secure_aggregation": False,
             "initial": self.rounds.get(0),

@@ -50,7 +50,7 @@ class FedprivStrategy(FedAvg):
             initial_parameters=initial_parameters,
             evaluate_fn=evaluate_fn,
             on_fit_config_fn=self._round_config,
-            on_evaluate_config_fn=self._round_config,
+            on_evaluate_config_fn=self._evaluate_config,
             accept_failures=True,
         )
 
@@ -61,6 +61,11 @@ class FedprivStrategy(FedAvg):
             protocol.LABEL_FINGERPRINT: self.run_config.label_fingerprint,
             protocol.BACKBONE_FINGERPRINT: self.backbone_fingerprint,
         }
+
+    def _evaluate_config(self, server_round: int) -> dict[str, Scalar]:
+        last = server_round == self.run_config.num_server_rounds
+        split = protocol.SPLIT_TEST if last else protocol.SPLIT_VAL
+        return self._round_config(server_round) | {protocol.EVALUATION_SPLIT: split}
 
     def aggregate_fit(
         self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures: list[Any]
@@ -111,25 +116,28 @@ class FedprivStrategy(FedAvg):
         if result is not None:
             loss, metrics = result
             self.recorder.record_evaluation(
-                server_round, loss=loss, accuracy=float(metrics[protocol.ACCURACY]), source="server"
+                server_round, loss=loss, accuracy=float(metrics[protocol.ACCURACY]), source="server test split"
             )
         return result
 
     def aggregate_evaluate(
         self, server_round: int, results: list[tuple[ClientProxy, EvaluateRes]], failures: list[Any]
     ) -> tuple[float | None, dict[str, Scalar]]:
-        departments = {
-            str(res.metrics.get(protocol.DEPARTMENT, f"node-{proxy.cid}")): {
-                "val_accuracy": res.metrics.get(protocol.ACCURACY), "val_loss": res.loss, "val_examples": res.num_examples,
+        departments = {}
+        for proxy, res in results:
+            split = res.metrics.get(protocol.EVALUATION_SPLIT, protocol.SPLIT_VAL)
+            departments[str(res.metrics.get(protocol.DEPARTMENT, f"node-{proxy.cid}"))] = {
+                f"{split}_accuracy": res.metrics.get(protocol.ACCURACY), f"{split}_loss": res.loss,
+                f"{split}_examples": res.num_examples,
             }
-            for proxy, res in results
-        }
         total = sum(res.num_examples for _, res in results)
         if total:
             loss = sum(res.loss * res.num_examples for _, res in results) / total
             accuracy = sum(float(res.metrics[protocol.ACCURACY]) * res.num_examples for _, res in results) / total
+            splits = {res.metrics.get(protocol.EVALUATION_SPLIT, protocol.SPLIT_VAL) for _, res in results}
+            source = "federated test" if splits == {protocol.SPLIT_TEST} else "federated validation"
             self.recorder.record_evaluation(
-                server_round, loss=loss, accuracy=accuracy, source="federated", departments=departments
+                server_round, loss=loss, accuracy=accuracy, source=source, departments=departments
             )
         self.recorder.record_failures(server_round, [f"evaluate: {_describe_failure(f)}" for f in failures])
         self.recorder.flush_round(server_round)

@@ -42,6 +42,7 @@ class RunConfig:
     fraction_train: float = 1.0
     min_departments: int = 2
     val_fraction: float = 0.1
+    test_fraction: float = 0.1  # per-department test split; 0 when the server holds a test set
     seed: int = 0
     out_dir: str = "fedpriv-runs/latest"
     partition_dir: str = ""  # simulation only: folder with manifest.json and department files
@@ -155,6 +156,7 @@ def _validate(cfg: RunConfig) -> list[str]:
     need(0 < cfg.fraction_train <= 1, f"fraction-train must be in (0, 1] (got {cfg.fraction_train})")
     need(cfg.min_departments >= 1, f"min-departments must be >= 1 (got {cfg.min_departments})")
     need(0 < cfg.val_fraction < 0.5, f"val-fraction must be in (0, 0.5) (got {cfg.val_fraction})")
+    need(0 <= cfg.test_fraction < 0.5, f"test-fraction must be in [0, 0.5) (got {cfg.test_fraction})")
     need(bool(cfg.out_dir), "out-dir must not be empty")
     return problems
 

@@ -91,14 +91,18 @@ def dirichlet(
 class Split:
     train: list[Record]
     val: list[Record]
+    test: list[Record]
 
 
-def train_val_split(records: Sequence[Record], *, val_fraction: float, seed: int) -> Split:
-    """Seeded split of one department's records; the validation part is never trained on."""
+def split_department(records: Sequence[Record], *, val_fraction: float, test_fraction: float, seed: int) -> Split:
+    """Seeded train/validation/test split of one department's records; only train is trained on."""
     order = list(records)
     random.Random(seed).shuffle(order)
     num_val = max(1, round(len(order) * val_fraction)) if len(order) > 1 else 0
-    return Split(train=order[num_val:], val=order[:num_val])
+    num_test = max(1, round(len(order) * test_fraction)) if test_fraction > 0 and len(order) > 2 else 0
+    return Split(
+        train=order[num_val + num_test :], val=order[:num_val], test=order[num_val : num_val + num_test]
+    )
 
 
 def _check_count(records: Sequence[Record], num_departments: int) -> None:

@@ -10,6 +10,9 @@ SERVER_ROUND = "server-round"
 NUM_ROUNDS = "num-rounds"
 LABEL_FINGERPRINT = "label-fingerprint"
 BACKBONE_FINGERPRINT = "backbone-fingerprint"
+EVALUATION_SPLIT = "split"  # which split a department evaluates on: its test split in the last round
+SPLIT_VAL = "val"
+SPLIT_TEST = "test"
 
 DEPARTMENT = "department"
 STATUS = "status"

@@ -88,10 +88,10 @@ class Partitioned:
     shares: dict[str, list[Record]]
     test: list[Record] | None
 
-    def smallest_train_split(self, *, val_fraction: float, seed: int) -> int:
+    def smallest_train_split(self, *, val_fraction: float, test_fraction: float, seed: int) -> int:
         """Training records of the smallest department (a batch size must fit every department)."""
         return min(
-            len(partition.train_val_split(records, val_fraction=val_fraction, seed=seed).train)
+            len(partition.split_department(records, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed).train)
             for records in self.shares.values()
         )
 
@@ -112,14 +112,16 @@ def partition_data(plan: DataPlan) -> Partitioned:
 
 
 def write_federation(
-    data: Partitioned, *, out_dir: Path, val_fraction: float, batch_size: int, delta: float, dp: bool, seed: int
+    data: Partitioned, *, out_dir: Path, val_fraction: float, test_fraction: float, batch_size: int, delta: float,
+    dp: bool, seed: int,
 ) -> Federation:
     """Check every department against the training settings, then write one file per department."""
     problems = []
     departments = []
     for name, records in data.shares.items():
-        train = len(partition.train_val_split(records, val_fraction=val_fraction, seed=seed).train)
-        if train < batch_size or len(records) - train < 1:
+        split = partition.split_department(records, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
+        train = len(split.train)
+        if train < batch_size or not split.val:
             problems.append(
                 f"department {name}: {len(records)} records leave {train} for training after the validation split; "
                 f"needs at least batch-size={batch_size}"

@@ -61,13 +61,13 @@ def simulate_federation(request: SimulationRequest, *, console: Console) -> dict
     )
     partitioned = partition_data(data_plan)
     val_fraction = DEFAULTS.val_fraction
-    batch_size = request.batch_size or max(
-        1, min(DEFAULTS.batch_size, partitioned.smallest_train_split(val_fraction=val_fraction, seed=request.seed) // 4)
-    )
+    # Departments keep a test split of their own only when the server has no test set.
+    test_fraction = 0.0 if partitioned.test is not None else DEFAULTS.test_fraction
+    fractions = {"val_fraction": val_fraction, "test_fraction": test_fraction, "seed": request.seed}
+    batch_size = request.batch_size or max(1, min(DEFAULTS.batch_size, partitioned.smallest_train_split(**fractions) // 4))
     out = _check_out_dir(request.out)
     federation = write_federation(
-        partitioned, out_dir=out, val_fraction=val_fraction, batch_size=batch_size, delta=request.delta,
-        dp=request.dp, seed=request.seed,
+        partitioned, out_dir=out, batch_size=batch_size, delta=request.delta, dp=request.dp, **fractions
     )
     config = RunConfig(
         num_server_rounds=request.rounds, local_epochs=request.local_epochs, batch_size=batch_size,
@@ -75,7 +75,7 @@ def simulate_federation(request: SimulationRequest, *, console: Console) -> dict
         target_epsilon=request.epsilon, target_delta=request.delta, dp=request.dp, accountant=request.accountant,
         model=str(Path(request.model).expanduser().resolve()) if request.model not in (MINILM, TINY) else request.model,
         lora_r=request.lora_r, labels=federation.labels, min_departments=len(federation.departments),
-        val_fraction=val_fraction, seed=request.seed, out_dir=str(out),
+        val_fraction=val_fraction, test_fraction=test_fraction, seed=request.seed, out_dir=str(out),
         partition_dir=str(federation.partition_dir),
         test_data=str(federation.test_file) if federation.test_file else "",
     )

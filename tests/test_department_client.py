@@ -51,7 +51,7 @@ def test_dp_rounds_account_and_persist_across_client_restarts(tmp_path, lora_r):
     start = get_trainable(client.classifier)
     params, n, metrics = client.fit(start, request(config, 1))
     assert metrics[protocol.STATUS] == protocol.STATUS_TRAINED
-    assert n == 97 and 0 < metrics[protocol.EPSILON] < 5.0 and metrics[protocol.NOISE_MULTIPLIER] > 0
+    assert n == 86 and 0 < metrics[protocol.EPSILON] < 5.0 and metrics[protocol.NOISE_MULTIPLIER] > 0
     assert any(not np.array_equal(a, b) for a, b in zip(params, start, strict=True))
 
     shared_classifier.cache_clear()  # a new process: nothing in memory survives
@@ -71,6 +71,9 @@ def test_dp_rounds_account_and_persist_across_client_restarts(tmp_path, lora_r):
 
     loss, n_val, evaluation = restarted.evaluate(params, request(config, 3))
     assert n_val == 11 and 0.0 <= evaluation[protocol.ACCURACY] <= 1.0 and loss > 0
+    assert evaluation[protocol.EVALUATION_SPLIT] == protocol.SPLIT_VAL
+    _, n_test, final = restarted.evaluate(params, request(config, 3) | {protocol.EVALUATION_SPLIT: protocol.SPLIT_TEST})
+    assert n_test == 11 and final[protocol.EVALUATION_SPLIT] == protocol.SPLIT_TEST
 
 
 def test_no_dp_writes_no_ledger_and_says_so(tmp_path):

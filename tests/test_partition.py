@@ -63,11 +63,13 @@ def test_bad_partition_arguments():
         partition.dirichlet(RECORDS[:12], num_departments=10, alpha=0.01, seed=0, min_records=5)
 
 
-def test_train_val_split_is_disjoint_seeded_and_sized():
-    split = partition.train_val_split(RECORDS, val_fraction=0.1, seed=3)
-    assert len(split.val) == 30 and len(split.train) == 270
-    assert not {r.text for r in split.val} & {r.text for r in split.train}
-    assert partition.train_val_split(RECORDS, val_fraction=0.1, seed=3) == split
+def test_department_split_is_disjoint_seeded_and_sized():
+    split = partition.split_department(RECORDS, val_fraction=0.1, test_fraction=0.2, seed=3)
+    assert (len(split.train), len(split.val), len(split.test)) == (210, 30, 60)
+    parts = [{r.text for r in part} for part in (split.train, split.val, split.test)]
+    assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
+    assert partition.split_department(RECORDS, val_fraction=0.1, test_fraction=0.2, seed=3) == split
+    assert partition.split_department(RECORDS, val_fraction=0.1, test_fraction=0.0, seed=3).test == []
 
 
 def test_demo_corpus_is_synthetic_deterministic_and_balanced():

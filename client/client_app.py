@@ -7,6 +7,7 @@ from flwr.common import Context
 
 from client.department import DepartmentClient
 from client.department_data import resolve_department
+from client.secure_aggregation import secaggplus_when_requested
 from shared.config import RunConfig
 from shared.flower_env import apply_offline_defaults
 from shared.logs import quiet_libraries
@@ -21,4 +22,4 @@ def client_fn(context: Context) -> Client:
     return DepartmentClient(config=config, settings=settings, run_id=context.run_id).to_client()
 
 
-app = ClientApp(client_fn=client_fn)
+app = ClientApp(client_fn=client_fn, mods=[secaggplus_when_requested])

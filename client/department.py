@@ -19,6 +19,7 @@ from torch.utils.data import TensorDataset
 from client.department_data import DepartmentData, DepartmentSettings, load_department
 from client.dp_training import train_plain, train_private
 from client.privacy import PrivacyLedger
+from client.secure_aggregation import check_weight, out_of_range, update_delta
 from shared import protocol
 from shared.config import RunConfig
 from shared.errors import BudgetExhausted, ConfigError
@@ -85,9 +86,26 @@ class DepartmentClient(NumPyClient):
         return self.classifier.head if self.config.head_only else self.classifier
 
     def fit(self, parameters: list[np.ndarray], config: dict) -> tuple[list[np.ndarray], int, dict]:
+        """Train one round; return the update as a delta from the received parameters."""
         self._check_request(config)
         set_trainable(self.classifier, parameters)
         data = prepare(self.settings, self.config)
+        if config.get(protocol.SECAGG, False):
+            check_weight(department=self.settings.name, num_examples=len(data.train),
+                         max_weight=int(config[protocol.SECAGG_MAX_WEIGHT]))
+        delta, num_examples, metrics = self._train(parameters, data, config)
+        if config.get(protocol.SECAGG, False):
+            metrics[protocol.OUT_OF_RANGE] = out_of_range(
+                delta, num_examples=num_examples, max_weight=int(config[protocol.SECAGG_MAX_WEIGHT]),
+                clipping_range=float(config[protocol.SECAGG_CLIPPING_RANGE]),
+            )
+        if self.config.audit_updates:
+            audit = self.settings.state_dir / "audit" / f"round-{int(config.get(protocol.SERVER_ROUND, 0)):03d}.npz"
+            audit.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(audit, *delta, num_examples=num_examples)
+        return delta, num_examples, metrics
+
+    def _train(self, parameters: list[np.ndarray], data: PreparedData, config: dict) -> tuple[list[np.ndarray], int, dict]:
         server_round = int(config.get(protocol.SERVER_ROUND, 0))
         metrics: dict = {protocol.DEPARTMENT: self.settings.name, protocol.DP_ENABLED: self.config.dp}
         cfg = self.config
@@ -98,7 +116,7 @@ class DepartmentClient(NumPyClient):
                 seed=cfg.seed + server_round,
             )
             metrics.update({protocol.STATUS: protocol.STATUS_TRAINED, protocol.TRAIN_LOSS: result.mean_loss})
-            return get_trainable(self.classifier), len(data.train), metrics
+            return update_delta(get_trainable(self.classifier), parameters), len(data.train), metrics
 
         ledger = PrivacyLedger(self.settings.state_dir, department=self.settings.name)
         try:
@@ -114,8 +132,8 @@ class DepartmentClient(NumPyClient):
                 protocol.EPSILON: ledger.spent(delta=self.settings.delta, accountant=cfg.accountant),
                 protocol.DELTA: self.settings.delta, protocol.TARGET_EPSILON: self.settings.target_epsilon,
             })
-            # Weight 0: the unchanged parameters add nothing to the (possibly masked) average.
-            return parameters, 0, metrics
+            # A zero delta with weight 0 adds nothing to the (possibly masked) average.
+            return [np.zeros_like(p, dtype=np.float32) for p in parameters], 0, metrics
         result = train_private(
             module=self._trained_module(), dataset=data.train, plan=plan, prior=ledger.history,
             batch_size=cfg.batch_size, local_epochs=cfg.local_epochs, learning_rate=cfg.learning_rate,
@@ -128,7 +146,7 @@ class DepartmentClient(NumPyClient):
             protocol.TARGET_EPSILON: self.settings.target_epsilon,
             protocol.NOISE_MULTIPLIER: plan.noise_multiplier, protocol.STEPS: result.steps,
         })
-        return get_trainable(self.classifier), len(data.train), metrics
+        return update_delta(get_trainable(self.classifier), parameters), len(data.train), metrics
 
     @torch.no_grad()
     def evaluate(self, parameters: list[np.ndarray], config: dict) -> tuple[float, int, dict]:

@@ -1,8 +1,8 @@
 """One federated run from the server's side: build the model, run Flower's workflow, export.
 
 The workflow is Flower's legacy ``DefaultWorkflow`` over a ``LegacyContext`` because, in flwr
-1.42, that is the only path on which Flower's ``SecAggPlusWorkflow`` runs: secure aggregation
-is one ``fit_workflow`` argument away, and ``FedprivStrategy`` needs no change for it.
+1.42, that is the only path on which Flower's ``SecAggPlusWorkflow`` runs; with ``secagg`` on
+(the default) it is the fit stage, and ``FedprivStrategy`` works unchanged on either path.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from flwr.server.workflow import DefaultWorkflow
 
 from server.evaluation import make_server_evaluator
 from server.run_record import RunRecorder
+from server.secure_aggregation import AuditedSecAggPlusWorkflow
 from server.strategy import FedprivStrategy
 from shared.config import RunConfig
 from shared.errors import ConfigError
@@ -36,6 +37,9 @@ def run_federation(grid: Grid, context: Context, config: RunConfig, recorder: Ru
         )
         torch.nn.init.zeros_(classifier.head.weight)
         torch.nn.init.zeros_(classifier.head.bias)
+    audit_dir = Path(config.out_dir) / "audit" if config.audit_updates else None
+    if audit_dir is not None:
+        audit_dir.mkdir(parents=True, exist_ok=True)
     strategy = FedprivStrategy(
         config=config,
         recorder=recorder,
@@ -45,9 +49,11 @@ def run_federation(grid: Grid, context: Context, config: RunConfig, recorder: Ru
         evaluate_fn=make_server_evaluator(
             config=config, classifier=classifier, backbone=backbone, cache_dir=Path(config.out_dir) / "feature-cache"
         ),
+        audit_dir=audit_dir,
     )
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=config.num_server_rounds), strategy=strategy)
-    DefaultWorkflow()(grid, legacy)
+    fit_workflow = AuditedSecAggPlusWorkflow(config=config, audit_dir=audit_dir) if config.secagg else None
+    DefaultWorkflow(fit_workflow=fit_workflow)(grid, legacy)
 
     set_trainable(classifier, parameters_to_ndarrays(strategy.latest_parameters))
     trained_rounds = [r for r in recorder.rounds.values() if r["round"] > 0 and r.get("train_loss") is not None]

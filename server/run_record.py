@@ -68,6 +68,9 @@ class RunRecorder:
     ) -> None:
         entry = self._round(server_round)
         entry["train_loss"] = train_loss
+        entry["secure_aggregation"] = self.config.secagg
+        out_of_range = [v.get("secagg_out_of_range") for v in departments.values()]
+        entry["secagg_out_of_range"] = sum(v for v in out_of_range if v) if self.config.secagg else None
         for name, values in departments.items():
             entry["departments"].setdefault(name, {}).update(values)
             if values.get("epsilon") is not None or not values.get("dp", True):
@@ -105,7 +108,7 @@ class RunRecorder:
             "final_accuracy": last.get("accuracy"),
             "final_accuracy_source": last.get("accuracy_source"),
             "dp": self.config.dp,
-            "secure_aggregation": False,
+            "secure_aggregation": self.config.secagg,
             "initial": self.rounds.get(0),
             "rounds": finished,
             "privacy": self.privacy,

@@ -1,7 +1,9 @@
 """FedAvg over the trainable parameters, plus what a privacy-aware admin needs from each round.
 
 ``FedprivStrategy`` is Flower's own ``FedAvg`` (weighted by ``num-examples``) with hooks that
-- send each round's config (round, planned rounds, label and backbone fingerprints),
+- send each round's config (round, planned rounds, label and backbone fingerprints, SecAgg+ ranges),
+- average the departments' deltas (directly, or as SecAgg+'s unmasked weighted sum) and add the
+  average to the global parameters,
 - record every department's reported epsilon, loss and status, and every failure,
 - leave out of the average any department that answered "budget exhausted" (it sent weight 0),
 - checkpoint the global trainable parameters after every round.
@@ -11,13 +13,16 @@ It stays a plain legacy ``Strategy`` so that Flower's SecAgg+ workflow can drive
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.common import (
     EvaluateRes,
     FitRes,
     Parameters,
     Scalar,
+    ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
 from flwr.server.client_proxy import ClientProxy
@@ -34,9 +39,11 @@ EvaluateFn = Callable[[int, list, dict[str, Scalar]], tuple[float, dict[str, Sca
 class FedprivStrategy(FedAvg):
     def __init__(
         self, *, config: RunConfig, recorder: RunRecorder, parameter_names: list[str], backbone_fingerprint: str,
-        initial_parameters: Parameters, evaluate_fn: EvaluateFn | None,
+        initial_parameters: Parameters, evaluate_fn: EvaluateFn | None, audit_dir: Path | None = None,
     ) -> None:
         self.run_config = config
+        self.audit_dir = audit_dir
+        self.pending_round: int | None = None
         self.recorder = recorder
         self.parameter_names = parameter_names
         self.backbone_fingerprint = backbone_fingerprint
@@ -60,7 +67,22 @@ class FedprivStrategy(FedAvg):
             protocol.NUM_ROUNDS: self.run_config.num_server_rounds,
             protocol.LABEL_FINGERPRINT: self.run_config.label_fingerprint,
             protocol.BACKBONE_FINGERPRINT: self.backbone_fingerprint,
+            protocol.SECAGG: self.run_config.secagg,
+            protocol.SECAGG_CLIPPING_RANGE: self.run_config.secagg_clipping_range,
+            protocol.SECAGG_MAX_WEIGHT: self.run_config.secagg_max_weight,
         }
+
+    def configure_fit(self, server_round: int, parameters: Parameters, client_manager: Any) -> list:
+        self.pending_round = server_round
+        return super().configure_fit(server_round, parameters, client_manager)
+
+    def configure_evaluate(self, server_round: int, parameters: Parameters, client_manager: Any) -> list:
+        if self.pending_round == server_round:  # the fit workflow ended without calling aggregate_fit
+            self.recorder.record_failures(server_round, [
+                "no aggregate this round: secure aggregation halted (fewer departments than its threshold "
+                "answered) or every department failed; the global model is unchanged"
+            ])
+        return super().configure_evaluate(server_round, parameters, client_manager)
 
     def _evaluate_config(self, server_round: int) -> dict[str, Scalar]:
         last = server_round == self.run_config.num_server_rounds
@@ -85,6 +107,7 @@ class FedprivStrategy(FedAvg):
                 "num_examples": res.num_examples,
                 "dp": bool(m.get(protocol.DP_ENABLED, True)),
                 "reason": m.get(protocol.REASON),
+                "secagg_out_of_range": m.get(protocol.OUT_OF_RANGE),
             }
             if m.get(protocol.STATUS) == protocol.STATUS_TRAINED and res.num_examples > 0:
                 trained.append((proxy, res))
@@ -94,14 +117,23 @@ class FedprivStrategy(FedAvg):
             sum(float(res.metrics[protocol.TRAIN_LOSS]) * res.num_examples for _, res in trained) / total
             if total else None
         )
+        self.pending_round = None
         self.recorder.record_fit(server_round, departments=departments, train_loss=train_loss)
         self.recorder.record_failures(server_round, failure_notes)
         if not trained:
             return None, {}
-        parameters, metrics = super().aggregate_fit(server_round, trained, [])
-        if parameters is not None:
+        # Plain: FedAvg of the deltas. SecAgg+: every result carries the same unmasked weighted
+        # average, and FedAvg of identical vectors is that vector.
+        average_delta, metrics = super().aggregate_fit(server_round, trained, [])
+        if average_delta is not None:
+            arrays = [
+                (g + d).astype(np.float32)
+                for g, d in zip(parameters_to_ndarrays(self.latest_parameters), parameters_to_ndarrays(average_delta), strict=True)
+            ]
+            if self.audit_dir is not None:
+                np.savez(self.audit_dir / f"aggregate-round-{server_round:03d}.npz", *parameters_to_ndarrays(average_delta))
+            parameters = ndarrays_to_parameters(arrays)
             self.latest_parameters = parameters
-            arrays = parameters_to_ndarrays(parameters)
             save_checkpoint(
                 self.recorder.out_dir / "checkpoints" / f"round-{server_round:03d}.safetensors",
                 dict(zip(self.parameter_names, arrays, strict=True)),
@@ -109,7 +141,8 @@ class FedprivStrategy(FedAvg):
                  "label_fingerprint": self.run_config.label_fingerprint,
                  "backbone_fingerprint": self.backbone_fingerprint},
             )
-        return parameters, metrics
+            return parameters, metrics
+        return None, metrics
 
     def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
         result = super().evaluate(server_round, parameters)

@@ -14,6 +14,10 @@ EVALUATION_SPLIT = "split"  # which split a department evaluates on: its test sp
 SPLIT_VAL = "val"
 SPLIT_TEST = "test"
 
+SECAGG = "secagg"
+SECAGG_CLIPPING_RANGE = "secagg-clipping-range"
+SECAGG_MAX_WEIGHT = "secagg-max-weight"
+
 DEPARTMENT = "department"
 STATUS = "status"
 STATUS_TRAINED = "trained"
@@ -27,3 +31,4 @@ DP_ENABLED = "dp"
 STEPS = "steps"
 ACCURACY = "accuracy"
 REASON = "reason"
+OUT_OF_RANGE = "out-of-range"  # values SecAgg+ will clip to +-clipping range (it does so silently)

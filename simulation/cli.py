@@ -51,6 +51,8 @@ def simulate(
     model: Annotated[str, typer.Option(help="minilm (packaged all-MiniLM-L6-v2), tiny (tests), or a local Hugging Face model folder.")] = DEFAULTS.model,
     lora_r: Annotated[int, typer.Option(help="LoRA rank; 0 trains only the head on frozen features.")] = DEFAULTS.lora_r,
     no_dp: Annotated[bool, typer.Option("--no-dp", help="Baseline WITHOUT differential privacy: no guarantee holds.")] = False,
+    no_secagg: Annotated[bool, typer.Option("--no-secagg", help="Baseline without SecAgg+: the server sees each department's update.")] = False,
+    audit_updates: Annotated[bool, typer.Option("--audit-updates", help="Save each department's raw delta (its own folder) and what the server received (masked under SecAgg+), for audits.")] = False,
     out: Annotated[Path | None, typer.Option(help="Run folder (default: fedpriv-runs/<time>).")] = None,
     seed: Annotated[int, typer.Option(help="Seed for partitioning, splits and initialisation (never for DP noise).")] = DEFAULTS.seed,
 ) -> None:
@@ -64,7 +66,7 @@ def simulate(
             data=data, test_data=test_data, partition=partition, departments=departments, alpha=alpha,
             rounds=rounds, local_epochs=local_epochs, batch_size=batch_size, learning_rate=learning_rate,
             max_grad_norm=max_grad_norm, epsilon=epsilon, delta=delta, accountant=accountant, model=model,
-            lora_r=lora_r, dp=not no_dp, out=out or Path("fedpriv-runs") / time.strftime("%Y%m%d-%H%M%S"), seed=seed,
+            lora_r=lora_r, dp=not no_dp, secagg=not no_secagg, audit_updates=audit_updates, out=out or Path("fedpriv-runs") / time.strftime("%Y%m%d-%H%M%S"), seed=seed,
         )
         status = simulate_federation(request, console=console)
     if status["state"] != "completed":

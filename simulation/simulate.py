@@ -38,6 +38,8 @@ class SimulationRequest:
     model: str
     lora_r: int
     dp: bool
+    secagg: bool
+    audit_updates: bool
     out: Path
     seed: int
 
@@ -78,6 +80,9 @@ def simulate_federation(request: SimulationRequest, *, console: Console) -> dict
         val_fraction=val_fraction, test_fraction=test_fraction, seed=request.seed, out_dir=str(out),
         partition_dir=str(federation.partition_dir),
         test_data=str(federation.test_file) if federation.test_file else "",
+        secagg=request.secagg, audit_updates=request.audit_updates,
+        # The tightest SecAgg+ weight bound that fits every department: the finest quantization.
+        secagg_max_weight=max(d.train_records for d in federation.departments),
     )
     load_backbone(config.model)  # a bad model folder fails here, with its reason
 
@@ -104,6 +109,10 @@ def _print_header(console: Console, federation: Federation, config: RunConfig) -
         )
     else:
         console.print("[bold red]WARNING: --no-dp: NO differential privacy. No privacy guarantee holds for this run.[/]")
+    if config.secagg:
+        console.print("Secure aggregation: Flower SecAgg+ (the server learns only the weighted sum of updates)")
+    else:
+        console.print("[bold yellow]--no-secagg: the server sees every department's individual update.[/]")
     console.print(f"Run folder: {config.out_dir}  (starting Flower's simulation engine...)")
 
 
@@ -140,10 +149,11 @@ def _print_summary(console: Console, out: Path, status: dict[str, Any]) -> None:
     metrics = json.loads(metrics_path.read_text())
     last = metrics["rounds"][-1] if metrics["rounds"] else {}
     table = Table(title="Privacy per department")
-    for column in ("department", "epsilon spent", "budget", "delta", "rounds trained", "val accuracy"):
+    for column in ("department", "epsilon spent", "budget", "delta", "rounds trained", "accuracy (own split)"):
         table.add_column(column)
     for name, ledger in sorted(metrics["privacy"].items()):
-        val = last.get("departments", {}).get(name, {}).get("val_accuracy")
+        own = last.get("departments", {}).get(name, {})
+        val = own.get("test_accuracy", own.get("val_accuracy"))
         table.add_row(
             name,
             f"{ledger['epsilon']:.3f}" if ledger.get("epsilon") is not None else "no DP",
@@ -153,7 +163,10 @@ def _print_summary(console: Console, out: Path, status: dict[str, Any]) -> None:
     console.print(table)
     if metrics.get("final_accuracy") is not None:
         console.print(f"final accuracy {metrics['final_accuracy']:.4f} ({metrics['final_accuracy_source']})")
-    for name, failures in (("failures", [f for r in metrics["rounds"] for f in r.get("failures", [])]),):
-        if failures:
-            console.print(f"[yellow]{len(failures)} {name}[/], first: {failures[0]}")
+    failures = [f"round {r['round']}: {f}" for r in metrics["rounds"] for f in r.get("failures", [])]
+    if failures:
+        console.print(f"[yellow]{len(failures)} failure(s)[/], first: {failures[0]}")
+    clipped = sum(r.get("secagg_out_of_range") or 0 for r in metrics["rounds"])
+    if clipped:
+        console.print(f"[yellow]SecAgg+ clipped {clipped} update values to its range[/] (per round in metrics.json)")
     console.print(f"metrics: {metrics_path}\nplot: {out / PLOT_FILE}\nmodel: {out / 'model'}")

@@ -49,25 +49,28 @@ def request(config, server_round):
 def test_dp_rounds_account_and_persist_across_client_restarts(tmp_path, lora_r):
     client, config = make_client(tmp_path, lora_r=lora_r)
     start = get_trainable(client.classifier)
-    params, n, metrics = client.fit(start, request(config, 1))
+    delta, n, metrics = client.fit(start, request(config, 1))
     assert metrics[protocol.STATUS] == protocol.STATUS_TRAINED
     assert n == 86 and 0 < metrics[protocol.EPSILON] < 5.0 and metrics[protocol.NOISE_MULTIPLIER] > 0
-    assert any(not np.array_equal(a, b) for a, b in zip(params, start, strict=True))
+    assert any(np.abs(d).max() > 0 for d in delta)  # updates travel as deltas from the received parameters
+    params = [s + d for s, d in zip(start, delta, strict=True)]
+    np.testing.assert_allclose(get_trainable(client.classifier)[0], params[0], atol=1e-6)
 
     shared_classifier.cache_clear()  # a new process: nothing in memory survives
     prepare.cache_clear()
     restarted, _ = make_client(tmp_path, lora_r=lora_r)
     eps = [metrics[protocol.EPSILON]]
     for server_round in (2, 3):
-        params, _, metrics = restarted.fit(params, request(config, server_round))
+        delta, _, metrics = restarted.fit(params, request(config, server_round))
+        params = [p + d for p, d in zip(params, delta, strict=True)]
         eps.append(metrics[protocol.EPSILON])
     assert eps == sorted(eps) and 4.95 <= eps[-1] <= 5.0
     assert len(PrivacyLedger(tmp_path / "state", department="finance").entries) == 3
 
-    params_after, weight, refused = restarted.fit(params, request(config, 4))
+    zero_delta, weight, refused = restarted.fit(params, request(config, 4))
     assert refused[protocol.STATUS] == protocol.STATUS_BUDGET_EXHAUSTED and weight == 0
     assert "budget" in refused[protocol.REASON] and refused[protocol.EPSILON] == pytest.approx(eps[-1])
-    assert params_after is params
+    assert all(not d.any() for d in zero_delta)
 
     loss, n_val, evaluation = restarted.evaluate(params, request(config, 3))
     assert n_val == 11 and 0.0 <= evaluation[protocol.ACCURACY] <= 1.0 and loss > 0
@@ -98,6 +101,16 @@ def test_department_budget_may_only_be_lower(tmp_path):
     client, config = make_client(tmp_path, node_extra={"epsilon": 1.0})
     _, _, metrics = client.fit(get_trainable(client.classifier), request(config, 1))
     assert metrics[protocol.TARGET_EPSILON] == 1.0 and metrics[protocol.EPSILON] < 1.0
+
+
+def test_secagg_weight_and_range_checks(tmp_path):
+    client, config = make_client(tmp_path)
+    secure = request(config, 1) | {protocol.SECAGG: True, protocol.SECAGG_CLIPPING_RANGE: 1e-4,
+                                   protocol.SECAGG_MAX_WEIGHT: 86}
+    _, _, metrics = client.fit(get_trainable(client.classifier), secure)
+    assert metrics[protocol.OUT_OF_RANGE] > 0  # a tiny clipping range: SecAgg+ would clip, and we say so
+    with pytest.raises(ConfigError, match="department finance has 86 training records, more than secagg-max-weight=50"):
+        client.fit(get_trainable(client.classifier), secure | {protocol.SECAGG_MAX_WEIGHT: 50})
 
 
 def test_too_small_department_is_named(tmp_path):

@@ -43,12 +43,13 @@ def test_simulate_tiny_three_departments_two_rounds(tmp_path):
     out = tmp_path / "run"
     result = fedpriv("simulate", "--data", str(data), "--test-data", str(test), "--model", "tiny", "--rounds", "2",
                      "--batch-size", "16", "--learning-rate", "2.0", "--epsilon", "8", "--delta", "1e-3",
-                     "--out", str(out))
+                     "--no-secagg", "--out", str(out))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "round   2/2" in result.stdout
 
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["status"] == "completed" and metrics["dp"] is True
+    assert metrics["secure_aggregation"] is False and not any(r["secure_aggregation"] for r in metrics["rounds"])
     assert [r["round"] for r in metrics["rounds"]] == [1, 2]
     assert set(metrics["privacy"]) == {"it", "hr", "finance"}
     for ledger in metrics["privacy"].values():

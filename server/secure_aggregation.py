@@ -1,0 +1,76 @@
+"""Flower's SecAgg+ workflow for the fit stage, optionally recording what the server receives.
+
+With ``audit-updates`` on, the server saves each department's reply in the masked-vector stage
+exactly as it arrives (the masked, quantized vector), so an audit can check that nothing the
+server holds for a single department resembles that department's update. The masking, secret
+sharing and unmasking are Flower's own; nothing here changes them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.common import bytes_to_ndarray
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD
+from flwr.server.workflow.constant import Key as WorkflowKey
+
+from shared import protocol
+from shared.config import RunConfig
+
+RECONSTRUCTION_THRESHOLD = 0.6  # share of a department's neighbours needed to unmask after dropouts
+
+
+class _RecordingGrid:
+    """Passes every call through to Flower's grid; keeps a copy of each masked-vector reply."""
+
+    def __init__(self, grid: Any, folder: Path, server_round: int) -> None:
+        self._grid, self._folder, self._round = grid, folder, server_round
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages: Any, *args: Any, **kwargs: Any) -> Any:
+        replies = list(self._grid.send_and_receive(messages, *args, **kwargs))
+        for reply in replies:
+            if reply.has_error():
+                continue
+            masked = reply.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]
+            department = str(reply.content.config_records.get("fitres.metrics", {}).get(protocol.DEPARTMENT, ""))
+            if not department:
+                department = str(_metric(reply.content, protocol.DEPARTMENT) or reply.metadata.src_node_id)
+            np.savez(self._folder / f"masked-round-{self._round:03d}-{department}.npz",
+                     *[bytes_to_ndarray(b) for b in masked])
+        return replies
+
+
+def _metric(content: Any, key: str) -> Any:
+    for record in content.metric_records.values() if hasattr(content, "metric_records") else []:
+        if key in record:
+            return record[key]
+    for record in content.config_records.values():
+        if key in record:
+            return record[key]
+    return None
+
+
+class AuditedSecAggPlusWorkflow(SecAggPlusWorkflow):
+    def __init__(self, *, config: RunConfig, audit_dir: Path | None) -> None:
+        super().__init__(
+            num_shares=1.0,  # every department shares its keys with every other (small federations)
+            reconstruction_threshold=RECONSTRUCTION_THRESHOLD,
+            max_weight=config.secagg_max_weight,
+            clipping_range=config.secagg_clipping_range,
+            quantization_range=config.secagg_quantization_range,
+            timeout=config.secagg_timeout_s,
+        )
+        self.audit_dir = audit_dir
+
+    def collect_masked_vectors_stage(self, grid: Any, context: Any, state: Any) -> bool:
+        if self.audit_dir is None:
+            return super().collect_masked_vectors_stage(grid, context, state)
+        server_round = int(context.state.config_records[MAIN_CONFIGS_RECORD][WorkflowKey.CURRENT_ROUND])
+        return super().collect_masked_vectors_stage(_RecordingGrid(grid, self.audit_dir, server_round), context, state)

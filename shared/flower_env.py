@@ -4,6 +4,12 @@ no per-run dependency installs (which would re-install torch from the registry).
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
+
+from shared.errors import ConfigError, FedprivError
+
+CONNECTION = "fedpriv"
 
 OFFLINE_ENV = {
     "FLWR_DISABLE_UPDATE_CHECK": "1",
@@ -22,4 +28,42 @@ def apply_offline_defaults(env: dict[str, str] | os._Environ = os.environ) -> di
     """Set every offline switch that the user has not set explicitly; returns ``env``."""
     for key, value in OFFLINE_ENV.items():
         env.setdefault(key, value)
+    return env
+
+
+class FlowerProcessError(FedprivError):
+    """A Flower process (SuperLink, SuperNode, flwr run) did not start, was refused or failed."""
+
+
+def executable(name: str) -> str:
+    """A Flower command from this environment (never another one on PATH)."""
+    beside_python = Path(sys.executable).parent / name
+    if beside_python.exists():
+        return str(beside_python)
+    raise FlowerProcessError(f"`{name}` not found beside {sys.executable}: is flwr installed in this environment?")
+
+
+def check_kit(kit: Path, required: tuple[str, ...]) -> None:
+    if not kit.is_dir():
+        raise ConfigError(f"--kit {kit}: no such folder (create kits with `fedpriv provision`)")
+    missing = [name for name in required if not (kit / name).is_file()]
+    if missing:
+        raise ConfigError([f"kit {kit} lacks {name}" for name in missing], source="kit")
+
+
+def flwr_home(folder: Path, address: str, *, ca: Path | None) -> Path:
+    """A private FLWR_HOME with one connection, ``fedpriv``, to the SuperLink at ``address``."""
+    home = folder / ".flwr"
+    home.mkdir(parents=True, exist_ok=True)
+    security = f'root-certificates = "{ca.resolve()}"\n' if ca else "insecure = true\n"
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "{address}"\n{security}'
+    )
+    return home
+
+
+def environment(home: Path) -> dict[str, str]:
+    """This process's environment with the offline switches and the given FLWR_HOME."""
+    env = dict(apply_offline_defaults(dict(os.environ)))
+    env["FLWR_HOME"] = str(home)
     return env

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
 from shared.config import DEFAULTS
-from shared.errors import FedprivError
+from simulation.console import console, friendly, user_errors
+from simulation.deploy_commands import department_app, provision, run, server_app
 
 app = typer.Typer(
     help="fedpriv: federated fine-tuning of a text classifier across departments, with differential privacy.",
@@ -19,18 +18,10 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console(soft_wrap=True)
-err_console = Console(stderr=True, soft_wrap=True)
-
-
-@contextmanager
-def user_errors():
-    """A user's mistake ends the command with one clear message and exit code 1, no traceback."""
-    try:
-        yield
-    except FedprivError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(code=1) from None
+app.command()(friendly(provision))
+app.command()(friendly(run))
+app.add_typer(server_app, name="server")
+app.add_typer(department_app, name="department")
 
 
 @app.command()

@@ -1,9 +1,9 @@
-"""Running the fedpriv Flower app on Flower's simulation engine through ``flwr run``.
+"""Running the fedpriv Flower app through ``flwr run``: on a SuperLink of its own (simulation) or a deployed one.
 
 ``flwr run`` with the default ``:local:`` connection starts a SuperLink that outlives it, with
 runtime dependency installation on. fedpriv instead starts its own simulation SuperLink for the
 run (offline switches set, dependency installation off, a free port), points a run-private
-``FLWR_HOME`` at it, runs ``flwr run <app> fedpriv-local``, follows the ServerApp's round feed,
+``FLWR_HOME`` at it, runs ``flwr run <app> fedpriv``, follows the ServerApp's round feed,
 and stops the SuperLink by PID when the run ends, however it ends.
 """
 
@@ -11,46 +11,30 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
+import signal
 import socket
 import subprocess
-import sys
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from server.deployment import wait_until_up
 from server.run_record import ROUNDS_FILE, STATUS_FILE
-from shared.errors import FedprivError
-from shared.flower_env import apply_offline_defaults
+from shared.flower_env import CONNECTION, FlowerProcessError, environment, executable, flwr_home
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-CONNECTION = "fedpriv-local"
-STARTUP_TIMEOUT_S = 60
-
-
-class LaunchError(FedprivError):
-    """Flower could not be started or the run did not finish."""
 
 
 def app_dir() -> Path:
     pyproject = PROJECT_ROOT / "pyproject.toml"
     if not pyproject.is_file() or "[tool.flwr.app]" not in pyproject.read_text():
-        raise LaunchError(
+        raise FlowerProcessError(
             f"cannot find the fedpriv Flower app at {PROJECT_ROOT}: install fedpriv from its source folder "
             "with `pip install -e .`"
         )
     return PROJECT_ROOT
-
-
-def _executable(name: str) -> str:
-    beside_python = Path(sys.executable).parent / name
-    found = str(beside_python) if beside_python.exists() else shutil.which(name)
-    if not found:
-        raise LaunchError(f"`{name}` not found: is flwr installed in this environment?")
-    return found
 
 
 def _free_port() -> int:
@@ -73,85 +57,75 @@ def write_run_config(run_config: dict[str, Any], path: Path) -> Path:
 
 
 @contextmanager
-def simulation_superlink(run_dir: Path, env: dict[str, str]) -> Iterator[str]:
-    """A SuperLink in simulation mode for this run only; yields its address, stops it on exit."""
+def simulation_superlink(run_dir: Path) -> Iterator[dict[str, str]]:
+    """A SuperLink in simulation mode for this run only; yields the environment that reaches it."""
     port = _free_port()
+    env = environment(flwr_home(run_dir, f"127.0.0.1:{port}", ca=None))
     log_path = run_dir / "logs" / "superlink.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     command = [
-        _executable("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+        executable("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
         "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(port),
     ]
     with log_path.open("w") as log:
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while not _healthy(port):
-            if process.poll() is not None:
-                raise LaunchError(f"flower-superlink exited with code {process.returncode}; see {log_path}")
-            if time.monotonic() > deadline:
-                raise LaunchError(f"flower-superlink did not start within {STARTUP_TIMEOUT_S}s; see {log_path}")
-            time.sleep(0.3)
-        yield f"127.0.0.1:{port}"
+        wait_until_up(process, f"127.0.0.1:{port}", ca=None, log=log_path)
+        yield env
     finally:
-        _stop(process)
+        stop(process)
 
 
-def _healthy(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=0.5) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
-def _stop(process: subprocess.Popen) -> None:
+def stop(process: subprocess.Popen) -> None:
     """Stop a process and everything it started (Ray, SuperExec), by its process group."""
     if process.poll() is not None:
         return
     try:
-        os.killpg(process.pid, 15)
+        os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=20)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, 9)
+        os.killpg(process.pid, signal.SIGKILL)
         process.wait()
     except ProcessLookupError:
         pass
+
+
+def submit_run(
+    *, env: dict[str, str], run_config: dict[str, Any], run_dir: Path,
+    on_round: Callable[[dict[str, Any]], None], federation_config: str | None = None,
+) -> dict[str, Any]:
+    """``flwr run`` the app through the ``fedpriv`` connection of ``env``; follow the round feed."""
+    config_path = write_run_config(run_config, run_dir / "run_config.toml")
+    log_path = run_dir / "logs" / "flwr-run.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    command = [executable("flwr"), "run", str(app_dir()), CONNECTION, "--run-config", str(config_path), "--stream"]
+    if federation_config:
+        command += ["--federation-config", federation_config]
+    with log_path.open("w") as log:
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            _follow(run_dir, process, on_round)
+        finally:
+            stop(process)
+    status_path = run_dir / STATUS_FILE
+    status = json.loads(status_path.read_text()) if status_path.exists() else {}
+    if not status or status.get("state") == "running":
+        raise FlowerProcessError(
+            f"the Flower run ended without a result (exit code {process.returncode}); see {log_path}"
+        )
+    return status
 
 
 def run_simulation(
     *, run_config: dict[str, Any], num_departments: int, run_dir: Path,
     on_round: Callable[[dict[str, Any]], None], cpus_per_department: int = 1,
 ) -> dict[str, Any]:
-    """Run the federation; calls ``on_round`` for each finished round; returns the final status."""
-    app = app_dir()
-    env = apply_offline_defaults(dict(os.environ))
-    flwr_home = run_dir / ".flwr"
-    flwr_home.mkdir(parents=True, exist_ok=True)
-    env["FLWR_HOME"] = str(flwr_home)
-    config_path = write_run_config(run_config, run_dir / "run_config.toml")
-    log_path = run_dir / "logs" / "flwr-run.log"
-    with simulation_superlink(run_dir, env) as address:
-        (flwr_home / "config.toml").write_text(
-            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "{address}"\ninsecure = true\n'
+    """Run the federation on Flower's simulation engine; returns the final status."""
+    with simulation_superlink(run_dir) as env:
+        return submit_run(
+            env=env, run_config=run_config, run_dir=run_dir, on_round=on_round,
+            federation_config=f"num-supernodes={num_departments} client-resources-num-cpus={cpus_per_department}",
         )
-        command = [
-            _executable("flwr"), "run", str(app), CONNECTION, "--run-config", str(config_path),
-            "--federation-config",
-            f"num-supernodes={num_departments} client-resources-num-cpus={cpus_per_department}",
-            "--stream",
-        ]
-        with log_path.open("w") as log:
-            process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-            try:
-                _follow(run_dir, process, on_round)
-            finally:
-                _stop(process)
-    status_path = run_dir / STATUS_FILE
-    status = json.loads(status_path.read_text()) if status_path.exists() else {}
-    if not status or status.get("state") == "running":
-        raise LaunchError(f"the Flower run ended without a result (exit code {process.returncode}); see {log_path}")
-    return status
 
 
 def _follow(run_dir: Path, process: subprocess.Popen, on_round: Callable[[dict[str, Any]], None]) -> None:

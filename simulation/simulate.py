@@ -89,9 +89,9 @@ def simulate_federation(request: SimulationRequest, *, console: Console) -> dict
     _print_header(console, federation, config)
     status = run_simulation(
         run_config=config.to_run_config(), num_departments=len(federation.departments), run_dir=out,
-        on_round=lambda entry: _print_round(console, entry, config),
+        on_round=lambda entry: print_round(console, entry, config),
     )
-    _print_summary(console, out, status)
+    print_summary(console, out, status)
     return status
 
 
@@ -116,7 +116,7 @@ def _print_header(console: Console, federation: Federation, config: RunConfig) -
     console.print(f"Run folder: {config.out_dir}  (starting Flower's simulation engine...)")
 
 
-def _print_round(console: Console, entry: dict[str, Any], config: RunConfig) -> None:
+def print_round(console: Console, entry: dict[str, Any], config: RunConfig) -> None:
     departments = entry.get("departments", {})
     epsilons = {n: d.get("epsilon") for n, d in departments.items() if d.get("epsilon") is not None}
     if not config.dp:
@@ -138,7 +138,7 @@ def _print_round(console: Console, entry: dict[str, Any], config: RunConfig) -> 
     )
 
 
-def _print_summary(console: Console, out: Path, status: dict[str, Any]) -> None:
+def print_summary(console: Console, out: Path, status: dict[str, Any]) -> None:
     import json
 
     metrics_path = out / METRICS_FILE

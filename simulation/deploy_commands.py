@@ -1,0 +1,144 @@
+"""`fedpriv provision`, `fedpriv server start`, `fedpriv department start`, `fedpriv run`: deployment."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from shared.config import DEFAULTS, RunConfig
+from shared.errors import ConfigError
+from simulation.console import console, err_console, friendly
+
+server_app = typer.Typer(help="The central admin's SuperLink.", no_args_is_help=True)
+department_app = typer.Typer(help="A department's SuperNode.", no_args_is_help=True)
+
+INSECURE_WARNING = "[bold red]--insecure: no TLS and no node authentication. Never outside a test bench.[/]"
+
+
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _serve_until_interrupted(process, what: str) -> None:
+    from simulation.launcher import stop
+
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        while process.poll() is None:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        console.print(f"stopping {what}")
+    finally:
+        stop(process)
+    if process.returncode not in (0, -signal.SIGTERM, None):
+        err_console.print(
+            f"[bold red]error:[/] {what} stopped with exit code {process.returncode}. If the log above shows "
+            "CERTIFICATE_VERIFY_FAILED, this kit's ca.crt is not the SuperLink's CA; [code: 2004] means this node's "
+            "key is not registered at the SuperLink (the server log names the key)."
+        )
+        raise typer.Exit(code=1)
+
+
+def provision(
+    out: Annotated[Path, typer.Option(help="New folder for the CA, the server kit and one kit per department.")],
+    departments: Annotated[str, typer.Option(help="Comma-separated department names, e.g. finance,hr,it.")],
+    hosts: Annotated[str, typer.Option(help="Comma-separated host names / IPs of the SuperLink (certificate SANs).")] = "localhost,127.0.0.1",
+    superlink: Annotated[str, typer.Option(help="Address departments connect to (host:port).")] = "127.0.0.1:9093",
+) -> None:
+    """Create a CA, the server certificate and per-department key pairs and kits."""
+    from server.provisioning import provision as run_provision
+
+    names = [d.strip() for d in departments.split(",") if d.strip()]
+    result = run_provision(out.resolve(), departments=names, hosts=[h.strip() for h in hosts.split(",") if h.strip()],
+                           superlink=superlink)
+    console.print(f"server kit: {result.server_kit}")
+    for name, kit in result.department_kits.items():
+        console.print(f"department kit {name}: {kit}  (give to {name} only; its node.key never leaves it)")
+    console.print(f"CA private key: {result.root / 'ca' / 'ca.key'} (keep offline)")
+
+
+@server_app.command("start")
+@friendly
+def server_start(
+    kit: Annotated[Path, typer.Option(help="The server kit from `fedpriv provision` (OUT/server).")],
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 9093,
+    insecure: Annotated[bool, typer.Option("--insecure", help="No TLS, no node authentication (test benches only).")] = False,
+) -> None:
+    """Start the SuperLink with TLS and SuperNode authentication; register the provisioned departments."""
+    from server.deployment import start_superlink
+
+    if insecure:
+        console.print(INSECURE_WARNING)
+    log = kit / "logs" / "superlink.log"
+    process = start_superlink(kit.resolve(), host=host, port=port, insecure=insecure, log=log)
+    console.print(f"SuperLink up on {host}:{port} ({'INSECURE' if insecure else 'TLS, node authentication'}); log: {log}")
+    _serve_until_interrupted(process, "the SuperLink")
+
+
+@department_app.command("start")
+@friendly
+def department_start(
+    kit: Annotated[Path, typer.Option(help="This department's kit from `fedpriv provision`.")],
+    data: Annotated[Path, typer.Option(help="This department's CSV/JSONL (text,label).")],
+    superlink: Annotated[str | None, typer.Option(help="SuperLink address (default: from the kit).")] = None,
+    state_dir: Annotated[Path | None, typer.Option(help="Where the privacy ledger and caches live (default: KIT/state).")] = None,
+    epsilon: Annotated[float | None, typer.Option(help="This department's own budget; may only lower the run's.")] = None,
+    insecure: Annotated[bool, typer.Option("--insecure", help="No TLS, no node authentication (test benches only).")] = False,
+) -> None:
+    """Start this department's SuperNode; it trains only when the server runs a federation."""
+    from client.deployment import start_department
+
+    if insecure:
+        console.print(INSECURE_WARNING)
+    process = start_department(kit.resolve(), data=data, superlink=superlink, state_dir=state_dir,
+                               insecure=insecure, epsilon=epsilon)
+    console.print(f"department SuperNode started from {kit}")
+    _serve_until_interrupted(process, "the SuperNode")
+
+
+def run(
+    kit: Annotated[Path, typer.Option(help="The server kit (its .flwr connection is written by `server start`).")],
+    labels_file: Annotated[Path, typer.Option(help="The federation's labels, one per line.")],
+    departments: Annotated[int, typer.Option(help="Departments that must be connected before a round starts.")],
+    rounds: Annotated[int, typer.Option(help="Federated rounds.")] = DEFAULTS.num_server_rounds,
+    epsilon: Annotated[float, typer.Option(help="Per-department epsilon (a department may set a lower one).")] = DEFAULTS.target_epsilon,
+    delta: Annotated[float, typer.Option(help="Per-department delta.")] = DEFAULTS.target_delta,
+    model: Annotated[str, typer.Option(help="minilm, tiny or a model folder present on every host.")] = DEFAULTS.model,
+    batch_size: Annotated[int, typer.Option(help="Expected batch size.")] = DEFAULTS.batch_size,
+    learning_rate: Annotated[float, typer.Option(help="Local learning rate.")] = DEFAULTS.learning_rate,
+    test_data: Annotated[Path | None, typer.Option(help="Server-side test CSV/JSONL.")] = None,
+    max_weight: Annotated[int, typer.Option(help="SecAgg+ bound on a department's training records.")] = DEFAULTS.secagg_max_weight,
+    no_dp: Annotated[bool, typer.Option("--no-dp", help="Baseline WITHOUT differential privacy.")] = False,
+    no_secagg: Annotated[bool, typer.Option("--no-secagg", help="Baseline without SecAgg+.")] = False,
+    out: Annotated[Path | None, typer.Option(help="Run folder on this host (default: fedpriv-runs/<time>).")] = None,
+) -> None:
+    """Run a federation on the deployed SuperLink (`flwr run` underneath)."""
+    from simulation.launcher import submit_run
+    from simulation.simulate import print_round, print_summary
+    from shared.flower_env import check_kit, environment
+
+    check_kit(kit, ("departments.json",))
+    if not (kit / ".flwr" / "config.toml").is_file():
+        raise ConfigError(f"{kit}: no SuperLink connection yet; run `fedpriv server start --kit {kit}` first")
+    labels = tuple(line.strip() for line in labels_file.read_text().splitlines() if line.strip())
+    run_dir = (out or Path("fedpriv-runs") / time.strftime("%Y%m%d-%H%M%S")).resolve()
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise ConfigError(f"--out {run_dir} already holds files; choose a new run folder")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config = RunConfig(
+        num_server_rounds=rounds, target_epsilon=epsilon, target_delta=delta, model=model, batch_size=batch_size,
+        learning_rate=learning_rate, labels=labels, min_departments=departments, dp=not no_dp, secagg=not no_secagg,
+        secagg_max_weight=max_weight, test_data=str(test_data.resolve()) if test_data else "", out_dir=str(run_dir),
+    )
+    if no_dp:
+        console.print("[bold red]WARNING: --no-dp: NO differential privacy. No privacy guarantee holds for this run.[/]")
+    console.print(f"submitting to the SuperLink of {kit}; waiting for {departments} departments; run folder {run_dir}")
+    status = submit_run(env=environment(kit.resolve() / ".flwr"), run_config=config.to_run_config(), run_dir=run_dir,
+                        on_round=lambda entry: print_round(console, entry, config))
+    print_summary(console, run_dir, status)
+    if status["state"] != "completed":
+        raise typer.Exit(code=1)

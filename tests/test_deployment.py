@@ -1,0 +1,96 @@
+"""Deployment on loopback through the `fedpriv` commands: a TLS SuperLink with node authentication,
+three department SuperNodes, two rounds of the tiny model; an unregistered node and a node with
+another CA are refused. Every process the test starts is stopped by PID."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from shared.data import write_jsonl
+from shared.demo_corpus import demo_records
+
+pytestmark = pytest.mark.slow
+FEDPRIV = str(Path(sys.executable).parent / "fedpriv")
+DEPARTMENTS = ("finance", "hr", "it")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def fedpriv(*args, **kwargs):
+    return subprocess.run([FEDPRIV, *args], capture_output=True, text=True, env=dict(os.environ), **kwargs)
+
+
+@pytest.fixture
+def processes():
+    started: list[subprocess.Popen] = []
+    yield started
+    for process in started:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    for process in started:
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def test_tls_authenticated_federation_and_refusals(tmp_path, processes):
+    port = free_port()
+    records = demo_records()
+    for name in DEPARTMENTS:
+        write_jsonl([r for r in records if r.department == name], tmp_path / f"{name}.jsonl")
+    labels = sorted({r.label for r in records if r.department in DEPARTMENTS})
+    (tmp_path / "labels.txt").write_text("\n".join(labels))
+    kits = tmp_path / "kits"
+    assert fedpriv("provision", "--out", str(kits), "--departments", ",".join(DEPARTMENTS),
+                   "--superlink", f"127.0.0.1:{port}").returncode == 0
+
+    log = (tmp_path / "server.out").open("w")
+    processes.append(subprocess.Popen([FEDPRIV, "server", "start", "--kit", str(kits / "server"), "--port", str(port)],
+                                      stdout=log, stderr=subprocess.STDOUT))
+    deadline = time.monotonic() + 90
+    while "SuperLink up" not in (tmp_path / "server.out").read_text():
+        assert processes[0].poll() is None and time.monotonic() < deadline, (tmp_path / "server.out").read_text()
+        time.sleep(1)
+    for name in DEPARTMENTS:
+        processes.append(subprocess.Popen(
+            [FEDPRIV, "department", "start", "--kit", str(kits / name), "--data", str(tmp_path / f"{name}.jsonl")],
+            stdout=(tmp_path / f"{name}.out").open("w"), stderr=subprocess.STDOUT))
+
+    run = fedpriv("run", "--kit", str(kits / "server"), "--labels-file", str(tmp_path / "labels.txt"),
+                  "--departments", "3", "--rounds", "2", "--model", "tiny", "--batch-size", "32",
+                  "--out", str(tmp_path / "run"), timeout=540)
+    assert run.returncode == 0, run.stdout + run.stderr
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["secure_aggregation"] is True
+    assert [r["round"] for r in metrics["rounds"]] == [1, 2]
+    assert set(metrics["privacy"]) == set(DEPARTMENTS)
+    assert all(0 < p["epsilon"] <= 8.0 for p in metrics["privacy"].values())
+    for name in DEPARTMENTS:  # each department's ledger lives in its own kit's state folder
+        assert len((kits / name / "state" / "privacy-ledger.jsonl").read_text().splitlines()) == 2
+
+    # A kit from another provisioning: its key is unregistered, and (as is) its CA is wrong too.
+    assert fedpriv("provision", "--out", str(tmp_path / "rogue"), "--departments", "finance",
+                   "--superlink", f"127.0.0.1:{port}").returncode == 0
+    wrong_ca = fedpriv("department", "start", "--kit", str(tmp_path / "rogue" / "finance"),
+                       "--data", str(tmp_path / "finance.jsonl"), timeout=120)
+    assert wrong_ca.returncode != 0 and "CERTIFICATE_VERIFY_FAILED" in wrong_ca.stdout + wrong_ca.stderr
+    (tmp_path / "rogue" / "finance" / "ca.crt").write_bytes((kits / "server" / "ca.crt").read_bytes())
+    unregistered = fedpriv("department", "start", "--kit", str(tmp_path / "rogue" / "finance"),
+                           "--data", str(tmp_path / "finance.jsonl"), timeout=120)
+    assert unregistered.returncode != 0 and "2004" in unregistered.stdout + unregistered.stderr
+    assert "No SuperNode found with the given public key" in (kits / "server" / "logs" / "superlink.log").read_text()

@@ -1,0 +1,56 @@
+"""Departments that fail mid-round under SecAgg+ (after key sharing, while the masked vectors are
+collected): the round completes with the rest while the reconstruction threshold holds; below it
+the round is recorded as failed and the run ends with a clear message instead of a crash."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from shared.config import RunConfig
+from simulation.launcher import run_simulation
+from simulation.prepare import DataPlan, partition_data, write_federation
+
+
+def run_with_broken_departments(tmp_path, broken: int) -> tuple[dict, dict, list[str]]:
+    out = tmp_path / "run"
+    data = partition_data(DataPlan(data=None, test_data=None, partition="iid", departments=5, alpha=0.5, seed=0))
+    federation = write_federation(data, out_dir=out, val_fraction=0.1, test_fraction=0.1, batch_size=32,
+                                  delta=1e-5, dp=True, seed=0)
+    names = [d.name for d in federation.departments]
+    for department in federation.departments[-broken:]:
+        (federation.partition_dir / department.file).write_text('{"text": "ok", "label": "vpn_access"}\n{broken\n')
+    config = RunConfig(
+        model="tiny", num_server_rounds=2, batch_size=32, labels=federation.labels, min_departments=5,
+        out_dir=str(out), partition_dir=str(federation.partition_dir), audit_updates=True,
+        secagg_max_weight=max(d.train_records for d in federation.departments), secagg_timeout_s=60.0,
+    )
+    status = run_simulation(run_config=config.to_run_config(), num_departments=5, run_dir=out, on_round=lambda _: None)
+    return status, json.loads((out / "metrics.json").read_text()), names
+
+
+def test_one_department_dropping_mid_round_leaves_a_correct_aggregate(tmp_path):
+    status, metrics, names = run_with_broken_departments(tmp_path, broken=1)
+    assert status["state"] == "completed"
+    out = tmp_path / "run"
+    for entry in metrics["rounds"]:
+        assert entry["secure_aggregation"] is True and entry["train_loss"] is not None
+        assert any("departments/dept-5.jsonl" in f and "not valid JSON" in f for f in entry["failures"]), entry["failures"]
+        survivors = [n for n in names if (out / "departments" / n / "audit" / f"round-{entry['round']:03d}.npz").exists()]
+        assert survivors == names[:4]
+        weights, deltas = [], []
+        for name in survivors:
+            with np.load(out / "departments" / name / "audit" / f"round-{entry['round']:03d}.npz") as saved:
+                weights.append(int(saved["num_examples"]))
+                deltas.append(saved["arr_0"])
+        expected = sum(w * d for w, d in zip(weights, deltas, strict=True)) / sum(weights)
+        with np.load(out / "audit" / f"aggregate-round-{entry['round']:03d}.npz") as aggregate:
+            np.testing.assert_allclose(aggregate["arr_0"], expected, atol=2e-5)
+
+
+def test_below_the_reconstruction_threshold_rounds_fail_cleanly(tmp_path):
+    status, metrics, _ = run_with_broken_departments(tmp_path, broken=3)  # 2 of 5 left, threshold is 3
+    assert status["state"] == "failed" and "no round produced an update" in status["message"]
+    for entry in metrics["rounds"]:
+        assert any("secure aggregation halted" in f for f in entry["failures"]), entry["failures"]

@@ -1,0 +1,70 @@
+"""`fedpriv provision`: certificate chains verify, SANs are present, private keys are 0600 and stay in their kit."""
+
+from __future__ import annotations
+
+import json
+import stat
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from server.provisioning import provision
+from shared.errors import ConfigError
+
+DEPARTMENTS = ["finance", "hr", "it"]
+
+
+@pytest.fixture(scope="module")
+def kits(tmp_path_factory):
+    return provision(tmp_path_factory.mktemp("kits") / "out", departments=DEPARTMENTS,
+                     hosts=["fl.example.com", "127.0.0.1"], superlink="fl.example.com:9093")
+
+
+def load_cert(path):
+    return x509.load_pem_x509_certificate(path.read_bytes())
+
+
+def test_server_certificate_chains_to_the_ca_and_names_its_hosts(kits):
+    ca = load_cert(kits.server_kit / "ca.crt")
+    server = load_cert(kits.server_kit / "server.pem")
+    server.verify_directly_issued_by(ca)
+    ca.verify_directly_issued_by(ca)
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is True
+    sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.DNSName) == ["fl.example.com"]
+    assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    key = serialization.load_pem_private_key((kits.server_kit / "server.key").read_bytes(), password=None)
+    assert key.public_key().public_numbers() == server.public_key().public_numbers()
+
+
+def test_department_kits_hold_their_own_key_only(kits):
+    registered = json.loads((kits.server_kit / "departments.json").read_text())["departments"]
+    assert sorted(registered) == DEPARTMENTS
+    for name, kit in kits.department_kits.items():
+        assert sorted(p.name for p in kit.iterdir()) == ["ca.crt", "department.toml", "node.key", "node.pub"]
+        assert (kit / "ca.crt").read_bytes() == (kits.server_kit / "ca.crt").read_bytes()
+        private = serialization.load_ssh_private_key((kit / "node.key").read_bytes(), password=None)
+        assert isinstance(private, ec.EllipticCurvePrivateKey)
+        public = private.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        assert public.decode() == registered[name] == (kits.server_kit / "keys" / f"{name}.pub").read_text().strip()
+        assert f'department = "{name}"' in (kit / "department.toml").read_text()
+    every_file = [p for p in kits.root.rglob("*") if p.is_file()]
+    node_keys = [p for p in every_file if p.name == "node.key"]
+    assert len(node_keys) == len(DEPARTMENTS)  # each private key exists exactly once, in its kit
+
+
+def test_private_keys_are_0600(kits):
+    for path in [kits.root / "ca" / "ca.key", kits.server_kit / "server.key",
+                 *(kit / "node.key" for kit in kits.department_kits.values())]:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+
+
+def test_bad_requests_are_refused(tmp_path, kits):
+    with pytest.raises(ConfigError) as info:
+        provision(tmp_path / "x", departments=["Finance Dept", "hr", "hr"], hosts=[], superlink="h:1")
+    message = str(info.value)
+    assert "'Finance Dept'" in message and "repeat" in message and "--hosts" in message
+    with pytest.raises(ConfigError, match="never overwrites keys"):
+        provision(kits.root, departments=["ops"], hosts=["h"], superlink="h:1")

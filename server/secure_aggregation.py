@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 from flwr.common import bytes_to_ndarray
+from flwr.compat.common import recorddict_compat as compat
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD
@@ -39,22 +40,11 @@ class _RecordingGrid:
             if reply.has_error():
                 continue
             masked = reply.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]
-            department = str(reply.content.config_records.get("fitres.metrics", {}).get(protocol.DEPARTMENT, ""))
-            if not department:
-                department = str(_metric(reply.content, protocol.DEPARTMENT) or reply.metadata.src_node_id)
+            metrics = compat.recorddict_to_fitres(reply.content, keep_input=True).metrics
+            department = metrics.get(protocol.DEPARTMENT, reply.metadata.src_node_id)
             np.savez(self._folder / f"masked-round-{self._round:03d}-{department}.npz",
                      *[bytes_to_ndarray(b) for b in masked])
         return replies
-
-
-def _metric(content: Any, key: str) -> Any:
-    for record in content.metric_records.values() if hasattr(content, "metric_records") else []:
-        if key in record:
-            return record[key]
-    for record in content.config_records.values():
-        if key in record:
-            return record[key]
-    return None
 
 
 class AuditedSecAggPlusWorkflow(SecAggPlusWorkflow):

@@ -39,6 +39,7 @@ def run_variant(name: str, args: list[str], out: Path) -> dict[str, Any]:
     metrics = json.loads((run_dir / "metrics.json").read_text())
     return {
         "name": name,
+        "run_dir": str(run_dir),
         "command": " ".join(["fedpriv", "simulate", *args]),
         "accuracy": metrics["final_accuracy"],
         "accuracy_source": metrics["final_accuracy_source"],

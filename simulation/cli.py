@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import time
 from pathlib import Path
 from typing import Annotated
@@ -84,7 +85,14 @@ def predict(
         console.print(f"{shown}\t{text}", highlight=False)
 
 
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> None:
+    # SIGTERM (kill, a CI timeout) unwinds like Ctrl-C, so every SuperLink, SuperNode and
+    # `flwr run` that a command started is stopped by its `finally`.
+    signal.signal(signal.SIGTERM, _interrupt)
     app()
 
 

@@ -18,14 +18,9 @@ department_app = typer.Typer(help="A department's SuperNode.", no_args_is_help=T
 INSECURE_WARNING = "[bold red]--insecure: no TLS and no node authentication. Never outside a test bench.[/]"
 
 
-def _interrupt(*_: object) -> None:
-    raise KeyboardInterrupt
-
-
 def _serve_until_interrupted(process, what: str) -> None:
     from simulation.launcher import stop
 
-    signal.signal(signal.SIGTERM, _interrupt)
     try:
         while process.poll() is None:
             time.sleep(1)

@@ -36,7 +36,7 @@ def test_export_loads_with_fedpriv_and_with_plain_transformers(tmp_path, tiny_ba
     torch.manual_seed(0)
     model = build_classifier(tiny_backbone, num_labels=3, lora_r=lora_r, lora_alpha=4, lora_targets=("query",))
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.normal_(0, 0.5)
     export_model(tmp_path, classifier=model, backbone=tiny_backbone, labels=LABELS, max_length=32,

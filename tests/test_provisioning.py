@@ -68,3 +68,19 @@ def test_bad_requests_are_refused(tmp_path, kits):
     assert "'Finance Dept'" in message and "repeat" in message and "--hosts" in message
     with pytest.raises(ConfigError, match="never overwrites keys"):
         provision(kits.root, departments=["ops"], hosts=["h"], superlink="h:1")
+
+
+def test_department_start_names_a_missing_kit_file(tmp_path, kits):
+    from typer.testing import CliRunner
+
+    from simulation.cli import app
+
+    broken = tmp_path / "finance"
+    broken.mkdir()
+    for name in ("ca.crt", "department.toml"):
+        (broken / name).write_bytes((kits.department_kits["finance"] / name).read_bytes())
+    data = tmp_path / "finance.csv"
+    data.write_text("text,label\nhello,a\n")
+    result = CliRunner().invoke(app, ["department", "start", "--kit", str(broken), "--data", str(data)])
+    assert result.exit_code == 1 and f"kit {broken} lacks node.key" in " ".join(result.output.split())
+    assert "Traceback" not in result.output

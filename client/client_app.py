@@ -5,18 +5,22 @@ from __future__ import annotations
 from flwr.client import Client, ClientApp
 from flwr.common import Context
 
-from client.department import DepartmentClient
-from client.department_data import resolve_department
 from client.secure_aggregation import secaggplus_when_requested
-from shared.config import RunConfig
 from shared.flower_env import apply_offline_defaults
-from shared.logs import quiet_libraries
 
 apply_offline_defaults()
-quiet_libraries()
 
 
 def client_fn(context: Context) -> Client:
+    # Imported here, not at module level: in deployment every message starts a fresh ClientApp
+    # process, and three of SecAgg+'s four stages never reach the model, so they skip loading
+    # torch, transformers and opacus.
+    from client.department import DepartmentClient
+    from client.department_data import resolve_department
+    from shared.config import RunConfig
+    from shared.logs import quiet_libraries
+
+    quiet_libraries()
     config = RunConfig.from_run_config(context.run_config)
     settings = resolve_department(config, context.node_config)
     return DepartmentClient(config=config, settings=settings, run_id=context.run_id).to_client()

@@ -7,7 +7,7 @@ transmitted values), `fedpriv simulate --audit-updates` with and without `--no-s
 after the other. Round time is the median gap between consecutive rounds' finish times (round 1,
 with start-up and embedding, is left out); bytes are the sizes of what one department sent in a
 round as saved by the audit (the masked vector under SecAgg+, the float32 delta without).
-Writes secagg.json and secagg.md.
+Then one deployment-mode measurement on loopback. Writes secagg.json, deployment.json, secagg.md.
 """
 
 from __future__ import annotations
@@ -81,13 +81,71 @@ def secagg_vs_plain(run_dir: Path) -> dict[str, float]:
             "accuracy_plain_fedavg_same_updates": accuracy(plain_model)}
 
 
+def deployment_round_times(out: Path, *, rounds: int) -> dict[str, Any]:
+    """Provision, start a TLS SuperLink and 3 department SuperNodes on loopback (demo data, MiniLM),
+    run `fedpriv run`, and stop every process by PID."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from shared.data import write_jsonl
+    from shared.demo_corpus import demo_records
+
+    fedpriv = str(Path(sys.executable).parent / "fedpriv")
+    bench = out / "deployment"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    departments = ("finance", "hr", "it")
+    records = demo_records()
+    for name in departments:
+        write_jsonl([r for r in records if r.department == name], bench / f"{name}.jsonl")
+    (bench / "labels.txt").write_text("\n".join(sorted({r.label for r in records if r.department in departments})))
+    subprocess.run([fedpriv, "provision", "--out", str(bench / "kits"), "--departments", ",".join(departments),
+                    "--superlink", f"127.0.0.1:{port}"], check=True, capture_output=True)
+    started = [subprocess.Popen([fedpriv, "server", "start", "--kit", str(bench / "kits" / "server"), "--port", str(port)],
+                                stdout=(bench / "server.out").open("w"), stderr=subprocess.STDOUT, env=dict(os.environ))]
+    try:
+        while "SuperLink up" not in (bench / "server.out").read_text():
+            if started[0].poll() is not None:
+                raise typer.Exit(f"SuperLink did not start; see {bench / 'server.out'}")
+            time.sleep(1)
+        for name in departments:
+            started.append(subprocess.Popen(
+                [fedpriv, "department", "start", "--kit", str(bench / "kits" / name), "--data", str(bench / f"{name}.jsonl")],
+                stdout=(bench / f"{name}.out").open("w"), stderr=subprocess.STDOUT))
+        command = [fedpriv, "run", "--kit", str(bench / "kits" / "server"), "--labels-file", str(bench / "labels.txt"),
+                   "--departments", "3", "--rounds", str(rounds), "--batch-size", "32", "--out", str(bench / "run")]
+        subprocess.run(command, check=True, capture_output=True)
+    finally:
+        for process in started:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in started:
+            process.wait(timeout=60)
+    times = round_times(bench / "run")
+    return {"command": " ".join(["fedpriv", *command[1:]]), "round_times_s": times,
+            "round_time_median_s": statistics.median(times)}
+
+
 def main(
     out: Annotated[Path, typer.Option(help="Folder for JSON, markdown, logs and runs.")] = Path("bench-results"),
     data: Annotated[Path, typer.Option(help="CLINC150 folder.")] = default_location(),
     rounds: Annotated[int, typer.Option(help="Rounds per run.")] = 5,
+    deployment_only: Annotated[bool, typer.Option(help="Only the loopback deployment measurement.")] = False,
 ) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    deployed = deployment_round_times(out, rounds=3)
+    (out / "deployment.json").write_text(json.dumps(deployed, indent=2))
+    typer.echo(f"deployment (TLS, node auth, SecAgg+, 3 departments, MiniLM, loopback): median round "
+               f"{deployed['round_time_median_s']:.1f} s, rounds {deployed['round_times_s']}")
+    if deployment_only:
+        return
     if not is_clinc150_dir(data):
-        typer.echo(f"CLINC150 not found at {data}; nothing to benchmark.")
+        typer.echo(f"CLINC150 not found at {data}; nothing more to benchmark.")
         raise typer.Exit(0)
     rows: list[dict[str, Any]] = []
     for departments in (5, 10):
@@ -117,6 +175,9 @@ def main(
               "|---|---|---|---|"]
     lines += [f"| {r['departments']} | {r['max_abs_error_per_round']:.2e} | {r['accuracy_secagg']:.4f} | "
               f"{r['accuracy_plain_fedavg_same_updates']:.4f} |" for r in rows if r["secagg"]]
+    lines += ["", f"Deployment on loopback (TLS, node authentication, SecAgg+, 3 departments, MiniLM, demo data): "
+              f"median round time {deployed['round_time_median_s']:.1f} s over rounds 2-3 "
+              f"(`{deployed['command']}` after `fedpriv provision`, `server start`, 3 x `department start`)."]
     lines += ["", "Commands:", ""] + [f"- `{r['command']}`" for r in rows]
     out.mkdir(parents=True, exist_ok=True)
     (out / "secagg.json").write_text(json.dumps(rows, indent=2))

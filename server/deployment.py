@@ -9,9 +9,11 @@ keys can join. ``fedpriv run`` later submits runs through the connection written
 from __future__ import annotations
 
 import json
+import socket
 import ssl
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from shared.flower_env import (
     environment,
     executable,
     flwr_home,
+    stop,
 )
 
 SERVER_KIT_FILES = ("ca.crt", "server.pem", "server.key", "departments.json")
@@ -29,7 +32,11 @@ STARTUP_TIMEOUT_S = 60
 
 
 def wait_until_up(process: subprocess.Popen, address: str, *, ca: Path | None, log: Path) -> None:
-    context = ssl.create_default_context(cafile=str(ca)) if ca else None
+    """Wait for the health endpoint; with a CA, a certificate that does not verify fails at once."""
+    context = None
+    if ca:
+        context = ssl.create_default_context(cafile=str(ca))
+        context.check_hostname = False  # names are checked against the departments' address below
     url = f"{'https' if ca else 'http'}://{address}/health"
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while True:
@@ -39,11 +46,33 @@ def wait_until_up(process: subprocess.Popen, address: str, *, ca: Path | None, l
             with urllib.request.urlopen(url, timeout=1, context=context) as response:
                 if response.status == 200:
                     return
+        except urllib.error.URLError as exc:
+            if isinstance(exc.reason, ssl.SSLCertVerificationError):
+                raise FlowerProcessError(
+                    f"the SuperLink's certificate does not verify against {ca}: {exc.reason.verify_message}; "
+                    "departments would refuse it too (re-provision the server certificate)"
+                ) from None
         except OSError:
             pass
         if time.monotonic() > deadline:
             raise FlowerProcessError(f"the SuperLink did not answer at {url} within {STARTUP_TIMEOUT_S}s; see {log}")
         time.sleep(0.5)
+
+
+def verify_served_name(address: str, *, ca: Path, expected_host: str) -> None:
+    """TLS handshake as a department would make it: the served certificate must name ``expected_host``."""
+    host, port = address.rsplit(":", 1)
+    connect_to = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    context = ssl.create_default_context(cafile=str(ca))
+    try:
+        with socket.create_connection((connect_to, int(port)), timeout=5) as sock:
+            with context.wrap_socket(sock, server_hostname=expected_host):
+                return
+    except ssl.SSLCertVerificationError as exc:
+        raise FlowerProcessError(
+            f"departments connect to '{expected_host}', but the SuperLink's certificate is refused for it: "
+            f"{exc.verify_message} (provision with --hosts including {expected_host})"
+        ) from None
 
 
 def start_superlink(kit: Path, *, host: str, port: int, insecure: bool, log: Path) -> subprocess.Popen:
@@ -65,9 +94,11 @@ def start_superlink(kit: Path, *, host: str, port: int, insecure: bool, log: Pat
     try:
         wait_until_up(process, address, ca=None if insecure else kit / "ca.crt", log=log)
         if not insecure:
+            expected = json.loads((kit / "departments.json").read_text())["superlink"].rsplit(":", 1)[0]
+            verify_served_name(address, ca=kit / "ca.crt", expected_host=expected)
             register_departments(kit, env)
     except BaseException:
-        process.terminate()
+        stop(process)
         raise
     return process
 

@@ -4,6 +4,8 @@ no per-run dependency installs (which would re-install torch from the registry).
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -67,3 +69,17 @@ def environment(home: Path) -> dict[str, str]:
     env = dict(apply_offline_defaults(dict(os.environ)))
     env["FLWR_HOME"] = str(home)
     return env
+
+
+def stop(process: subprocess.Popen) -> None:
+    """Stop a process and everything it started (Ray, SuperExec), by its process group."""
+    if process.poll() is not None:
+        return
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    except ProcessLookupError:
+        pass

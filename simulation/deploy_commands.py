@@ -19,7 +19,7 @@ INSECURE_WARNING = "[bold red]--insecure: no TLS and no node authentication. Nev
 
 
 def _serve_until_interrupted(process, what: str) -> None:
-    from simulation.launcher import stop
+    from shared.flower_env import stop
 
     try:
         while process.poll() is None:

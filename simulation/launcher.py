@@ -10,8 +10,6 @@ and stops the SuperLink by PID when the run ends, however it ends.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import socket
 import subprocess
 import time
@@ -22,7 +20,7 @@ from typing import Any
 
 from server.deployment import wait_until_up
 from server.run_record import ROUNDS_FILE, STATUS_FILE
-from shared.flower_env import CONNECTION, FlowerProcessError, environment, executable, flwr_home
+from shared.flower_env import CONNECTION, FlowerProcessError, environment, executable, flwr_home, stop
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -74,20 +72,6 @@ def simulation_superlink(run_dir: Path) -> Iterator[dict[str, str]]:
         yield env
     finally:
         stop(process)
-
-
-def stop(process: subprocess.Popen) -> None:
-    """Stop a process and everything it started (Ray, SuperExec), by its process group."""
-    if process.poll() is not None:
-        return
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-    except ProcessLookupError:
-        pass
 
 
 def submit_run(

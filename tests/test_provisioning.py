@@ -84,3 +84,41 @@ def test_department_start_names_a_missing_kit_file(tmp_path, kits):
     result = CliRunner().invoke(app, ["department", "start", "--kit", str(broken), "--data", str(data)])
     assert result.exit_code == 1 and f"kit {broken} lacks node.key" in " ".join(result.output.split())
     assert "Traceback" not in result.output
+
+
+def _reissue_server_certificate(kits, *, hosts, days_valid):
+    """Re-sign the server certificate with the kit's own CA: other names, or already expired."""
+    import datetime as dt
+
+    from cryptography.hazmat.primitives import hashes
+
+    ca_key = serialization.load_pem_private_key((kits.root / "ca" / "ca.key").read_bytes(), password=None)
+    ca = load_cert(kits.server_kit / "ca.crt")
+    old = load_cert(kits.server_kit / "server.pem")
+    now = dt.datetime.now(dt.timezone.utc)
+    sans = [x509.DNSName(h) for h in hosts]
+    cert = (x509.CertificateBuilder().subject_name(old.subject).issuer_name(ca.subject).public_key(old.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(days=30)).not_valid_after(now + dt.timedelta(days=days_valid))
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    (kits.server_kit / "server.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
+@pytest.mark.parametrize(("hosts", "days", "reason"), [
+    (["127.0.0.1.nip.example"], 30, "certificate is refused for it"),
+    (["localhost"], -1, "certificate has expired"),
+])
+def test_server_start_refuses_a_mismatched_or_expired_certificate(tmp_path, hosts, days, reason):
+    import socket
+
+    from server.deployment import start_superlink
+    from shared.errors import FedprivError
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    kits = provision(tmp_path / "kits", departments=["hr"], hosts=["localhost"], superlink=f"localhost:{port}")
+    _reissue_server_certificate(kits, hosts=hosts, days_valid=days)
+    with pytest.raises(FedprivError, match=reason):
+        start_superlink(kits.server_kit, host="127.0.0.1", port=port, insecure=False, log=tmp_path / "superlink.log")

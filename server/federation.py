@@ -63,6 +63,7 @@ def run_federation(grid: Grid, context: Context, config: RunConfig, recorder: Ru
     export_model(
         Path(config.out_dir) / "model", classifier=classifier, backbone=backbone, labels=config.labels,
         max_length=config.max_length,
-        summary={"final_accuracy": metrics["final_accuracy"], "dp": config.dp, "privacy": metrics["privacy"]},
+        summary={"final_accuracy": metrics["final_accuracy"], "dp": config.dp,
+                 "secure_aggregation": config.secagg, "privacy": metrics["privacy"]},
     )
     return metrics

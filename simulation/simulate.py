@@ -6,6 +6,7 @@ budgets, settings, the model path), so a run never dies halfway for a reason kno
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,6 +117,10 @@ def _print_header(console: Console, federation: Federation, config: RunConfig) -
     console.print(f"Run folder: {config.out_dir}  (starting Flower's simulation engine...)")
 
 
+def _fmt(value: Any, spec: str) -> str:
+    return format(value, spec) if isinstance(value, (int, float)) else "-"
+
+
 def print_round(console: Console, entry: dict[str, Any], config: RunConfig) -> None:
     departments = entry.get("departments", {})
     epsilons = {n: d.get("epsilon") for n, d in departments.items() if d.get("epsilon") is not None}
@@ -127,20 +132,16 @@ def print_round(console: Console, entry: dict[str, Any], config: RunConfig) -> N
         eps_text = f"{min(epsilons.values()):.2f}..{max(epsilons.values()):.2f} over {len(epsilons)} depts"
     else:
         eps_text = "-"
-    def fmt(value: Any, spec: str) -> str:
-        return format(value, spec) if isinstance(value, (int, float)) else "-"
     failures = f"  [red]{len(entry['failures'])} failure(s)[/]" if entry.get("failures") else ""
     console.print(
-        f"round {entry['round']:>3}/{config.num_server_rounds}  acc {fmt(entry.get('accuracy'), '.4f')}  "
-        f"loss {fmt(entry.get('loss'), '.4f')}  train-loss {fmt(entry.get('train_loss'), '.4f')}  "
-        f"epsilon {eps_text}  [{fmt(entry.get('elapsed_s'), '.0f')} s]{failures}",
+        f"round {entry['round']:>3}/{config.num_server_rounds}  acc {_fmt(entry.get('accuracy'), '.4f')}  "
+        f"loss {_fmt(entry.get('loss'), '.4f')}  train-loss {_fmt(entry.get('train_loss'), '.4f')}  "
+        f"epsilon {eps_text}  [{_fmt(entry.get('elapsed_s'), '.0f')} s]{failures}",
         highlight=False,
     )
 
 
 def print_summary(console: Console, out: Path, status: dict[str, Any]) -> None:
-    import json
-
     metrics_path = out / METRICS_FILE
     if status.get("state") != "completed":
         console.print(f"[bold red]run failed:[/] {status.get('message')}")

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import signal
-import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from shared.config import DEFAULTS
+from simulation import options as opt
 from simulation.console import console, friendly, user_errors
 from simulation.deploy_commands import department_app, provision, run, server_app
 
@@ -28,24 +28,24 @@ app.add_typer(department_app, name="department")
 @app.command()
 def simulate(
     data: Annotated[Path | None, typer.Option(help="CSV/JSONL file (text,label[,department]) or the CLINC150 folder. Default: the built-in synthetic demo corpus.")] = None,
-    test_data: Annotated[Path | None, typer.Option(help="Held-out CSV/JSONL for server-side evaluation (CLINC150: its test split).")] = None,
+    test_data: opt.TestData = None,
     partition: Annotated[str | None, typer.Option(help="column | domain | dirichlet | iid. Default: domain for CLINC150, else column.")] = None,
     departments: Annotated[int | None, typer.Option(help="Number of departments for dirichlet / iid (default 4).")] = None,
     alpha: Annotated[float, typer.Option(help="Dirichlet concentration for --partition dirichlet.")] = 0.5,
-    rounds: Annotated[int, typer.Option(help="Federated rounds.")] = DEFAULTS.num_server_rounds,
-    local_epochs: Annotated[int, typer.Option(help="Local epochs per round.")] = DEFAULTS.local_epochs,
+    rounds: opt.Rounds = DEFAULTS.num_server_rounds,
+    local_epochs: opt.LocalEpochs = DEFAULTS.local_epochs,
     batch_size: Annotated[int | None, typer.Option(help=f"Expected batch size (Poisson sampling). Default: {DEFAULTS.batch_size}, at most a quarter of the smallest department.")] = None,
-    learning_rate: Annotated[float, typer.Option(help="Local SGD learning rate.")] = DEFAULTS.learning_rate,
-    max_grad_norm: Annotated[float, typer.Option(help="Per-sample clipping bound.")] = DEFAULTS.max_grad_norm,
-    epsilon: Annotated[float, typer.Option(help="Each department's privacy budget epsilon over the whole run.")] = DEFAULTS.target_epsilon,
-    delta: Annotated[float, typer.Option(help="Each department's delta; must be below 1/records.")] = DEFAULTS.target_delta,
-    accountant: Annotated[str, typer.Option(help="Privacy accountant: rdp or prv.")] = DEFAULTS.accountant,
-    model: Annotated[str, typer.Option(help="minilm (packaged all-MiniLM-L6-v2), tiny (tests), or a local Hugging Face model folder.")] = DEFAULTS.model,
-    lora_r: Annotated[int, typer.Option(help="LoRA rank; 0 trains only the head on frozen features.")] = DEFAULTS.lora_r,
-    no_dp: Annotated[bool, typer.Option("--no-dp", help="Baseline WITHOUT differential privacy: no guarantee holds.")] = False,
-    no_secagg: Annotated[bool, typer.Option("--no-secagg", help="Baseline without SecAgg+: the server sees each department's update.")] = False,
+    learning_rate: opt.LearningRate = DEFAULTS.learning_rate,
+    max_grad_norm: opt.MaxGradNorm = DEFAULTS.max_grad_norm,
+    epsilon: opt.Epsilon = DEFAULTS.target_epsilon,
+    delta: opt.Delta = DEFAULTS.target_delta,
+    accountant: opt.Accountant = DEFAULTS.accountant,
+    model: opt.Model = DEFAULTS.model,
+    lora_r: opt.LoraR = DEFAULTS.lora_r,
+    no_dp: opt.NoDp = False,
+    no_secagg: opt.NoSecagg = False,
     audit_updates: Annotated[bool, typer.Option("--audit-updates", help="Save each department's raw delta (its own folder) and what the server received (masked under SecAgg+), for audits.")] = False,
-    out: Annotated[Path | None, typer.Option(help="Run folder (default: fedpriv-runs/<time>).")] = None,
+    out: opt.Out = None,
     seed: Annotated[int, typer.Option(help="Seed for partitioning, splits and initialisation (never for DP noise).")] = DEFAULTS.seed,
 ) -> None:
     """Run a federation of departments on this machine with Flower's simulation engine."""
@@ -58,7 +58,7 @@ def simulate(
             data=data, test_data=test_data, partition=partition, departments=departments, alpha=alpha,
             rounds=rounds, local_epochs=local_epochs, batch_size=batch_size, learning_rate=learning_rate,
             max_grad_norm=max_grad_norm, epsilon=epsilon, delta=delta, accountant=accountant, model=model,
-            lora_r=lora_r, dp=not no_dp, secagg=not no_secagg, audit_updates=audit_updates, out=out or Path("fedpriv-runs") / time.strftime("%Y%m%d-%H%M%S"), seed=seed,
+            lora_r=lora_r, dp=not no_dp, secagg=not no_secagg, audit_updates=audit_updates, out=out, seed=seed,
         )
         status = simulate_federation(request, console=console)
     if status["state"] != "completed":

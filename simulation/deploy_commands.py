@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import time
 from pathlib import Path
@@ -10,7 +11,9 @@ from typing import Annotated
 import typer
 from shared.config import DEFAULTS, RunConfig
 from shared.errors import ConfigError
+from simulation import options as opt
 from simulation.console import console, err_console, friendly
+from simulation.options import NO_DP_WARNING, new_run_dir
 
 server_app = typer.Typer(help="The central admin's SuperLink.", no_args_is_help=True)
 department_app = typer.Typer(help="A department's SuperNode.", no_args_is_help=True)
@@ -99,17 +102,21 @@ def run(
     kit: Annotated[Path, typer.Option(help="The server kit (its .flwr connection is written by `server start`).")],
     labels_file: Annotated[Path, typer.Option(help="The federation's labels, one per line.")],
     departments: Annotated[int, typer.Option(help="Departments that must be connected before a round starts.")],
-    rounds: Annotated[int, typer.Option(help="Federated rounds.")] = DEFAULTS.num_server_rounds,
-    epsilon: Annotated[float, typer.Option(help="Per-department epsilon (a department may set a lower one).")] = DEFAULTS.target_epsilon,
-    delta: Annotated[float, typer.Option(help="Per-department delta.")] = DEFAULTS.target_delta,
-    model: Annotated[str, typer.Option(help="minilm, tiny or a model folder present on every host.")] = DEFAULTS.model,
-    batch_size: Annotated[int, typer.Option(help="Expected batch size.")] = DEFAULTS.batch_size,
-    learning_rate: Annotated[float, typer.Option(help="Local learning rate.")] = DEFAULTS.learning_rate,
-    test_data: Annotated[Path | None, typer.Option(help="Server-side test CSV/JSONL.")] = None,
+    rounds: opt.Rounds = DEFAULTS.num_server_rounds,
+    local_epochs: opt.LocalEpochs = DEFAULTS.local_epochs,
+    batch_size: Annotated[int, typer.Option(help="Expected batch size (Poisson sampling).")] = DEFAULTS.batch_size,
+    learning_rate: opt.LearningRate = DEFAULTS.learning_rate,
+    max_grad_norm: opt.MaxGradNorm = DEFAULTS.max_grad_norm,
+    epsilon: opt.Epsilon = DEFAULTS.target_epsilon,
+    delta: opt.Delta = DEFAULTS.target_delta,
+    accountant: opt.Accountant = DEFAULTS.accountant,
+    model: opt.Model = DEFAULTS.model,
+    lora_r: opt.LoraR = DEFAULTS.lora_r,
+    test_data: opt.TestData = None,
     max_weight: Annotated[int, typer.Option(help="SecAgg+ bound on a department's training records.")] = DEFAULTS.secagg_max_weight,
-    no_dp: Annotated[bool, typer.Option("--no-dp", help="Baseline WITHOUT differential privacy.")] = False,
-    no_secagg: Annotated[bool, typer.Option("--no-secagg", help="Baseline without SecAgg+.")] = False,
-    out: Annotated[Path | None, typer.Option(help="Run folder on this host (default: fedpriv-runs/<time>).")] = None,
+    no_dp: opt.NoDp = False,
+    no_secagg: opt.NoSecagg = False,
+    out: opt.Out = None,
 ) -> None:
     """Run a federation on the deployed SuperLink (`flwr run` underneath)."""
     from simulation.launcher import submit_run
@@ -120,17 +127,16 @@ def run(
     if not (kit / ".flwr" / "config.toml").is_file():
         raise ConfigError(f"{kit}: no SuperLink connection yet; run `fedpriv server start --kit {kit}` first")
     labels = tuple(line.strip() for line in labels_file.read_text().splitlines() if line.strip())
-    run_dir = (out or Path("fedpriv-runs") / time.strftime("%Y%m%d-%H%M%S")).resolve()
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise ConfigError(f"--out {run_dir} already holds files; choose a new run folder")
-    run_dir.mkdir(parents=True, exist_ok=True)
     config = RunConfig(
-        num_server_rounds=rounds, target_epsilon=epsilon, target_delta=delta, model=model, batch_size=batch_size,
-        learning_rate=learning_rate, labels=labels, min_departments=departments, dp=not no_dp, secagg=not no_secagg,
-        secagg_max_weight=max_weight, test_data=str(test_data.resolve()) if test_data else "", out_dir=str(run_dir),
+        num_server_rounds=rounds, local_epochs=local_epochs, target_epsilon=epsilon, target_delta=delta,
+        model=model, batch_size=batch_size, learning_rate=learning_rate, max_grad_norm=max_grad_norm,
+        accountant=accountant, lora_r=lora_r, labels=labels, min_departments=departments, dp=not no_dp, secagg=not no_secagg,
+        secagg_max_weight=max_weight, test_data=str(test_data.resolve()) if test_data else "", out_dir="pending",
     )
+    run_dir = new_run_dir(out)  # only once every setting has been validated above
+    config = dataclasses.replace(config, out_dir=str(run_dir))
     if no_dp:
-        console.print("[bold red]WARNING: --no-dp: NO differential privacy. No privacy guarantee holds for this run.[/]")
+        console.print(NO_DP_WARNING)
     console.print(f"submitting to the SuperLink of {kit}; waiting for {departments} departments; run folder {run_dir}")
     status = submit_run(env=environment(kit.resolve() / ".flwr"), run_config=config.to_run_config(), run_dir=run_dir,
                         on_round=lambda entry: print_round(console, entry, config))

@@ -18,6 +18,7 @@ from server.run_record import METRICS_FILE, PLOT_FILE
 from shared.config import DEFAULTS, RunConfig
 from shared.errors import ConfigError
 from simulation.launcher import run_simulation
+from simulation.options import NO_DP_WARNING, new_run_dir
 from simulation.prepare import DataPlan, Federation, partition_data, write_federation
 
 
@@ -41,16 +42,8 @@ class SimulationRequest:
     dp: bool
     secagg: bool
     audit_updates: bool
-    out: Path
+    out: Path | None
     seed: int
-
-
-def _check_out_dir(out: Path) -> Path:
-    out = out.expanduser().resolve()
-    if out.exists() and any(out.iterdir()):
-        raise ConfigError(f"--out {out} already holds files; choose a new run folder")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
 
 
 def simulate_federation(request: SimulationRequest, *, console: Console) -> dict[str, Any]:
@@ -68,7 +61,7 @@ def simulate_federation(request: SimulationRequest, *, console: Console) -> dict
     test_fraction = 0.0 if partitioned.test is not None else DEFAULTS.test_fraction
     fractions = {"val_fraction": val_fraction, "test_fraction": test_fraction, "seed": request.seed}
     batch_size = request.batch_size or max(1, min(DEFAULTS.batch_size, partitioned.smallest_train_split(**fractions) // 4))
-    out = _check_out_dir(request.out)
+    out = new_run_dir(request.out)
     federation = write_federation(
         partitioned, out_dir=out, batch_size=batch_size, delta=request.delta, dp=request.dp, **fractions
     )
@@ -109,7 +102,7 @@ def _print_header(console: Console, federation: Federation, config: RunConfig) -
             f"delta={config.target_delta} over the whole run ({config.accountant} accountant)"
         )
     else:
-        console.print("[bold red]WARNING: --no-dp: NO differential privacy. No privacy guarantee holds for this run.[/]")
+        console.print(NO_DP_WARNING)
     if config.secagg:
         console.print("Secure aggregation: Flower SecAgg+ (the server learns only the weighted sum of updates)")
     else:

@@ -8,24 +8,17 @@ or wrong CA, unregistered key) stops after a bounded number of retries with a no
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import tomllib
 from pathlib import Path
 
-from shared.flower_env import check_kit, environment, executable, flwr_home
+from shared.flower_env import check_kit, environment, executable, flwr_home, free_port
 from shared.data import load_records
 from shared.errors import ConfigError
 
 DEPARTMENT_KIT_FILES = ("ca.crt", "node.key", "department.toml")
 MAX_RETRIES = 3
 MAX_WAIT_S = 30
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def read_kit(kit: Path, *, insecure: bool) -> dict:

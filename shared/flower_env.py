@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -51,6 +52,13 @@ def check_kit(kit: Path, required: tuple[str, ...]) -> None:
     missing = [name for name in required if not (kit / name).is_file()]
     if missing:
         raise ConfigError([f"kit {kit} lacks {name}" for name in missing], source="kit")
+
+
+def free_port() -> int:
+    """A TCP port on loopback that is free now (each SuperLink and SuperNode needs its own)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def flwr_home(folder: Path, address: str, *, ca: Path | None) -> Path:

@@ -86,19 +86,17 @@ def deployment_round_times(out: Path, *, rounds: int) -> dict[str, Any]:
     run `fedpriv run`, and stop every process by PID."""
     import os
     import signal
-    import socket
     import subprocess
     import sys
     import time
 
     from shared.data import write_jsonl
     from shared.demo_corpus import demo_records
+    from shared.flower_env import free_port
 
     fedpriv = str(Path(sys.executable).parent / "fedpriv")
     bench = out / "deployment"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     departments = ("finance", "hr", "it")
     records = demo_records()
     for name in departments:

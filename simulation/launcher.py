@@ -10,7 +10,6 @@ and stops the SuperLink by PID when the run ends, however it ends.
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -20,7 +19,7 @@ from typing import Any
 
 from server.deployment import wait_until_up
 from server.run_record import ROUNDS_FILE, STATUS_FILE
-from shared.flower_env import CONNECTION, FlowerProcessError, environment, executable, flwr_home, stop
+from shared.flower_env import CONNECTION, FlowerProcessError, environment, executable, flwr_home, free_port, stop
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,12 +32,6 @@ def app_dir() -> Path:
             "with `pip install -e .`"
         )
     return PROJECT_ROOT
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _toml_value(value: Any) -> str:
@@ -57,7 +50,7 @@ def write_run_config(run_config: dict[str, Any], path: Path) -> Path:
 @contextmanager
 def simulation_superlink(run_dir: Path) -> Iterator[dict[str, str]]:
     """A SuperLink in simulation mode for this run only; yields the environment that reaches it."""
-    port = _free_port()
+    port = free_port()
     env = environment(flwr_home(run_dir, f"127.0.0.1:{port}", ca=None))
     log_path = run_dir / "logs" / "superlink.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,8 @@ rounds; everything that matters for privacy is on disk (``client.privacy.Privacy
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -20,6 +21,7 @@ from client.department_data import DepartmentData, DepartmentSettings, load_depa
 from client.dp_training import train_plain, train_private
 from client.privacy import PrivacyLedger
 from client.secure_aggregation import check_weight, out_of_range, update_delta
+from client.update_replay import load_update, request_key, save_update
 from shared import protocol
 from shared.config import RunConfig
 from shared.errors import BudgetExhausted, ConfigError
@@ -85,31 +87,55 @@ class DepartmentClient(NumPyClient):
     def _trained_module(self) -> torch.nn.Module:
         return self.classifier.head if self.config.head_only else self.classifier
 
+    @property
+    def run(self) -> str:
+        return self.config.run_uid or str(self.run_id)
+
     def fit(self, parameters: list[np.ndarray], config: dict) -> tuple[list[np.ndarray], int, dict]:
         """Train one round; return the update as a delta from the received parameters."""
         self._check_request(config)
+        server_round = int(config.get(protocol.SERVER_ROUND, 0))
+        key = request_key(run=self.run, server_round=server_round, parameters=parameters)
+        replayed = load_update(self.settings.state_dir, key=key)
+        if replayed is not None:
+            return replayed
         set_trainable(self.classifier, parameters)
         data = prepare(self.settings, self.config)
-        if config.get(protocol.SECAGG, False):
+        secagg = bool(config.get(protocol.SECAGG, False))
+        if secagg:
             check_weight(department=self.settings.name, num_examples=len(data.train),
                          max_weight=int(config[protocol.SECAGG_MAX_WEIGHT]))
-        delta, num_examples, metrics = self._train(parameters, data, config)
-        if config.get(protocol.SECAGG, False):
+        delta, num_examples, metrics = self._train(parameters, data, config, secagg=secagg)
+        if secagg:
             metrics[protocol.OUT_OF_RANGE] = out_of_range(
                 delta, num_examples=num_examples, max_weight=int(config[protocol.SECAGG_MAX_WEIGHT]),
                 clipping_range=float(config[protocol.SECAGG_CLIPPING_RANGE]),
             )
         if self.config.audit_updates:
-            audit = self.settings.state_dir / "audit" / f"round-{int(config.get(protocol.SERVER_ROUND, 0)):03d}.npz"
+            audit = self.settings.state_dir / "audit" / f"round-{server_round:03d}.npz"
             audit.parent.mkdir(parents=True, exist_ok=True)
             np.savez(audit, *delta, num_examples=num_examples)
+        if metrics[protocol.STATUS] == protocol.STATUS_TRAINED and self.config.dp:
+            save_update(self.settings.state_dir, key=key, delta=delta, num_examples=num_examples, metrics=metrics)
         return delta, num_examples, metrics
 
-    def _train(self, parameters: list[np.ndarray], data: PreparedData, config: dict) -> tuple[list[np.ndarray], int, dict]:
+    def _declined(self, parameters: list[np.ndarray], metrics: dict, *, status: str, reason: str) -> tuple[list[np.ndarray], int, dict]:
+        """No training: a zero delta with weight 0 adds nothing to the (possibly masked) average."""
+        metrics.update({protocol.STATUS: status, protocol.REASON: reason})
+        return [np.zeros_like(p, dtype=np.float32) for p in parameters], 0, metrics
+
+    def _train(
+        self, parameters: list[np.ndarray], data: PreparedData, config: dict, *, secagg: bool
+    ) -> tuple[list[np.ndarray], int, dict]:
         server_round = int(config.get(protocol.SERVER_ROUND, 0))
         metrics: dict = {protocol.DEPARTMENT: self.settings.name, protocol.DP_ENABLED: self.config.dp}
-        cfg = self.config
+        cfg, policy = self.config, self.settings.policy
+        refusals = policy.refusals_of_request(secagg=secagg, aggregate_size=int(config.get(protocol.AGGREGATE_SIZE, 0)))
         if not cfg.dp:
+            if policy.min_noise_multiplier is not None or policy.max_epsilon_per_round is not None:
+                refusals.append("this department's site policy limits the privacy cost of a round; a --no-dp run has none")
+            if refusals:
+                return self._declined(parameters, metrics, status=protocol.STATUS_POLICY_REFUSED, reason="; ".join(refusals))
             result = train_plain(
                 module=self._trained_module(), dataset=data.train, batch_size=cfg.batch_size,
                 local_epochs=cfg.local_epochs, learning_rate=cfg.learning_rate, momentum=cfg.momentum,
@@ -119,32 +145,31 @@ class DepartmentClient(NumPyClient):
             return update_delta(get_trainable(self.classifier), parameters), len(data.train), metrics
 
         ledger = PrivacyLedger(self.settings.state_dir, department=self.settings.name)
+        budget = policy.effective_budget(cfg)
+        metrics.update({protocol.DELTA: policy.delta, protocol.BUDGET: budget,
+                        protocol.EPSILON: ledger.spent(delta=policy.delta, accountant=cfg.accountant)})
         try:
             plan = ledger.plan(
-                run_id=self.run_id, num_records=len(data.train), batch_size=cfg.batch_size,
-                local_epochs=cfg.local_epochs, planned_rounds=int(config.get(protocol.NUM_ROUNDS, cfg.num_server_rounds)),
-                target_epsilon=self.settings.target_epsilon, delta=self.settings.delta, accountant=cfg.accountant,
+                run=self.run, num_records=len(data.train), batch_size=cfg.batch_size, local_epochs=cfg.local_epochs,
+                planned_rounds=int(config.get(protocol.NUM_ROUNDS, cfg.num_server_rounds)),
+                run_epsilon=cfg.target_epsilon, budget=budget, delta=policy.delta, accountant=cfg.accountant,
             )
-            ledger.check_round(plan)
+            before, after = ledger.check_round(plan)
         except BudgetExhausted as exhausted:
-            metrics.update({
-                protocol.STATUS: protocol.STATUS_BUDGET_EXHAUSTED, protocol.REASON: str(exhausted),
-                protocol.EPSILON: ledger.spent(delta=self.settings.delta, accountant=cfg.accountant),
-                protocol.DELTA: self.settings.delta, protocol.TARGET_EPSILON: self.settings.target_epsilon,
-            })
-            # A zero delta with weight 0 adds nothing to the (possibly masked) average.
-            return [np.zeros_like(p, dtype=np.float32) for p in parameters], 0, metrics
+            return self._declined(parameters, metrics, status=protocol.STATUS_BUDGET_EXHAUSTED, reason=str(exhausted))
+        refusals += policy.refusals_of_round(plan, before=before, after=after)
+        if refusals:
+            return self._declined(parameters, metrics, status=protocol.STATUS_POLICY_REFUSED, reason="; ".join(refusals))
         result = train_private(
             module=self._trained_module(), dataset=data.train, plan=plan, prior=ledger.history,
             batch_size=cfg.batch_size, local_epochs=cfg.local_epochs, learning_rate=cfg.learning_rate,
             momentum=cfg.momentum, max_grad_norm=cfg.max_grad_norm,
         )
-        entry = ledger.record_round(run_id=self.run_id, server_round=server_round, plan=plan, steps=result.steps)
+        entry = ledger.record_round(run=self.run, server_round=server_round, plan=plan, steps=result.steps)
         metrics.update({
             protocol.STATUS: protocol.STATUS_TRAINED, protocol.TRAIN_LOSS: result.mean_loss,
-            protocol.EPSILON: entry.epsilon, protocol.DELTA: entry.delta,
-            protocol.TARGET_EPSILON: self.settings.target_epsilon,
-            protocol.NOISE_MULTIPLIER: plan.noise_multiplier, protocol.STEPS: result.steps,
+            protocol.EPSILON: entry.epsilon, protocol.NOISE_MULTIPLIER: plan.noise_multiplier,
+            protocol.STEPS: result.steps, protocol.LEDGER_ENTRY: json.dumps(asdict(entry)),
         })
         return update_delta(get_trainable(self.classifier), parameters), len(data.train), metrics
 

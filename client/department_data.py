@@ -4,8 +4,8 @@ Two ways a department is described, both ending in ``DepartmentSettings``:
 - deployment: the SuperNode's ``--node-config`` gives ``department``, ``data-path`` and
   ``state-dir`` (and optionally its own ``epsilon`` / ``delta``, which may only lower the run's);
 - simulation: ``partition-dir`` in the run config holds ``manifest.json`` written by
-  ``fedpriv simulate``; the node's ``partition-id`` picks the department, and its state lives
-  under ``<out-dir>/departments/<name>``.
+  ``fedpriv simulate`` (with each department's budget and policy); the node's ``partition-id``
+  picks the department, and its state lives under ``<out-dir>/departments/<name>``.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from client.site_policy import SitePolicy
 from shared.config import RunConfig
 from shared.data import Record, check_labels, load_records
 from shared.errors import ConfigError, DataError
@@ -29,8 +30,7 @@ class DepartmentSettings:
     name: str
     data_path: Path
     state_dir: Path
-    target_epsilon: float
-    delta: float
+    policy: SitePolicy
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ def resolve_department(config: RunConfig, node_config: Mapping[str, Any]) -> Dep
             raise ConfigError([f"node config lacks '{k}'" for k in missing], source="department node config")
         name = str(node_config["department"])
         data_path, state_dir = Path(str(node_config["data-path"])), Path(str(node_config["state-dir"]))
-        own_budget: Mapping[str, Any] = node_config
+        own_policy: Mapping[str, Any] = node_config
     elif config.partition_dir:
         manifest_path = Path(config.partition_dir) / MANIFEST
         try:
@@ -65,22 +65,14 @@ def resolve_department(config: RunConfig, node_config: Mapping[str, Any]) -> Dep
         entry = departments[index]
         name, data_path = entry["name"], Path(config.partition_dir) / entry["file"]
         state_dir = Path(config.out_dir) / "departments" / name
-        own_budget = entry
+        own_policy = entry.get("policy", {})
     else:
         raise ConfigError(
             "this node is no department: give the SuperNode --node-config \"department=... data-path=... "
             "state-dir=...\" (deployment) or set partition-dir (simulation)"
         )
-    epsilon = float(own_budget.get("epsilon", config.target_epsilon))
-    delta = float(own_budget.get("delta", config.target_delta))
-    problems = []
-    if not 0 < epsilon <= config.target_epsilon:
-        problems.append(f"department {name}: epsilon must be in (0, {config.target_epsilon}] (got {epsilon})")
-    if not 0 < delta <= config.target_delta:
-        problems.append(f"department {name}: delta must be in (0, {config.target_delta}] (got {delta})")
-    if problems:
-        raise ConfigError(problems, source=f"privacy budget of department {name}")
-    return DepartmentSettings(name, data_path, state_dir, epsilon, delta)
+    policy = SitePolicy.from_mapping(own_policy, department=name, run=config)
+    return DepartmentSettings(name, data_path, state_dir, policy)
 
 
 def load_department(settings: DepartmentSettings, config: RunConfig, *, min_train: int | None = None) -> DepartmentData:

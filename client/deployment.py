@@ -4,6 +4,8 @@
 kit's CA certificate and private key, and tells the ClientApp (through ``--node-config``) which
 department it is, where its records are and where its privacy ledger lives. A refused node (no
 or wrong CA, unregistered key) stops after a bounded number of retries with a non-zero status.
+The department's own budget and site policy come from the ``[policy]`` table of its
+``department.toml`` (keys of ``client.site_policy``), ``--epsilon`` overriding its budget.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import subprocess
 import tomllib
 from pathlib import Path
 
+from client.site_policy import POLICY_KEYS
 from shared.flower_env import check_kit, environment, executable, flwr_home, free_port
 from shared.data import load_records
 from shared.errors import ConfigError
@@ -42,9 +45,16 @@ def supernode_command(
     state = (state_dir or kit / "state").resolve()
     state.mkdir(parents=True, exist_ok=True)
     node_config = f'department="{name}" data-path="{data.resolve()}" state-dir="{state}"'
-    budget = epsilon if epsilon is not None else settings.get("epsilon")
-    if budget is not None:
-        node_config += f" epsilon={float(budget)}"
+    policy = dict(settings.get("policy", {}))
+    if "epsilon" in settings:
+        policy.setdefault("epsilon", settings["epsilon"])
+    if epsilon is not None:
+        policy["epsilon"] = epsilon
+    unknown = sorted(set(policy) - set(POLICY_KEYS))
+    if unknown:
+        raise ConfigError(f"{kit / 'department.toml'}: unknown [policy] keys {unknown}; known: {', '.join(POLICY_KEYS)}")
+    for key, value in policy.items():
+        node_config += f" {key}={str(value).lower() if isinstance(value, bool) else value}"
     address = superlink or settings["superlink"]
     command = [executable("flower-supernode"), "--superlink", address, "--node-config", node_config,
                "--port", str(free_port()), "--max-retries", str(MAX_RETRIES), "--max-wait-time", str(MAX_WAIT_S)]

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from client.privacy import Mechanism, PrivacyPlan
+from client.privacy import PrivacyPlan
+from shared.accounting import Mechanism
 
 
 @dataclass(frozen=True)

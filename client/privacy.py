@@ -6,40 +6,47 @@ the DP-SGD mechanism that ran (noise multiplier, sampling rate, steps) and the e
 The accountant is rebuilt from those mechanisms on every round, so nothing is forgotten when the
 ClientApp process, the Ray actor or the SuperNode restarts.
 
-Noise is calibrated once per run, from the department's budget and the planned rounds, local
-epochs and sampling rate, composed with whatever earlier runs already spent on the same records:
-the budget is met at the end of the run, and a round that would exceed it is refused.
+Noise is calibrated once per run, from the run's epsilon (the server's request) and the planned
+rounds, local epochs and sampling rate, composed with whatever earlier runs already spent on the
+same records. The department's own budget is enforced separately: before every round it computes
+what the round would cost and refuses a round that would cross the budget. A department whose
+budget is below the run's epsilon therefore trains the rounds that fit, then stops. Every line
+carries a running index and the epsilon after it, which is recomputed on start: a broken line,
+a gap, a falling epsilon or a number that does not follow from the recorded rounds is refused.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from opacus.accountants import RDPAccountant, create_accountant
-
+from shared.accounting import Mechanism, epsilon_of
 from shared.errors import BudgetExhausted, ConfigError, DataError
 
 LEDGER_FILE = "privacy-ledger.jsonl"
 MAX_SIGMA = 1e4
 EPSILON_TOLERANCE = 0.01
-# Opacus' default RDP orders stop at 63, which is loose for small sampling rates or budgets;
-# higher orders only ever tighten the (still valid) RDP -> (epsilon, delta) conversion.
-RDP_ORDERS = RDPAccountant.DEFAULT_ALPHAS + list(range(64, 256, 4)) + [256, 320, 384, 512, 768, 1024]
-
-Mechanism = tuple[float, float, int]  # (noise multiplier, sampling rate, steps), Opacus' history format
 
 
 @dataclass(frozen=True)
 class PrivacyPlan:
+    """One run's DP-SGD mechanism at this department, and the budget it may not cross.
+
+    The noise is calibrated so that the run's planned rounds end at ``run_epsilon`` (the server's
+    request, composed with the department's earlier spending); ``budget`` is the department's own
+    limit, which may be lower: then the department stops early, at the last round that fits.
+    """
+
     noise_multiplier: float
     sample_rate: float
     steps_per_round: int
     planned_rounds: int
-    target_epsilon: float
+    run_epsilon: float
+    budget: float
     delta: float
     accountant: str
 
@@ -52,19 +59,6 @@ def poisson_schedule(*, num_records: int, batch_size: int, local_epochs: int) ->
     """(sampling rate, steps per round) exactly as Opacus' DPDataLoader will run them."""
     batches_per_epoch = math.ceil(num_records / batch_size)
     return 1.0 / batches_per_epoch, batches_per_epoch * local_epochs
-
-
-def epsilon_of(history: list[Mechanism], *, delta: float, accountant: str) -> float:
-    if not history:
-        return 0.0
-    merged: dict[tuple[float, float], int] = {}
-    for sigma, rate, steps in history:  # identical mechanisms compose by adding steps: exact, and far faster
-        merged[(sigma, rate)] = merged.get((sigma, rate), 0) + steps
-    acc = create_accountant(mechanism=accountant)
-    acc.history = [(sigma, rate, steps) for (sigma, rate), steps in merged.items()]
-    if accountant == "rdp":
-        return float(acc.get_epsilon(delta=delta, alphas=RDP_ORDERS))
-    return float(acc.get_epsilon(delta=delta))
 
 
 def calibrate_noise(
@@ -98,15 +92,16 @@ def calibrate_noise(
 
 @dataclass(frozen=True)
 class LedgerEntry:
-    run_id: int
+    index: int  # 1, 2, 3, ... over the whole file: a removed line shows as a gap
+    run: str
     round: int
     noise_multiplier: float
     sample_rate: float
     steps: int
     accountant: str
     delta: float
-    epsilon: float
-    target_epsilon: float
+    epsilon: float  # after this round, over every line up to and including it
+    budget: float
     time: float
 
 
@@ -118,6 +113,12 @@ class PrivacyLedger:
         self.department = department
         self.entries = self._read()
 
+    def _refuse(self, number: int, why: str) -> DataError:
+        return DataError(
+            f"{self.path}:{number}: {why}; department {self.department} refuses to train on a privacy ledger "
+            "it cannot trust (restore it from a backup, or compare with the server's copy in the run folder)"
+        )
+
     def _read(self) -> list[LedgerEntry]:
         if not self.path.exists():
             return []
@@ -128,30 +129,43 @@ class PrivacyLedger:
             try:
                 entry = LedgerEntry(**json.loads(line))
             except (json.JSONDecodeError, TypeError) as exc:
-                raise DataError(
-                    f"{self.path}:{number}: corrupt privacy ledger line ({exc}); refusing to train on a ledger "
-                    "that cannot be trusted"
-                ) from None
-            if entries and entry.epsilon < entries[-1].epsilon - 1e-9 and entry.run_id == entries[-1].run_id:
-                raise DataError(f"{self.path}:{number}: epsilon goes down ({entries[-1].epsilon} -> {entry.epsilon})")
+                raise self._refuse(number, f"corrupt ledger line ({exc})") from None
+            if entry.index != len(entries) + 1:
+                raise self._refuse(number, f"entry {len(entries) + 1} is missing (this line is entry {entry.index})")
+            previous = entries[-1] if entries else None
+            if (previous and (previous.accountant, previous.delta) == (entry.accountant, entry.delta)
+                    and entry.epsilon < previous.epsilon - 1e-9):
+                raise self._refuse(number, f"epsilon goes down ({previous.epsilon} -> {entry.epsilon})")
             entries.append(entry)
+        if entries:
+            last = entries[-1]
+            recomputed = epsilon_of(_mechanisms(entries), delta=last.delta, accountant=last.accountant)
+            if not math.isclose(recomputed, last.epsilon, rel_tol=1e-6, abs_tol=1e-9):
+                raise self._refuse(
+                    len(entries),
+                    f"the recorded epsilon {last.epsilon} does not follow from the recorded rounds ({recomputed:.6f})",
+                )
         return entries
 
     @property
     def history(self) -> list[Mechanism]:
-        return [(e.noise_multiplier, e.sample_rate, e.steps) for e in self.entries]
+        return _mechanisms(self.entries)
 
     def spent(self, *, delta: float, accountant: str) -> float:
         return epsilon_of(self.history, delta=delta, accountant=accountant)
 
+    def entry_for(self, *, run: str, server_round: int) -> LedgerEntry | None:
+        return next((e for e in self.entries if e.run == run and e.round == server_round), None)
+
     def plan(
-        self, *, run_id: int, num_records: int, batch_size: int, local_epochs: int, planned_rounds: int,
-        target_epsilon: float, delta: float, accountant: str,
+        self, *, run: str, num_records: int, batch_size: int, local_epochs: int, planned_rounds: int,
+        run_epsilon: float, budget: float, delta: float, accountant: str,
     ) -> PrivacyPlan:
         """The run's DP-SGD plan: fixed at the run's first round, read back from the ledger later."""
         problems = []
-        if target_epsilon <= 0:
-            problems.append(f"department {self.department}: epsilon must be > 0 (got {target_epsilon})")
+        for name, value in (("the run's epsilon", run_epsilon), ("budget epsilon", budget)):
+            if value <= 0:
+                problems.append(f"department {self.department}: {name} must be > 0 (got {value})")
         if not 0 < delta < 1 / max(num_records, 1):
             problems.append(
                 f"department {self.department}: delta={delta} must be below 1/records = 1/{num_records}"
@@ -159,39 +173,51 @@ class PrivacyLedger:
         if problems:
             raise ConfigError(problems, source=f"privacy budget of department {self.department}")
         sample_rate, steps = poisson_schedule(num_records=num_records, batch_size=batch_size, local_epochs=local_epochs)
-        this_run = [e for e in self.entries if e.run_id == run_id]
+        this_run = [e for e in self.entries if e.run == run]
         if this_run:
             sigma = this_run[0].noise_multiplier
         else:
-            prior = self.history
             sigma = calibrate_noise(
-                target_epsilon=target_epsilon, delta=delta, sample_rate=sample_rate,
-                steps=steps * planned_rounds, prior=prior, accountant=accountant,
+                target_epsilon=run_epsilon, delta=delta, sample_rate=sample_rate,
+                steps=steps * planned_rounds, prior=self.history, accountant=accountant,
             )
-        return PrivacyPlan(sigma, sample_rate, steps, planned_rounds, target_epsilon, delta, accountant)
+        return PrivacyPlan(sigma, sample_rate, steps, planned_rounds, run_epsilon, budget, delta, accountant)
 
-    def check_round(self, plan: PrivacyPlan) -> float:
-        """Epsilon after one more round under ``plan``; raises ``BudgetExhausted`` if over budget."""
+    def cost_of_round(self, plan: PrivacyPlan) -> tuple[float, float]:
+        """(epsilon now, epsilon after one more round under ``plan``)."""
+        before = self.spent(delta=plan.delta, accountant=plan.accountant)
         after = epsilon_of(self.history + [plan.round_mechanism], delta=plan.delta, accountant=plan.accountant)
-        if after > plan.target_epsilon + 1e-9:
-            spent = self.spent(delta=plan.delta, accountant=plan.accountant)
-            raise BudgetExhausted(
-                f"department {self.department}: one more round would spend epsilon {after:.3f} > budget "
-                f"{plan.target_epsilon} (spent so far {spent:.3f})"
-            )
-        return after
+        return before, after
 
-    def record_round(self, *, run_id: int, server_round: int, plan: PrivacyPlan, steps: int) -> LedgerEntry:
+    def check_round(self, plan: PrivacyPlan) -> tuple[float, float]:
+        """``cost_of_round``, or ``BudgetExhausted`` if the round would cross the department's budget."""
+        before, after = self.cost_of_round(plan)
+        if after > plan.budget + 1e-9:
+            raise BudgetExhausted(
+                f"department {self.department}: one more round would spend epsilon {after:.3f} > its budget "
+                f"{plan.budget} (spent so far {before:.3f})"
+            )
+        return before, after
+
+    def record_round(self, *, run: str, server_round: int, plan: PrivacyPlan, steps: int) -> LedgerEntry:
         history = self.history + [(plan.noise_multiplier, plan.sample_rate, steps)]
         entry = LedgerEntry(
-            run_id=run_id, round=server_round, noise_multiplier=plan.noise_multiplier,
+            index=len(self.entries) + 1, run=run, round=server_round, noise_multiplier=plan.noise_multiplier,
             sample_rate=plan.sample_rate, steps=steps, accountant=plan.accountant, delta=plan.delta,
             epsilon=epsilon_of(history, delta=plan.delta, accountant=plan.accountant),
-            target_epsilon=plan.target_epsilon, time=time.time(),
+            budget=plan.budget, time=time.time(),
         )
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a") as ledger:
-            ledger.write(json.dumps(asdict(entry)) + "\n")
-            ledger.flush()
+        # One write(2) of one line with O_APPEND: a process killed mid-round leaves the line whole or absent.
+        descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(descriptor, (json.dumps(asdict(entry)) + "\n").encode())
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
         self.entries.append(entry)
         return entry
+
+
+def _mechanisms(entries: list[LedgerEntry]) -> list[Mechanism]:
+    return [(e.noise_multiplier, e.sample_rate, e.steps) for e in entries]

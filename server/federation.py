@@ -3,6 +3,10 @@
 The workflow is Flower's legacy ``DefaultWorkflow`` over a ``LegacyContext`` because, in flwr
 1.42, that is the only path on which Flower's ``SecAggPlusWorkflow`` runs; with ``secagg`` on
 (the default) it is the fit stage, and ``FedprivStrategy`` works unchanged on either path.
+
+A resumed run starts from the newest checkpoint at or before ``resume-after-round`` and runs the
+remaining rounds; departments keep their ledgers and their noise plan (same ``run-uid``). A run
+whose departments run out of budget ends cleanly (``FederationEnded``) and still exports.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ from flwr.server.workflow import DefaultWorkflow
 from server.evaluation import make_server_evaluator
 from server.run_record import RunRecorder
 from server.secure_aggregation import AuditedSecAggPlusWorkflow
-from server.strategy import FedprivStrategy
+from server.strategy import FederationEnded, FedprivStrategy
+from shared.checkpoint import load_checkpoint
 from shared.config import RunConfig
 from shared.errors import ConfigError
 from shared.export import export_model
@@ -37,6 +42,9 @@ def run_federation(grid: Grid, context: Context, config: RunConfig, recorder: Ru
         )
         torch.nn.init.zeros_(classifier.head.weight)
         torch.nn.init.zeros_(classifier.head.bias)
+    if config.resume_after_round:
+        set_trainable(classifier, resume_parameters(config, backbone_fingerprint=backbone.fingerprint,
+                                                    names=trainable_names(classifier)))
     audit_dir = Path(config.out_dir) / "audit" if config.audit_updates else None
     if audit_dir is not None:
         audit_dir.mkdir(parents=True, exist_ok=True)
@@ -51,15 +59,19 @@ def run_federation(grid: Grid, context: Context, config: RunConfig, recorder: Ru
         ),
         audit_dir=audit_dir,
     )
-    legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=config.num_server_rounds), strategy=strategy)
+    remaining = config.num_server_rounds - config.resume_after_round
+    legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=remaining), strategy=strategy)
     fit_workflow = AuditedSecAggPlusWorkflow(config=config, audit_dir=audit_dir) if config.secagg else None
-    DefaultWorkflow(fit_workflow=fit_workflow)(grid, legacy)
+    try:
+        DefaultWorkflow(fit_workflow=fit_workflow)(grid, legacy)
+    except FederationEnded as ended:
+        recorder.ended_early = str(ended)
 
     set_trainable(classifier, parameters_to_ndarrays(strategy.latest_parameters))
     trained_rounds = [r for r in recorder.rounds.values() if r["round"] > 0 and r.get("train_loss") is not None]
     if not trained_rounds:
         return recorder.finish(state="failed", message="no round produced an update: see failures in metrics.json")
-    metrics = recorder.finish(state="completed")
+    metrics = recorder.finish(state="completed", message=recorder.ended_early)
     export_model(
         Path(config.out_dir) / "model", classifier=classifier, backbone=backbone, labels=config.labels,
         max_length=config.max_length,
@@ -67,3 +79,23 @@ def run_federation(grid: Grid, context: Context, config: RunConfig, recorder: Ru
                  "secure_aggregation": config.secagg, "privacy": metrics["privacy"]},
     )
     return metrics
+
+
+def resume_parameters(config: RunConfig, *, backbone_fingerprint: str, names: list[str]) -> list:
+    """The global parameters after the newest checkpointed round <= ``resume-after-round``."""
+    folder = Path(config.out_dir) / "checkpoints"
+    candidates = sorted(folder.glob("round-*.safetensors")) if folder.is_dir() else []
+    usable = [c for c in candidates if int(c.stem.split("-")[1]) <= config.resume_after_round]
+    if not usable:
+        raise ConfigError(f"{folder}: no checkpoint at or before round {config.resume_after_round} to resume from")
+    arrays, metadata = load_checkpoint(usable[-1])
+    problems = []
+    if metadata.get("label_fingerprint") != config.label_fingerprint:
+        problems.append(f"{usable[-1]}: saved for another label set")
+    if metadata.get("backbone_fingerprint") != backbone_fingerprint:
+        problems.append(f"{usable[-1]}: saved for another backbone")
+    if sorted(arrays) != sorted(names):
+        problems.append(f"{usable[-1]}: its parameters do not match this model (LoRA settings changed?)")
+    if problems:
+        raise ConfigError(problems, source="checkpoint to resume from")
+    return [arrays[name] for name in names]

@@ -137,7 +137,10 @@ def provision(out: Path, *, departments: Sequence[str], hosts: Sequence[str], su
             f'# fedpriv department kit: give this folder to {name} only.\n'
             f'department = "{name}"\nsuperlink = "{superlink}"\n'
             f'# data = "/path/to/{name}.csv"     # or: fedpriv department start --data FILE\n'
-            f'# epsilon = 8.0                  # this department\'s own budget (may only lower the run\'s)\n'
+            f'# epsilon = 8.0                  # this department\'s own budget (the run\'s applies when lower)\n'
+            f'\n# [policy]                       # limits no server request can override (see README)\n'
+            f'# max-epsilon-per-round = 1.0\n# min-noise-multiplier = 0.8\n# require-secagg = true\n'
+            f'# min-departments = 3\n'
         )
         kits[name] = kit
         public_keys[name] = public.decode()

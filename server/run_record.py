@@ -3,10 +3,15 @@
     <out-dir>/
       status.json          running | completed | failed, with the reason
       rounds.jsonl         one line per finished round (the live progress feed)
-      metrics.json         final_accuracy, rounds, privacy: department -> {epsilon, delta, ...}
+      metrics.json         final_accuracy, rounds, privacy: department -> {epsilon, budget, delta, ...}
+      ledgers/NAME.jsonl   the server's copy of each department's privacy ledger lines, as reported
       checkpoints/         round-NNN.safetensors: global trainable parameters after each round
       model/               the exported model (shared.export)
       accuracy_epsilon.png accuracy and each department's epsilon per round
+      report.html          the admin report (server.report), self-contained
+
+A resumed run (``resume-after-round`` > 0) reads the rounds it continues from back from
+rounds.jsonl and appends to it; the ledgers folder is only ever appended to.
 """
 
 from __future__ import annotations
@@ -18,11 +23,14 @@ from pathlib import Path
 from typing import Any
 
 from shared.config import RunConfig
+from shared.data import safe_name
+from shared.errors import DataError
 
 STATUS_FILE = "status.json"
 ROUNDS_FILE = "rounds.jsonl"
 METRICS_FILE = "metrics.json"
 PLOT_FILE = "accuracy_epsilon.png"
+LEDGERS_DIR = "ledgers"
 
 
 def _clean(value: Any) -> Any:
@@ -48,10 +56,18 @@ class RunRecorder:
         self.config = config
         self.run_id = run_id
         self.rounds: dict[int, dict[str, Any]] = {}
-        self.privacy: dict[str, dict[str, Any]] = {}
         self.started = time.time()
+        self.ended_early = ""
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / ROUNDS_FILE).write_text("")
+        (out_dir / LEDGERS_DIR).mkdir(exist_ok=True)
+        feed = out_dir / ROUNDS_FILE
+        if config.resume_after_round:
+            self.rounds = {r["round"]: r for r in read_rounds(feed) if r["round"] <= config.resume_after_round}
+            missing = set(range(1, config.resume_after_round + 1)) - set(self.rounds)
+            if missing:
+                raise DataError(f"{feed}: cannot resume after round {config.resume_after_round}: rounds "
+                                f"{sorted(missing)} are not in the round feed")
+        feed.write_text("".join(json.dumps(_clean(r)) + "\n" for _, r in sorted(self.rounds.items()) if r["round"] > 0))
         self.set_status("running")
 
     def set_status(self, state: str, message: str = "") -> None:
@@ -69,15 +85,28 @@ class RunRecorder:
         entry = self._round(server_round)
         entry["train_loss"] = train_loss
         entry["secure_aggregation"] = self.config.secagg
+        entry["transport"] = self.config.transport
         out_of_range = [v.get("secagg_out_of_range") for v in departments.values()]
         entry["secagg_out_of_range"] = sum(v for v in out_of_range if v) if self.config.secagg else None
         for name, values in departments.items():
+            line = values.pop("ledger_entry", None)
+            if line:
+                self._copy_ledger_line(name, line)
             entry["departments"].setdefault(name, {}).update(values)
-            if values.get("epsilon") is not None or not values.get("dp", True):
-                ledger = self.privacy.setdefault(name, {"rounds_trained": 0})
-                ledger.update({k: values.get(k) for k in ("epsilon", "delta", "target_epsilon", "dp", "status")})
-                if values.get("status") == "trained":
-                    ledger["rounds_trained"] += 1
+
+    def _copy_ledger_line(self, department: str, line: str) -> None:
+        """Append a department's reported ledger line to the server's copy, once per ledger index."""
+        path = ledger_copy_path(self.out_dir, department)
+        try:
+            index = int(json.loads(line)["index"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            self.record_failures(max(self.rounds), [f"department {department} reported an unreadable ledger line"])
+            return
+        known = read_ledger_copy(path)
+        if known and index <= known[-1]["index"]:
+            return  # a replayed round: the department re-sent a line the server already holds
+        with path.open("a") as copy:
+            copy.write(line.strip() + "\n")
 
     def record_evaluation(
         self, server_round: int, *, loss: float, accuracy: float, source: str,
@@ -105,13 +134,15 @@ class RunRecorder:
         metrics = {
             "run_id": self.run_id,
             "status": state,
+            "ended_early": self.ended_early or None,
             "final_accuracy": last.get("accuracy"),
             "final_accuracy_source": last.get("accuracy_source"),
             "dp": self.config.dp,
             "secure_aggregation": self.config.secagg,
+            "transport": self.config.transport,
             "initial": self.rounds.get(0),
             "rounds": finished,
-            "privacy": self.privacy,
+            "privacy": privacy_summary(finished),
             "wall_time_s": round(time.time() - self.started, 2),
             "config": self.config.to_run_config(),
         }
@@ -123,6 +154,48 @@ class RunRecorder:
         self.set_status(state, message)
         if metrics["rounds"]:
             from server.plots import plot_run
+            from server.report import write_report
 
             plot_run(metrics, self.out_dir / PLOT_FILE)
+            write_report(self.out_dir)
         return metrics
+
+
+def privacy_summary(rounds: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per department, from the rounds in order: latest epsilon, budget, delta, status, rounds trained."""
+    summary: dict[str, dict[str, Any]] = {}
+    for entry in rounds:
+        for name, values in entry.get("departments", {}).items():
+            if "status" not in values:
+                continue  # evaluated but never asked to train
+            ledger = summary.setdefault(name, {"rounds_trained": 0, "last_trained_round": None})
+            for key in ("epsilon", "delta", "budget", "dp", "status", "reason"):
+                if values.get(key) is not None or key == "reason":
+                    ledger[key] = values.get(key)
+            if values.get("status") == "trained":
+                ledger["rounds_trained"] += 1
+                ledger["last_trained_round"] = entry["round"]
+    return summary
+
+
+def read_rounds(feed: Path) -> list[dict[str, Any]]:
+    if not feed.exists():
+        return []
+    rounds = []
+    for number, line in enumerate(feed.read_text().splitlines(), start=1):
+        if line.strip():
+            try:
+                rounds.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise DataError(f"{feed}:{number}: not a JSON round entry") from None
+    return rounds
+
+
+def ledger_copy_path(out_dir: Path, department: str) -> Path:
+    return out_dir / LEDGERS_DIR / f"{safe_name(department)}.jsonl"
+
+
+def read_ledger_copy(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,12 +1,16 @@
 """FedAvg over the trainable parameters, plus what a privacy-aware admin needs from each round.
 
 ``FedprivStrategy`` is Flower's own ``FedAvg`` (weighted by ``num-examples``) with hooks that
-- send each round's config (round, planned rounds, label and backbone fingerprints, SecAgg+ ranges),
+- send each round's config (round, planned rounds, aggregate size, label and backbone fingerprints,
+  SecAgg+ ranges),
+- stop asking a department that answered "budget exhausted", and end the run (``FederationEnded``)
+  when fewer than ``min-departments`` departments with budget left remain,
 - average the departments' deltas (directly, or as SecAgg+'s unmasked weighted sum) and add the
   average to the global parameters,
 - record every department's reported epsilon, loss and status, and every failure,
 - leave out of the average any department that answered "budget exhausted" (it sent weight 0),
-- checkpoint the global trainable parameters after every round.
+- checkpoint the global trainable parameters after every round,
+- number rounds from the checkpoint a resumed run starts from (Flower counts from 1 again).
 It stays a plain legacy ``Strategy`` so that Flower's SecAgg+ workflow can drive it unchanged.
 """
 
@@ -19,6 +23,7 @@ from typing import Any
 import numpy as np
 from flwr.common import (
     EvaluateRes,
+    FitIns,
     FitRes,
     Parameters,
     Scalar,
@@ -26,6 +31,7 @@ from flwr.common import (
     parameters_to_ndarrays,
 )
 from flwr.server.client_proxy import ClientProxy
+from flwr.server.criterion import Criterion
 from flwr.server.strategy import FedAvg
 
 from server.run_record import RunRecorder
@@ -34,6 +40,18 @@ from shared.checkpoint import save_checkpoint
 from shared.config import RunConfig
 
 EvaluateFn = Callable[[int, list, dict[str, Scalar]], tuple[float, dict[str, Scalar]] | None]
+
+
+class FederationEnded(Exception):
+    """Not enough departments can still train: the run ends cleanly with what it has."""
+
+
+class _NotIn(Criterion):
+    def __init__(self, excluded: set[str]) -> None:
+        self.excluded = excluded
+
+    def select(self, client: ClientProxy) -> bool:
+        return client.cid not in self.excluded
 
 
 class FedprivStrategy(FedAvg):
@@ -48,6 +66,8 @@ class FedprivStrategy(FedAvg):
         self.parameter_names = parameter_names
         self.backbone_fingerprint = backbone_fingerprint
         self.latest_parameters = initial_parameters
+        self.exhausted: dict[str, str] = {}  # node id -> department, for departments out of budget
+        self.round_offset = config.resume_after_round
         super().__init__(
             fraction_fit=config.fraction_train,
             fraction_evaluate=1.0,
@@ -73,18 +93,33 @@ class FedprivStrategy(FedAvg):
         }
 
     def configure_fit(self, server_round: int, parameters: Parameters, client_manager: Any) -> list:
+        server_round += self.round_offset
         self.pending_round = server_round
-        return super().configure_fit(server_round, parameters, client_manager)
+        needed = self.run_config.min_departments
+        eligible = [cid for cid in client_manager.all() if cid not in self.exhausted]
+        if self.exhausted and len(eligible) < needed:
+            raise FederationEnded(
+                f"ended before round {server_round}: {len(eligible)} department(s) have budget left, "
+                f"min-departments is {needed} (budget exhausted: {', '.join(sorted(self.exhausted.values()))})"
+            )
+        sample_size = max(int(len(eligible) * self.fraction_fit), needed)
+        clients = client_manager.sample(
+            num_clients=sample_size, min_num_clients=needed, criterion=_NotIn(set(self.exhausted))
+        )
+        config = self._round_config(server_round) | {protocol.AGGREGATE_SIZE: len(clients)}
+        return [(client, FitIns(parameters, config)) for client in clients]
 
     def configure_evaluate(self, server_round: int, parameters: Parameters, client_manager: Any) -> list:
+        server_round += self.round_offset
         if self.pending_round == server_round:  # the fit workflow ended without calling aggregate_fit
             self.recorder.record_failures(server_round, [
                 "no aggregate this round: secure aggregation halted (fewer departments than its threshold "
                 "answered) or every department failed; the global model is unchanged"
             ])
-        return super().configure_evaluate(server_round, parameters, client_manager)
+        return super().configure_evaluate(server_round - self.round_offset, parameters, client_manager)
 
     def _evaluate_config(self, server_round: int) -> dict[str, Scalar]:
+        server_round += self.round_offset
         last = server_round == self.run_config.num_server_rounds
         split = protocol.SPLIT_TEST if last else protocol.SPLIT_VAL
         return self._round_config(server_round) | {protocol.EVALUATION_SPLIT: split}
@@ -92,6 +127,7 @@ class FedprivStrategy(FedAvg):
     def aggregate_fit(
         self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures: list[Any]
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        server_round += self.round_offset
         departments: dict[str, dict[str, Any]] = {}
         trained: list[tuple[ClientProxy, FitRes]] = []
         for proxy, res in results:
@@ -101,14 +137,17 @@ class FedprivStrategy(FedAvg):
                 "status": m.get(protocol.STATUS),
                 "epsilon": m.get(protocol.EPSILON),
                 "delta": m.get(protocol.DELTA),
-                "target_epsilon": m.get(protocol.TARGET_EPSILON),
+                "budget": m.get(protocol.BUDGET),
                 "noise_multiplier": m.get(protocol.NOISE_MULTIPLIER),
                 "train_loss": m.get(protocol.TRAIN_LOSS),
                 "num_examples": res.num_examples,
                 "dp": bool(m.get(protocol.DP_ENABLED, True)),
                 "reason": m.get(protocol.REASON),
                 "secagg_out_of_range": m.get(protocol.OUT_OF_RANGE),
+                "ledger_entry": m.get(protocol.LEDGER_ENTRY),
             }
+            if m.get(protocol.STATUS) == protocol.STATUS_BUDGET_EXHAUSTED:
+                self.exhausted[proxy.cid] = name
             if m.get(protocol.STATUS) == protocol.STATUS_TRAINED and res.num_examples > 0:
                 trained.append((proxy, res))
         failure_notes = [_describe_failure(f) for f in failures]
@@ -145,7 +184,10 @@ class FedprivStrategy(FedAvg):
         return None, metrics
 
     def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
+        if server_round == 0 and self.round_offset:  # a resumed run's starting model was evaluated before
+            return None
         result = super().evaluate(server_round, parameters)
+        server_round += self.round_offset
         if result is not None:
             loss, metrics = result
             self.recorder.record_evaluation(
@@ -156,6 +198,7 @@ class FedprivStrategy(FedAvg):
     def aggregate_evaluate(
         self, server_round: int, results: list[tuple[ClientProxy, EvaluateRes]], failures: list[Any]
     ) -> tuple[float | None, dict[str, Scalar]]:
+        server_round += self.round_offset
         departments = {}
         for proxy, res in results:
             split = res.metrics.get(protocol.EVALUATION_SPLIT, protocol.SPLIT_VAL)

@@ -17,6 +17,7 @@ from typing import Any
 from shared.errors import ConfigError
 
 ACCOUNTANTS = ("rdp", "prv")
+TRANSPORTS = ("simulation", "tls+node-auth", "insecure")
 
 
 @dataclass(frozen=True)
@@ -45,11 +46,14 @@ class RunConfig:
     test_fraction: float = 0.1  # per-department test split; 0 when the server holds a test set
     seed: int = 0
     out_dir: str = "fedpriv-runs/latest"
+    run_uid: str = ""  # fedpriv's name for the run, kept by a resume (Flower's run id is not); empty: Flower's
+    resume_after_round: int = 0  # continue from this round's checkpoint in out-dir; 0: a fresh run
     secagg: bool = True  # Flower SecAgg+: the server learns only the (weighted) sum of updates
     secagg_clipping_range: float = 8.0  # updates are sent as deltas; values beyond +-this are clipped
     secagg_quantization_range: int = 2**22
     secagg_max_weight: int = 100_000  # largest num-examples a department may weight its update with
     secagg_timeout_s: float = 600.0  # a department that has not answered a stage by then is dropped
+    transport: str = "simulation"  # how departments reach the server, as the launcher set it up (for the record)
     audit_updates: bool = False  # save raw deltas (department side) and masked inputs (server side)
     partition_dir: str = ""  # simulation only: folder with manifest.json and department files
     test_data: str = ""  # CSV/JSONL for server-side evaluation; empty: federated evaluation
@@ -164,10 +168,13 @@ def _validate(cfg: RunConfig) -> list[str]:
     need(0 < cfg.val_fraction < 0.5, f"val-fraction must be in (0, 0.5) (got {cfg.val_fraction})")
     need(0 <= cfg.test_fraction < 0.5, f"test-fraction must be in [0, 0.5) (got {cfg.test_fraction})")
     need(bool(cfg.out_dir), "out-dir must not be empty")
+    need(0 <= cfg.resume_after_round < cfg.num_server_rounds,
+         f"resume-after-round must be in [0, num-server-rounds) (got {cfg.resume_after_round})")
     need(cfg.secagg_clipping_range > 0, f"secagg-clipping-range must be > 0 (got {cfg.secagg_clipping_range})")
     need(2**8 <= cfg.secagg_quantization_range <= 2**24,
          f"secagg-quantization-range must be in [2^8, 2^24] (got {cfg.secagg_quantization_range})")
     need(cfg.secagg_max_weight >= 1, f"secagg-max-weight must be >= 1 (got {cfg.secagg_max_weight})")
+    need(cfg.transport in TRANSPORTS, f"transport must be one of {TRANSPORTS} (got {cfg.transport!r})")
     need(cfg.secagg_timeout_s > 0, f"secagg-timeout-s must be > 0 (got {cfg.secagg_timeout_s})")
     return problems
 

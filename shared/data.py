@@ -154,3 +154,8 @@ def _summarise(path: Path | None, problems: list[str]) -> str:
     shown = "\n".join(f"  {p}" for p in problems[:MAX_REPORTED])
     more = f"\n  ... and {len(problems) - MAX_REPORTED} more" if len(problems) > MAX_REPORTED else ""
     return f"{head}:\n{shown}{more}"
+
+
+def safe_name(name: str) -> str:
+    """A department name as a file name: letters, digits, '-', '_' and '.' kept, the rest '_'."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)

@@ -18,3 +18,14 @@ def evaluate_module(module: torch.nn.Module, dataset: TensorDataset, batch_size:
         correct += int((logits.argmax(dim=-1) == labels).sum())
     n = max(len(dataset), 1)
     return loss_sum / n, correct / n
+
+
+@torch.no_grad()
+def per_example_losses(module: torch.nn.Module, dataset: TensorDataset, batch_size: int = 512) -> torch.Tensor:
+    """Cross-entropy of every example, in order: what a membership-inference attacker observes."""
+    module.eval()
+    losses = []
+    for start in range(0, len(dataset), batch_size):
+        *inputs, labels = dataset[start : start + batch_size]
+        losses.append(torch.nn.functional.cross_entropy(module(*inputs), labels, reduction="none"))
+    return torch.cat(losses) if losses else torch.empty(0)

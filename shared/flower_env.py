@@ -80,14 +80,40 @@ def environment(home: Path) -> dict[str, str]:
 
 
 def stop(process: subprocess.Popen) -> None:
-    """Stop a process and everything it started (Ray, SuperExec), by its process group."""
+    """Stop a process and everything it started, by process group and by descendant.
+
+    Flower's SuperLink starts its SuperExec in a session of its own, and the SuperExec starts the
+    simulation (ServerApp, Ray): signalling the SuperLink's group alone leaves the run going.
+    """
+    import psutil
+
     if process.poll() is not None:
         return
     try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=20)
+        descendants = psutil.Process(process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        descendants = []
+    groups = {process.pid}
+    for child in descendants:
+        try:
+            groups.add(os.getpgid(child.pid))
+        except ProcessLookupError:
+            pass
+    groups.discard(os.getpgid(0))  # never our own group
+
+    def signal_all(sig: signal.Signals) -> None:
+        for group in groups:
+            try:
+                os.killpg(group, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    signal_all(signal.SIGTERM)
+    _, alive = psutil.wait_procs(descendants, timeout=20)
+    try:
+        process.wait(timeout=5)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
+        alive.append(process)
+    if alive:
+        signal_all(signal.SIGKILL)
         process.wait()
-    except ProcessLookupError:
-        pass

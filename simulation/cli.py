@@ -6,11 +6,14 @@ import signal
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
 
 from shared.config import DEFAULTS
+from shared.errors import ConfigError
 from simulation import options as opt
 from simulation.console import console, friendly, user_errors
+from simulation.admin_commands import audit, ledger, report
 from simulation.deploy_commands import department_app, provision, run, server_app
 
 app = typer.Typer(
@@ -21,12 +24,16 @@ app = typer.Typer(
 )
 app.command()(friendly(provision))
 app.command()(friendly(run))
+app.command()(friendly(ledger))
+app.command()(friendly(audit))
+app.command()(friendly(report))
 app.add_typer(server_app, name="server")
 app.add_typer(department_app, name="department")
 
 
 @app.command()
 def simulate(
+    ctx: typer.Context,
     data: Annotated[Path | None, typer.Option(help="CSV/JSONL file (text,label[,department]) or the CLINC150 folder. Default: the built-in synthetic demo corpus.")] = None,
     test_data: opt.TestData = None,
     partition: Annotated[str | None, typer.Option(help="column | domain | dirichlet | iid. Default: domain for CLINC150, else column.")] = None,
@@ -47,11 +54,24 @@ def simulate(
     audit_updates: Annotated[bool, typer.Option("--audit-updates", help="Save each department's raw delta (its own folder) and what the server received (masked under SecAgg+), for audits.")] = False,
     out: opt.Out = None,
     seed: Annotated[int, typer.Option(help="Seed for partitioning, splits and initialisation (never for DP noise).")] = DEFAULTS.seed,
+    budget: Annotated[list[str] | None, typer.Option(help="NAME=EPSILON: that department's own budget, as its local configuration would set it (repeatable). It trains until one more round would cross it.")] = None,
+    policy: Annotated[list[str] | None, typer.Option(help="NAME:KEY=VALUE: a department's site policy (repeatable); keys: max-epsilon-per-round, min-noise-multiplier, require-secagg, min-departments, delta.")] = None,
+    min_departments: Annotated[int, typer.Option(help="The run ends when fewer departments than this can still train (budgets spent).")] = DEFAULTS.min_departments,
+    resume: Annotated[Path | None, typer.Option(help="Continue this stopped run folder from its last completed round, with its own settings.")] = None,
 ) -> None:
     """Run a federation of departments on this machine with Flower's simulation engine."""
-    from simulation.simulate import SimulationRequest, simulate_federation
+    from simulation.simulate import SimulationRequest, resume_federation, simulate_federation
 
     with user_errors():
+        if resume is not None:
+            given = [f"--{name.replace('_', '-')}" for name in ctx.params if name != "resume"
+                     and ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
+            if given:
+                raise ConfigError(f"--resume: a resumed run keeps its own settings; drop {', '.join(given)}")
+            status = resume_federation(resume, console=console)
+            if status["state"] != "completed":
+                raise typer.Exit(code=1)
+            return
         if batch_size is not None and batch_size < 1:
             raise typer.BadParameter(f"must be >= 1 (got {batch_size})", param_hint="--batch-size")
         request = SimulationRequest(
@@ -59,6 +79,7 @@ def simulate(
             rounds=rounds, local_epochs=local_epochs, batch_size=batch_size, learning_rate=learning_rate,
             max_grad_norm=max_grad_norm, epsilon=epsilon, delta=delta, accountant=accountant, model=model,
             lora_r=lora_r, dp=not no_dp, secagg=not no_secagg, audit_updates=audit_updates, out=out, seed=seed,
+            policies=opt.department_policies(budget or [], policy or []), min_departments=min_departments,
         )
         status = simulate_federation(request, console=console)
     if status["state"] != "completed":

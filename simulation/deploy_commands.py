@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import signal
 import time
+import uuid
 from pathlib import Path
 from typing import Annotated
 
@@ -100,8 +101,8 @@ def department_start(
 
 def run(
     kit: Annotated[Path, typer.Option(help="The server kit (its .flwr connection is written by `server start`).")],
-    labels_file: Annotated[Path, typer.Option(help="The federation's labels, one per line.")],
-    departments: Annotated[int, typer.Option(help="Departments that must be connected before a round starts.")],
+    labels_file: Annotated[Path | None, typer.Option(help="The federation's labels, one per line.")] = None,
+    departments: Annotated[int | None, typer.Option(help="Departments that must be connected before a round starts; the run ends when fewer can still train.")] = None,
     rounds: opt.Rounds = DEFAULTS.num_server_rounds,
     local_epochs: opt.LocalEpochs = DEFAULTS.local_epochs,
     batch_size: Annotated[int, typer.Option(help="Expected batch size (Poisson sampling).")] = DEFAULTS.batch_size,
@@ -117,27 +118,40 @@ def run(
     no_dp: opt.NoDp = False,
     no_secagg: opt.NoSecagg = False,
     out: opt.Out = None,
+    resume: Annotated[Path | None, typer.Option(help="Continue this stopped run folder from its last completed round (its own settings; only --kit is used).")] = None,
 ) -> None:
     """Run a federation on the deployed SuperLink (`flwr run` underneath)."""
     from simulation.launcher import submit_run
+    from simulation.resume import resume_config
     from simulation.simulate import print_round, print_summary
     from shared.flower_env import check_kit, environment
 
     check_kit(kit, ("departments.json",))
-    if not (kit / ".flwr" / "config.toml").is_file():
+    connection = kit / ".flwr" / "config.toml"
+    if not connection.is_file():
         raise ConfigError(f"{kit}: no SuperLink connection yet; run `fedpriv server start --kit {kit}` first")
-    labels = tuple(line.strip() for line in labels_file.read_text().splitlines() if line.strip())
-    config = RunConfig(
-        num_server_rounds=rounds, local_epochs=local_epochs, target_epsilon=epsilon, target_delta=delta,
-        model=model, batch_size=batch_size, learning_rate=learning_rate, max_grad_norm=max_grad_norm,
-        accountant=accountant, lora_r=lora_r, labels=labels, min_departments=departments, dp=not no_dp, secagg=not no_secagg,
-        secagg_max_weight=max_weight, test_data=str(test_data.resolve()) if test_data else "", out_dir="pending",
-    )
-    run_dir = new_run_dir(out)  # only once every setting has been validated above
-    config = dataclasses.replace(config, out_dir=str(run_dir))
-    if no_dp:
+    transport = "tls+node-auth" if "root-certificates" in connection.read_text() else "insecure"
+    if resume is not None:
+        config = dataclasses.replace(resume_config(resume), transport=transport)
+        run_dir = Path(config.out_dir)
+        console.print(f"resuming {run_dir} after round {config.resume_after_round} of {config.num_server_rounds}")
+    else:
+        missing = [name for name, value in (("--labels-file", labels_file), ("--departments", departments)) if value is None]
+        if missing:
+            raise ConfigError([f"{name} is required for a new run" for name in missing], source="fedpriv run options")
+        labels = tuple(line.strip() for line in labels_file.read_text().splitlines() if line.strip())
+        config = RunConfig(
+            num_server_rounds=rounds, local_epochs=local_epochs, target_epsilon=epsilon, target_delta=delta,
+            model=model, batch_size=batch_size, learning_rate=learning_rate, max_grad_norm=max_grad_norm,
+            accountant=accountant, lora_r=lora_r, labels=labels, min_departments=departments, dp=not no_dp,
+            secagg=not no_secagg, secagg_max_weight=max_weight, transport=transport, run_uid=uuid.uuid4().hex[:12],
+            test_data=str(test_data.resolve()) if test_data else "", out_dir="pending",
+        )
+        run_dir = new_run_dir(out)  # only once every setting has been validated above
+        config = dataclasses.replace(config, out_dir=str(run_dir))
+        console.print(f"submitting to the SuperLink of {kit}; waiting for {departments} departments; run folder {run_dir}")
+    if not config.dp:
         console.print(NO_DP_WARNING)
-    console.print(f"submitting to the SuperLink of {kit}; waiting for {departments} departments; run folder {run_dir}")
     status = submit_run(env=environment(kit.resolve() / ".flwr"), run_config=config.to_run_config(), run_dir=run_dir,
                         on_round=lambda entry: print_round(console, entry, config))
     print_summary(console, run_dir, status)

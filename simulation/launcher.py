@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from server.deployment import wait_until_up
-from server.run_record import ROUNDS_FILE, STATUS_FILE
+from server.run_record import ROUNDS_FILE, STATUS_FILE, write_json
 from shared.flower_env import CONNECTION, FlowerProcessError, environment, executable, flwr_home, free_port, stop
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+RUN_CONFIG_FILE = "run_config.toml"  # every setting of the run, as submitted; a resume reads it back
 
 
 def app_dir() -> Path:
@@ -72,7 +73,7 @@ def submit_run(
     on_round: Callable[[dict[str, Any]], None], federation_config: str | None = None,
 ) -> dict[str, Any]:
     """``flwr run`` the app through the ``fedpriv`` connection of ``env``; follow the round feed."""
-    config_path = write_run_config(run_config, run_dir / "run_config.toml")
+    config_path = write_run_config(run_config, run_dir / RUN_CONFIG_FILE)
     log_path = run_dir / "logs" / "flwr-run.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     command = [executable("flwr"), "run", str(app_dir()), CONNECTION, "--run-config", str(config_path), "--stream"]
@@ -82,6 +83,13 @@ def submit_run(
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             _follow(run_dir, process, on_round)
+        except KeyboardInterrupt:
+            write_json(run_dir / STATUS_FILE, {
+                "state": "stopped", "run_id": None,
+                "message": f"interrupted; continue with `fedpriv simulate --resume {run_dir}` (simulation) or "
+                           f"`fedpriv run --resume {run_dir}` (deployment)",
+            })
+            raise
         finally:
             stop(process)
     status_path = run_dir / STATUS_FILE

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -34,3 +34,46 @@ def new_run_dir(out: Path | None) -> Path:
         raise ConfigError(f"--out {run_dir} already holds files; choose a new run folder")
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
+
+
+def _policy_value(text: str) -> bool | int | float:
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number or true/false") from None
+
+
+def department_policies(budgets: list[str], policies: list[str]) -> dict[str, dict[str, Any]]:
+    """``--budget NAME=EPS`` and ``--policy NAME:KEY=VALUE`` as department -> {key: value}; every problem at once."""
+    from client.site_policy import POLICY_KEYS
+
+    result: dict[str, dict[str, Any]] = {}
+    problems = []
+    for text in budgets:
+        name, sep, value = text.rpartition("=")
+        try:
+            if not sep or not name:
+                raise ValueError("expected NAME=EPSILON")
+            result.setdefault(name, {})["epsilon"] = float(value)
+        except ValueError as exc:
+            problems.append(f"--budget {text!r}: {exc}")
+    for text in policies:
+        name, sep, setting = text.partition(":")
+        key, eq, value = setting.partition("=")
+        try:
+            if not (sep and eq and name):
+                raise ValueError("expected NAME:KEY=VALUE")
+            if key not in POLICY_KEYS:
+                raise ValueError(f"unknown key {key!r}; known: {', '.join(POLICY_KEYS)}")
+            result.setdefault(name, {})[key] = _policy_value(value)
+        except ValueError as exc:
+            problems.append(f"--policy {text!r}: {exc}")
+    if problems:
+        raise ConfigError(problems, source="department budgets and policies")
+    return result

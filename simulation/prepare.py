@@ -9,11 +9,13 @@ separate hosts, and the department clients read only their own.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from shared import clinc150, partition
-from shared.data import Record, check_labels, derive_labels, load_records, write_jsonl
+from shared.data import Record, check_labels, derive_labels, load_records, safe_name, write_jsonl
 from shared.demo_corpus import DESCRIPTION as DEMO_DESCRIPTION
 from shared.demo_corpus import demo_records
 from shared.errors import ConfigError, DataError
@@ -113,10 +115,14 @@ def partition_data(plan: DataPlan) -> Partitioned:
 
 def write_federation(
     data: Partitioned, *, out_dir: Path, val_fraction: float, test_fraction: float, batch_size: int, delta: float,
-    dp: bool, seed: int,
+    dp: bool, seed: int, policies: Mapping[str, Mapping[str, Any]],
 ) -> Federation:
     """Check every department against the training settings, then write one file per department."""
-    problems = []
+    problems = [
+        f"--budget/--policy name a department '{name}' that this partition does not have "
+        f"(departments: {', '.join(sorted(data.shares))})"
+        for name in sorted(set(policies) - set(data.shares))
+    ]
     departments = []
     for name, records in data.shares.items():
         split = partition.split_department(records, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
@@ -129,7 +135,7 @@ def write_federation(
         if dp and not delta < 1 / max(train, 1):
             problems.append(f"department {name}: delta={delta} must be below 1/records = 1/{train}")
         departments.append(
-            Department(name, f"departments/{_safe(name)}.jsonl", len(records), train, len({r.label for r in records}))
+            Department(name, f"departments/{safe_name(name)}.jsonl", len(records), train, len({r.label for r in records}))
         )
     if problems:
         raise DataError("cannot train these departments:\n" + "\n".join(f"  - {p}" for p in problems))
@@ -144,11 +150,10 @@ def write_federation(
     manifest = {
         "description": data.description,
         "labels": list(data.labels),
-        "departments": [{"name": d.name, "file": d.file, "records": d.records} for d in departments],
+        "departments": [
+            {"name": d.name, "file": d.file, "records": d.records, "policy": dict(policies.get(d.name, {}))}
+            for d in departments
+        ],
     }
     (partition_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return Federation(partition_dir, data.description, data.labels, tuple(departments), test_file)
-
-
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)

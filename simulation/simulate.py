@@ -7,19 +7,22 @@ budgets, settings, the model path), so a run never dies halfway for a reason kno
 from __future__ import annotations
 
 import json
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
 
+from client.site_policy import SitePolicy
+from server.report import REPORT_FILE
 from server.run_record import METRICS_FILE, PLOT_FILE
 from shared.config import DEFAULTS, RunConfig
 from shared.errors import ConfigError
 from simulation.launcher import run_simulation
 from simulation.options import NO_DP_WARNING, new_run_dir
 from simulation.prepare import DataPlan, Federation, partition_data, write_federation
+from simulation.resume import resume_config
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,8 @@ class SimulationRequest:
     audit_updates: bool
     out: Path | None
     seed: int
+    policies: dict[str, dict[str, Any]]  # department -> its own budget and site policy (client.site_policy)
+    min_departments: int
 
 
 def simulate_federation(request: SimulationRequest, *, console: Console) -> dict[str, Any]:
@@ -63,26 +68,44 @@ def simulate_federation(request: SimulationRequest, *, console: Console) -> dict
     batch_size = request.batch_size or max(1, min(DEFAULTS.batch_size, partitioned.smallest_train_split(**fractions) // 4))
     out = new_run_dir(request.out)
     federation = write_federation(
-        partitioned, out_dir=out, batch_size=batch_size, delta=request.delta, dp=request.dp, **fractions
+        partitioned, out_dir=out, batch_size=batch_size, delta=request.delta, dp=request.dp,
+        policies=request.policies, **fractions
     )
     config = RunConfig(
         num_server_rounds=request.rounds, local_epochs=request.local_epochs, batch_size=batch_size,
         learning_rate=request.learning_rate, max_grad_norm=request.max_grad_norm,
         target_epsilon=request.epsilon, target_delta=request.delta, dp=request.dp, accountant=request.accountant,
         model=str(Path(request.model).expanduser().resolve()) if request.model not in (MINILM, TINY) else request.model,
-        lora_r=request.lora_r, labels=federation.labels, min_departments=len(federation.departments),
+        lora_r=request.lora_r, labels=federation.labels,
+        min_departments=min(request.min_departments, len(federation.departments)),
         val_fraction=val_fraction, test_fraction=test_fraction, seed=request.seed, out_dir=str(out),
         partition_dir=str(federation.partition_dir),
         test_data=str(federation.test_file) if federation.test_file else "",
-        secagg=request.secagg, audit_updates=request.audit_updates,
+        secagg=request.secagg, audit_updates=request.audit_updates, run_uid=uuid.uuid4().hex[:12],
         # The tightest SecAgg+ weight bound that fits every department: the finest quantization.
         secagg_max_weight=max(d.train_records for d in federation.departments),
     )
+    for name, policy in request.policies.items():  # refused here, not on the department's first round
+        SitePolicy.from_mapping(policy, department=name, run=config)
     load_backbone(config.model)  # a bad model folder fails here, with its reason
 
     _print_header(console, federation, config)
+    return _run(console, config, num_departments=len(federation.departments))
+
+
+def resume_federation(run_dir: Path, *, console: Console) -> dict[str, Any]:
+    """Continue a stopped simulation from its last completed round, with its own settings and ledgers."""
+    config = resume_config(run_dir)
+    manifest = json.loads((Path(config.partition_dir) / "manifest.json").read_text())
+    console.print(f"[bold]fedpriv simulate --resume[/]: {run_dir}, continuing after round {config.resume_after_round} "
+                  f"of {config.num_server_rounds}")
+    return _run(console, config, num_departments=len(manifest["departments"]))
+
+
+def _run(console: Console, config: RunConfig, *, num_departments: int) -> dict[str, Any]:
+    out = Path(config.out_dir)
     status = run_simulation(
-        run_config=config.to_run_config(), num_departments=len(federation.departments), run_dir=out,
+        run_config=config.to_run_config(), num_departments=num_departments, run_dir=out,
         on_round=lambda entry: print_round(console, entry, config),
     )
     print_summary(console, out, status)
@@ -135,32 +158,31 @@ def print_round(console: Console, entry: dict[str, Any], config: RunConfig) -> N
 
 
 def print_summary(console: Console, out: Path, status: dict[str, Any]) -> None:
+    """The end of a run in brief: the ledger, accuracy, what went wrong, where the files are."""
+    from simulation.admin_commands import ledger_table
+
     metrics_path = out / METRICS_FILE
     if status.get("state") != "completed":
         console.print(f"[bold red]run failed:[/] {status.get('message')}")
     if not metrics_path.exists():
         return
     metrics = json.loads(metrics_path.read_text())
-    last = metrics["rounds"][-1] if metrics["rounds"] else {}
-    table = Table(title="Privacy per department")
-    for column in ("department", "epsilon spent", "budget", "delta", "rounds trained", "accuracy (own split)"):
-        table.add_column(column)
-    for name, ledger in sorted(metrics["privacy"].items()):
-        own = last.get("departments", {}).get(name, {})
-        val = own.get("test_accuracy", own.get("val_accuracy"))
-        table.add_row(
-            name,
-            f"{ledger['epsilon']:.3f}" if ledger.get("epsilon") is not None else "no DP",
-            str(ledger.get("target_epsilon") or "-"), str(ledger.get("delta") or "-"),
-            str(ledger.get("rounds_trained")), f"{val:.4f}" if val is not None else "-",
-        )
-    console.print(table)
+    console.print(ledger_table(out))
+    if metrics.get("ended_early"):
+        console.print(f"[yellow]the run ended early:[/] {metrics['ended_early']}")
     if metrics.get("final_accuracy") is not None:
         console.print(f"final accuracy {metrics['final_accuracy']:.4f} ({metrics['final_accuracy_source']})")
+    protections = [
+        "DP-SGD" if metrics.get("dp") else "NO DP",
+        "SecAgg+" if metrics.get("secure_aggregation") else "no SecAgg+",
+        {"simulation": "in-process simulation", "tls+node-auth": "TLS + node authentication"}.get(
+            metrics.get("transport"), "NO TLS, no node authentication"),
+    ]
+    console.print("protections: " + ", ".join(protections))
     failures = [f"round {r['round']}: {f}" for r in metrics["rounds"] for f in r.get("failures", [])]
     if failures:
         console.print(f"[yellow]{len(failures)} failure(s)[/], first: {failures[0]}")
     clipped = sum(r.get("secagg_out_of_range") or 0 for r in metrics["rounds"])
     if clipped:
         console.print(f"[yellow]SecAgg+ clipped {clipped} update values to its range[/] (per round in metrics.json)")
-    console.print(f"metrics: {metrics_path}\nplot: {out / PLOT_FILE}\nmodel: {out / 'model'}")
+    console.print(f"report: {out / REPORT_FILE}\nmetrics: {metrics_path}\nplot: {out / PLOT_FILE}\nmodel: {out / 'model'}")

@@ -95,12 +95,64 @@ def test_mismatched_labels_are_refused_before_training(tmp_path):
     assert not (tmp_path / "state" / LEDGER_FILE).exists()
 
 
-def test_department_budget_may_only_be_lower(tmp_path):
-    with pytest.raises(ConfigError, match=r"epsilon must be in \(0, 5.0\]"):
-        make_client(tmp_path, node_extra={"epsilon": 9.0})
-    client, config = make_client(tmp_path, node_extra={"epsilon": 1.0})
+def test_a_department_budget_above_the_run_is_capped_and_a_small_one_stops_it(tmp_path):
+    client, config = make_client(tmp_path, node_extra={"epsilon": 9.0})
     _, _, metrics = client.fit(get_trainable(client.classifier), request(config, 1))
-    assert metrics[protocol.TARGET_EPSILON] == 1.0 and metrics[protocol.EPSILON] < 1.0
+    assert metrics[protocol.BUDGET] == 5.0  # the run promised 5.0: that holds too
+    small, config = make_client(tmp_path / "small", node_extra={"epsilon": 0.5})
+    _, weight, refused = small.fit(get_trainable(small.classifier), request(config, 1))
+    assert refused[protocol.STATUS] == protocol.STATUS_BUDGET_EXHAUSTED and weight == 0
+    assert "its budget 0.5" in refused[protocol.REASON]
+    assert not (tmp_path / "small" / "state" / LEDGER_FILE).exists()
+
+
+@pytest.mark.parametrize(("policy", "request_extra", "named"), [
+    ({"require-secagg": True}, {}, "require-secagg"),
+    ({"min-noise-multiplier": 50.0}, {}, "min-noise-multiplier=50.0"),
+    ({"max-epsilon-per-round": 0.01}, {}, "max-epsilon-per-round=0.01"),
+    ({"min-departments": 3}, {protocol.AGGREGATE_SIZE: 2}, "min-departments=3: this round aggregates only 2"),
+])
+def test_site_policy_refuses_a_request_that_violates_it(tmp_path, policy, request_extra, named):
+    client, config = make_client(tmp_path, node_extra=policy)
+    zero, weight, refused = client.fit(get_trainable(client.classifier), request(config, 1) | request_extra)
+    assert refused[protocol.STATUS] == protocol.STATUS_POLICY_REFUSED and weight == 0
+    assert named in refused[protocol.REASON] and all(not d.any() for d in zero)
+    assert not (tmp_path / "state" / LEDGER_FILE).exists()  # nothing trained, nothing spent
+
+
+def test_site_policy_allows_a_request_within_it(tmp_path):
+    client, config = make_client(tmp_path, node_extra={"require-secagg": False, "min-departments": 2,
+                                                        "max-epsilon-per-round": 100.0, "min-noise-multiplier": 0.1})
+    _, _, metrics = client.fit(get_trainable(client.classifier), request(config, 1) | {protocol.AGGREGATE_SIZE: 2})
+    assert metrics[protocol.STATUS] == protocol.STATUS_TRAINED
+
+
+def test_site_policy_refuses_a_no_dp_run_when_it_limits_privacy_cost(tmp_path):
+    client, config = make_client(tmp_path, dp=False, node_extra={"max-epsilon-per-round": 1.0})
+    _, weight, refused = client.fit(get_trainable(client.classifier), request(config, 1))
+    assert refused[protocol.STATUS] == protocol.STATUS_POLICY_REFUSED and weight == 0 and "--no-dp" in refused[protocol.REASON]
+
+
+def test_bad_site_policy_values_are_all_named(tmp_path):
+    with pytest.raises(ConfigError) as error:
+        make_client(tmp_path, node_extra={"epsilon": 0.0, "delta": 0.5, "min-departments": 0, "require-secagg": "maybe"})
+    text = str(error.value)
+    assert "site policy of department finance" in text
+    for key in ("epsilon: the budget must be > 0", "delta: must be in (0, 0.0001]", "min-departments: must be >= 1",
+                "require-secagg: expected true or false"):
+        assert key in text
+
+
+def test_a_repeated_request_is_answered_from_the_stored_update_without_spending(tmp_path):
+    client, config = make_client(tmp_path)
+    start = get_trainable(client.classifier)
+    first, _, metrics = client.fit(start, request(config, 1))
+    again, _, replayed = client.fit(start, request(config, 1))
+    assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True)) and replayed == metrics
+    assert len(PrivacyLedger(tmp_path / "state", department="finance").entries) == 1
+    different = [p + 0.1 for p in start]  # other parameters: a new round of training, paid for
+    client.fit(different, request(config, 1))
+    assert len(PrivacyLedger(tmp_path / "state", department="finance").entries) == 2
 
 
 def test_secagg_weight_and_range_checks(tmp_path):

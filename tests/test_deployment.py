@@ -66,6 +66,8 @@ def test_tls_authenticated_federation_and_refusals(tmp_path, processes):
     while "SuperLink up" not in (tmp_path / "server.out").read_text():
         assert processes[0].poll() is None and time.monotonic() < deadline, (tmp_path / "server.out").read_text()
         time.sleep(1)
+    policy_kit = kits / DEPARTMENTS[0] / "department.toml"  # one department insists on SecAgg+ and 3 departments
+    policy_kit.write_text(policy_kit.read_text() + "\n[policy]\nrequire-secagg = true\nmin-departments = 3\n")
     for name in DEPARTMENTS:
         processes.append(subprocess.Popen(
             [FEDPRIV, "department", "start", "--kit", str(kits / name), "--data", str(tmp_path / f"{name}.jsonl")],
@@ -79,7 +81,9 @@ def test_tls_authenticated_federation_and_refusals(tmp_path, processes):
     assert metrics["status"] == "completed" and metrics["secure_aggregation"] is True
     assert [r["round"] for r in metrics["rounds"]] == [1, 2]
     assert set(metrics["privacy"]) == set(DEPARTMENTS)
-    assert all(0 < p["epsilon"] <= 8.0 for p in metrics["privacy"].values())
+    assert all(0 < p["epsilon"] <= 8.0 and p["status"] == "trained" for p in metrics["privacy"].values())
+    assert metrics["transport"] == "tls+node-auth"
+    assert "on (gRPC over TLS)" in (tmp_path / "run" / "report.html").read_text()
     for name in DEPARTMENTS:  # each department's ledger lives in its own kit's state folder
         assert len((kits / name / "state" / "privacy-ledger.jsonl").read_text().splitlines()) == 2
 

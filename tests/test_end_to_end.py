@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -89,3 +91,57 @@ def test_clinc150_by_domain_runs_and_learns(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert len(metrics["privacy"]) == 10
     assert metrics["final_accuracy_source"] == "server test split" and metrics["final_accuracy"] > 0.3
+
+
+def _final_privacy(run: Path) -> dict:
+    return {name: (p["epsilon"], p["rounds_trained"], p["status"])
+            for name, p in json.loads((run / "metrics.json").read_text())["privacy"].items()}
+
+
+def test_budgets_ledger_report_audit_and_resume_through_the_cli(tmp_path):
+    args = ["simulate", "--model", "tiny", "--rounds", "4", "--budget", "finance=5", "--no-secagg"]
+    whole = tmp_path / "whole"
+    result = fedpriv(*args, "--out", str(whole))
+    assert result.returncode == 0, result.stdout + result.stderr
+    privacy = _final_privacy(whole)
+    # finance's own budget (5) holds one round of a plan made for epsilon 8 over 4 rounds; the others go on
+    assert privacy["finance"][1:] == (1, "budget-exhausted") and privacy["finance"][0] <= 5.0
+    assert all(p[1] == 4 and 7.9 <= p[0] <= 8.0 for name, p in privacy.items() if name != "finance")
+    report = (whole / "report.html").read_text()
+    assert all(f"<td>{name}</td>" in report for name in privacy)
+
+    ledger = fedpriv("ledger", str(whole))
+    assert ledger.returncode == 0 and "budget" in ledger.stdout and "exhausted" in ledger.stdout
+    assert ledger.stdout.count("agrees") == 4  # the server's copy recomputes to every department's epsilon
+
+    audit = fedpriv("audit", str(whole))
+    assert audit.returncode == 0, audit.stdout + audit.stderr
+    result_json = json.loads((whole / "audit.json").read_text())
+    assert 0 <= result_json["auc"] <= 1 and result_json["members"] > result_json["non_members"] > 0
+    assert result_json["empirical_epsilon"] <= result_json["claimed_epsilon"] and not result_json["violation"]
+    assert "TPR at 1% FPR" in (whole / "report.html").read_text()
+
+    # The same run stopped after its second round (SIGTERM, as a CI timeout or an admin would), then resumed.
+    stopped = tmp_path / "stopped"
+    process = subprocess.Popen([FEDPRIV, *args, "--out", str(stopped)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, env=dict(os.environ))
+    feed = stopped / "rounds.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if feed.exists() and len(feed.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=120)
+    completed_before = len(feed.read_text().splitlines())
+    assert completed_before < 4, "the run finished before it could be stopped"
+    refused = fedpriv("simulate", "--resume", str(stopped), "--rounds", "9")
+    assert refused.returncode == 1 and "keeps its own settings; drop --rounds" in refused.stderr
+    resumed = fedpriv("simulate", "--resume", str(stopped))
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"continuing after round {completed_before}" in resumed.stdout
+    assert [r["round"] for r in json.loads((stopped / "metrics.json").read_text())["rounds"]] == [1, 2, 3, 4]
+    for name, (epsilon, rounds, status) in _final_privacy(stopped).items():
+        assert epsilon == pytest.approx(privacy[name][0], rel=1e-9) and (rounds, status) == privacy[name][1:]
+        lines = (stopped / "departments" / name / "privacy-ledger.jsonl").read_text().splitlines()
+        assert len(lines) == privacy[name][1]  # never reset, never paid twice

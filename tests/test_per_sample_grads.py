@@ -68,7 +68,7 @@ def test_dp_sgd_moves_lora_weights(tiny_backbone):
     input_ids, mask = tokenize(tiny_backbone, TEXTS * 4, max_length=16)
     dataset = TensorDataset(input_ids, mask, torch.tensor([0, 1, 2, 1] * 4))
     q, steps = poisson_schedule(num_records=16, batch_size=4, local_epochs=1)
-    plan = PrivacyPlan(1.0, q, steps, 1, 8.0, 1e-5, "rdp")
+    plan = PrivacyPlan(1.0, q, steps, 1, 8.0, 8.0, 1e-5, "rdp")
     result = train_private(
         module=model, dataset=dataset, plan=plan, prior=[], batch_size=4, local_epochs=1,
         learning_rate=0.5, momentum=0.0, max_grad_norm=1.0,
@@ -114,7 +114,7 @@ def test_dp_step_equals_the_clipped_per_example_mean(tiny_backbone, head_only):
     q, steps = poisson_schedule(num_records=len(texts), batch_size=len(texts), local_epochs=1)
     assert (q, steps) == (1.0, 1)  # q = 1: every record is in the single batch, deterministically
     train_private(
-        module=model, dataset=TensorDataset(*inputs, labels), plan=PrivacyPlan(0.0, q, steps, 1, 8.0, 1e-5, "rdp"),
+        module=model, dataset=TensorDataset(*inputs, labels), plan=PrivacyPlan(0.0, q, steps, 1, 8.0, 8.0, 1e-5, "rdp"),
         prior=[], batch_size=len(texts), local_epochs=1, learning_rate=1.0, momentum=0.0, max_grad_norm=clip,
     )
     for n in names:
@@ -131,7 +131,7 @@ def test_empty_poisson_batches_still_take_their_step():
     q, steps = poisson_schedule(num_records=20, batch_size=1, local_epochs=1)  # P(some empty batch) > 0.9999
     result = train_private(
         module=head, dataset=TensorDataset(torch.randn(20, 4), torch.randint(0, 3, (20,))),
-        plan=PrivacyPlan(1.0, q, steps, 1, 8.0, 1e-5, "rdp"), prior=[(1.0, q, 5)], batch_size=1, local_epochs=1,
+        plan=PrivacyPlan(1.0, q, steps, 1, 8.0, 8.0, 1e-5, "rdp"), prior=[(1.0, q, 5)], batch_size=1, local_epochs=1,
         learning_rate=0.1, momentum=0.0, max_grad_norm=1.0,
     )
     assert result.steps == 20

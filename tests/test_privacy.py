@@ -45,15 +45,15 @@ def test_poisson_schedule_matches_opacus_loader():
     assert poisson_schedule(num_records=1000, batch_size=256, local_epochs=2) == (0.25, 8)
 
 
-def _plan(ledger, run_id=7, rounds=5, epsilon=4.0):
-    return ledger.plan(run_id=run_id, num_records=1000, batch_size=100, local_epochs=1, planned_rounds=rounds,
-                       target_epsilon=epsilon, delta=1e-5, accountant="rdp")
+def _plan(ledger, run="7", rounds=5, epsilon=4.0, budget=None):
+    return ledger.plan(run=run, num_records=1000, batch_size=100, local_epochs=1, planned_rounds=rounds,
+                       run_epsilon=epsilon, budget=budget or epsilon, delta=1e-5, accountant="rdp")
 
 
-def _train_rounds(ledger, plan, rounds, run_id=7):
+def _train_rounds(ledger, plan, rounds, run="7"):
     for r in range(1, rounds + 1):
         ledger.check_round(plan)
-        ledger.record_round(run_id=run_id, server_round=r, plan=plan, steps=plan.steps_per_round)
+        ledger.record_round(run=run, server_round=r, plan=plan, steps=plan.steps_per_round)
 
 
 def test_budget_is_met_at_the_end_and_the_next_round_is_refused(tmp_path):
@@ -77,25 +77,25 @@ def test_ledger_survives_a_restart_and_keeps_the_run_plan(tmp_path):
 
 def test_a_second_run_composes_with_the_first(tmp_path):
     ledger = PrivacyLedger(tmp_path, department="it")
-    first = _plan(ledger, run_id=1, epsilon=4.0)
-    _train_rounds(ledger, first, 5, run_id=1)
-    second = _plan(ledger, run_id=2, epsilon=6.0)
-    _train_rounds(ledger, second, 5, run_id=2)
+    first = _plan(ledger, run="1", epsilon=4.0)
+    _train_rounds(ledger, first, 5, run="1")
+    second = _plan(ledger, run="2", epsilon=6.0)
+    _train_rounds(ledger, second, 5, run="2")
     # The second run is calibrated against the whole history: the total lands on the new budget.
     assert 5.99 <= ledger.entries[-1].epsilon <= 6.0
     alone = epsilon_of([second.round_mechanism] * 5, delta=1e-5, accountant="rdp")
     assert alone > 2.0  # composition is sub-additive, but the second run alone is not "free"
     with pytest.raises(BudgetExhausted):
-        _plan(ledger, run_id=3, epsilon=6.0)
+        _plan(ledger, run="3", epsilon=6.0)
 
 
 def test_bad_budgets_are_refused(tmp_path):
     ledger = PrivacyLedger(tmp_path, department="finance")
     with pytest.raises(ConfigError, match="1/records = 1/1000"):
-        ledger.plan(run_id=1, num_records=1000, batch_size=100, local_epochs=1, planned_rounds=1,
-                    target_epsilon=1.0, delta=0.01, accountant="rdp")
-    with pytest.raises(ConfigError, match="epsilon must be > 0"):
-        _plan(ledger, epsilon=0.0)
+        ledger.plan(run="1", num_records=1000, batch_size=100, local_epochs=1, planned_rounds=1,
+                    run_epsilon=1.0, budget=1.0, delta=0.01, accountant="rdp")
+    with pytest.raises(ConfigError, match="budget epsilon must be > 0"):
+        _plan(ledger, epsilon=1.0, budget=-1.0)
 
 
 def test_corrupt_ledger_is_refused_with_its_line(tmp_path):
@@ -112,27 +112,64 @@ def test_corrupt_ledger_is_refused_with_its_line(tmp_path):
         PrivacyLedger(tmp_path, department="hr")
 
 
+def test_a_missing_or_edited_ledger_line_is_refused(tmp_path):
+    ledger = PrivacyLedger(tmp_path, department="hr")
+    _train_rounds(ledger, _plan(ledger), 3)
+    lines = ledger.path.read_text().splitlines()
+    ledger.path.write_text(lines[0] + "\n" + lines[2] + "\n")
+    with pytest.raises(DataError, match=r"privacy-ledger.jsonl:2: entry 2 is missing \(this line is entry 3\)"):
+        PrivacyLedger(tmp_path, department="hr")
+    cheaper = json.loads(lines[1]) | {"noise_multiplier": 50.0}  # "it was a much noisier round"
+    ledger.path.write_text("\n".join([lines[0], json.dumps(cheaper), lines[2]]) + "\n")
+    with pytest.raises(DataError, match="does not follow from the recorded rounds"):
+        PrivacyLedger(tmp_path, department="hr")
+
+
+def test_a_department_with_a_small_budget_stops_after_the_last_round_that_fits(tmp_path):
+    ledger = PrivacyLedger(tmp_path, department="legal")
+    plan = _plan(ledger, rounds=10, epsilon=8.0, budget=6.0)
+    # Independently: the number of rounds of this mechanism whose composition stays within 6.0.
+    expected = max(k for k in range(1, 11) if epsilon_of([plan.round_mechanism] * k, delta=1e-5, accountant="rdp") <= 6.0)
+    assert 1 <= expected < 10
+    trained = 0
+    for r in range(1, 11):
+        try:
+            ledger.check_round(plan)
+        except BudgetExhausted as exhausted:
+            assert "department legal" in str(exhausted) and "its budget 6.0" in str(exhausted)
+            break
+        ledger.record_round(run="7", server_round=r, plan=plan, steps=plan.steps_per_round)
+        trained += 1
+    assert trained == expected and ledger.entries[-1].epsilon <= 6.0
+
+
 @settings(max_examples=12, deadline=None)
 @given(
     epsilon=st.floats(min_value=0.5, max_value=10.0),
+    budget_share=st.floats(min_value=0.05, max_value=1.5),
     records=st.integers(min_value=200, max_value=5000),
     batch=st.integers(min_value=8, max_value=256),
     rounds=st.integers(min_value=1, max_value=20),
     epochs=st.integers(min_value=1, max_value=3),
 )
-def test_no_department_ever_ends_above_its_budget(tmp_path_factory, epsilon, records, batch, rounds, epochs):
+def test_no_department_ever_ends_above_its_budget(
+    tmp_path_factory, epsilon, budget_share, records, batch, rounds, epochs
+):
     ledger = PrivacyLedger(tmp_path_factory.mktemp("ledger"), department="d")
-    plan = ledger.plan(run_id=1, num_records=records, batch_size=min(batch, records), local_epochs=epochs,
-                       planned_rounds=rounds, target_epsilon=epsilon, delta=1e-5, accountant="rdp")
+    budget = min(epsilon * budget_share, epsilon)  # the department's own budget, at most the run's
+    plan = ledger.plan(run="1", num_records=records, batch_size=min(batch, records), local_epochs=epochs,
+                       planned_rounds=rounds, run_epsilon=epsilon, budget=budget, delta=1e-5, accountant="rdp")
     trained = 0
     for r in range(1, rounds + 3):
         try:
             ledger.check_round(plan)
         except BudgetExhausted:
             break
-        ledger.record_round(run_id=1, server_round=r, plan=plan, steps=plan.steps_per_round)
+        ledger.record_round(run="1", server_round=r, plan=plan, steps=plan.steps_per_round)
         trained += 1
-    assert trained == rounds  # every planned round runs, none beyond
-    assert ledger.entries[-1].epsilon <= epsilon
-    assert ledger.entries[-1].epsilon >= epsilon - 0.02
+    final = ledger.entries[-1].epsilon if ledger.entries else 0.0
+    assert final <= budget
+    assert trained <= rounds  # never beyond the plan
+    if budget_share >= 1:
+        assert trained == rounds and final >= epsilon - 0.02  # the run's own budget is met, not wasted
     assert isinstance(plan, PrivacyPlan)

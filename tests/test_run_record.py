@@ -1,27 +1,48 @@
-"""The run folder's metrics: what the admin reads, including where the final accuracy comes from."""
+"""The run folder: metrics, the server's ledger copies, the report and `fedpriv ledger`, resume bookkeeping."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
-from server.run_record import RunRecorder
+import pytest
+
+from server.ledger_view import ledger_rows
+from server.run_record import RunRecorder, ledger_copy_path, read_ledger_copy
+from shared.accounting import epsilon_of
 from shared.config import RunConfig
+from shared.errors import DataError
+
+
+def ledger_line(index, epsilon=None, sigma=1.2, q=0.1, steps=10, round_=None):
+    history = [(sigma, q, steps)] * index
+    eps = epsilon if epsilon is not None else epsilon_of(history, delta=1e-5, accountant="rdp")
+    return json.dumps({"index": index, "run": "r", "round": round_ or index, "noise_multiplier": sigma,
+                       "sample_rate": q, "steps": steps, "accountant": "rdp", "delta": 1e-5, "epsilon": eps,
+                       "budget": 3.0, "time": 0.0})
+
+
+def two_rounds(tmp_path, config=None):
+    recorder = RunRecorder(tmp_path, config=config or RunConfig(num_server_rounds=3), run_id=5)
+    for server_round, accuracy in ((1, 0.5), (2, 0.7)):
+        recorder.record_fit(server_round, departments={
+            "hr": {"status": "trained", "epsilon": server_round * 1.0, "delta": 1e-5, "budget": 3.0, "dp": True,
+                   "ledger_entry": ledger_line(server_round)},
+            "it": {"status": "budget-exhausted", "epsilon": 1.0, "delta": 1e-5, "budget": 1.0, "dp": True,
+                   "reason": "one more round would spend 1.3 > its budget 1.0"},
+        }, train_loss=1.0 / server_round)
+        recorder.record_evaluation(server_round, loss=1.0, accuracy=accuracy, source="federated validation")
+        recorder.flush_round(server_round)
+    return recorder
 
 
 def test_final_accuracy_prefers_the_server_test_split_then_federated_test(tmp_path):
-    recorder = RunRecorder(tmp_path, config=RunConfig(num_server_rounds=2), run_id=5)
-    recorder.record_fit(1, departments={"hr": {"status": "trained", "epsilon": 1.5, "delta": 1e-5,
-                                               "target_epsilon": 3.0, "dp": True}}, train_loss=1.0)
-    recorder.record_evaluation(1, loss=1.2, accuracy=0.5, source="federated validation")
-    recorder.flush_round(1)
-    recorder.record_fit(2, departments={"hr": {"status": "trained", "epsilon": 3.0, "delta": 1e-5,
-                                               "target_epsilon": 3.0, "dp": True}}, train_loss=0.8)
-    recorder.record_evaluation(2, loss=0.9, accuracy=0.7, source="federated test")
-    recorder.flush_round(2)
+    recorder = two_rounds(tmp_path)
     metrics = recorder.finish(state="completed")
-    assert metrics["final_accuracy"] == 0.7 and metrics["final_accuracy_source"] == "federated test"
-    assert metrics["privacy"]["hr"] == {"rounds_trained": 2, "epsilon": 3.0, "delta": 1e-5, "target_epsilon": 3.0,
-                                        "dp": True, "status": "trained"}
+    assert metrics["final_accuracy"] == 0.7 and metrics["final_accuracy_source"] == "federated validation"
+    assert metrics["privacy"]["hr"] == {"rounds_trained": 2, "last_trained_round": 2, "epsilon": 2.0,
+                                        "delta": 1e-5, "budget": 3.0, "dp": True, "status": "trained", "reason": None}
+    assert metrics["privacy"]["it"]["status"] == "budget-exhausted" and metrics["privacy"]["it"]["rounds_trained"] == 0
     assert [json.loads(line)["round"] for line in (tmp_path / "rounds.jsonl").read_text().splitlines()] == [1, 2]
     assert json.loads((tmp_path / "status.json").read_text())["state"] == "completed"
     assert (tmp_path / "accuracy_epsilon.png").exists()
@@ -29,3 +50,38 @@ def test_final_accuracy_prefers_the_server_test_split_then_federated_test(tmp_pa
     recorder.record_evaluation(2, loss=0.4, accuracy=0.9, source="server test split")
     recorder.record_evaluation(2, loss=0.9, accuracy=0.7, source="federated test")
     assert recorder.finish(state="completed")["final_accuracy_source"] == "server test split"
+
+
+def test_server_keeps_a_copy_of_each_ledger_once_per_line_and_checks_it(tmp_path):
+    recorder = two_rounds(tmp_path)
+    # a resumed run asks again for a round the server had received but not completed: the department re-sends
+    recorder.record_fit(2, departments={"hr": {"status": "trained", "ledger_entry": ledger_line(2)}}, train_loss=0.5)
+    copy = read_ledger_copy(ledger_copy_path(tmp_path, "hr"))
+    assert [line["index"] for line in copy] == [1, 2]  # a replayed line is not copied twice
+    recorder.finish(state="completed")
+    rows = {row.department: row for row in ledger_rows(tmp_path)}
+    assert rows["hr"].check == "agrees" and rows["hr"].rounds_trained == 2
+    assert rows["hr"].epsilon == pytest.approx(copy[-1]["epsilon"])
+    assert rows["it"].status == "budget exhausted" and rows["it"].budget == 1.0
+
+    ledger_copy_path(tmp_path, "hr").write_text(ledger_line(1) + "\n" + ledger_line(2, epsilon=0.01) + "\n")
+    assert next(r for r in ledger_rows(tmp_path) if r.department == "hr").check.startswith("MISMATCH")
+
+
+def test_report_has_a_row_per_department_and_the_protections(tmp_path):
+    two_rounds(tmp_path).finish(state="completed")
+    report = (tmp_path / "report.html").read_text()
+    assert "<td>hr</td>" in report and "<td>it</td>" in report
+    assert "budget exhausted" in report and "on (Flower SecAgg+)" in report and "<svg" in report
+    assert "n/a: in-process simulation" in report and "No audit was run" in report
+
+
+def test_a_resumed_recorder_keeps_the_completed_rounds(tmp_path):
+    two_rounds(tmp_path).finish(state="failed", message="interrupted")
+    resumed = RunRecorder(tmp_path, config=dataclasses.replace(RunConfig(num_server_rounds=3), resume_after_round=2),
+                          run_id=6)
+    assert sorted(resumed.rounds) == [1, 2]
+    assert len((tmp_path / "rounds.jsonl").read_text().splitlines()) == 2
+    with pytest.raises(DataError, match=r"rounds \[3\] are not in the round feed"):
+        RunRecorder(tmp_path, config=dataclasses.replace(RunConfig(num_server_rounds=4), resume_after_round=3),
+                    run_id=7)

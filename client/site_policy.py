@@ -1,0 +1,117 @@
+"""A department's own limits, which no server request can override.
+
+A department is the authority over its records. Its local configuration (the SuperNode's node
+config in deployment, written from the kit's ``department.toml``; the simulation manifest in
+simulation) may set:
+
+    epsilon                 its privacy budget (the run's epsilon applies when it is lower)
+    delta                   its delta; at most the run's
+    max-epsilon-per-round   refuse a round whose DP-SGD step would cost more epsilon than this
+    min-noise-multiplier    refuse a run whose noise multiplier is below this
+    require-secagg          refuse to send an update that SecAgg+ does not mask
+    min-departments         refuse a round whose aggregate holds fewer departments than this
+
+A refused request is answered with status "policy-refused", weight 0 and a message naming the
+limit; the department never trains for it. ``min-departments`` is checked against the number of
+departments the server says it sampled: a server that lies about it is outside what a department
+can verify (SecAgg+ itself refuses to unmask below its reconstruction threshold).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from client.privacy import PrivacyPlan
+from shared.config import RunConfig
+from shared.errors import ConfigError
+
+POLICY_KEYS = ("epsilon", "delta", "max-epsilon-per-round", "min-noise-multiplier", "require-secagg", "min-departments")
+
+
+@dataclass(frozen=True)
+class SitePolicy:
+    budget: float
+    delta: float
+    max_epsilon_per_round: float | None = None
+    min_noise_multiplier: float | None = None
+    require_secagg: bool = False
+    min_departments: int | None = None
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], *, department: str, run: RunConfig) -> SitePolicy:
+        """Read the policy keys of ``values`` (other keys are the node's business); collect every problem."""
+        problems: list[str] = []
+
+        def number(key: str, kind: type, default: Any) -> Any:
+            raw = values.get(key, default)
+            if raw is None:
+                return None
+            if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
+                problems.append(f"{key}: expected a number, got {raw!r}")
+                return default
+            try:
+                return kind(raw)
+            except ValueError:
+                problems.append(f"{key}: expected a number, got {raw!r}")
+                return default
+
+        budget = number("epsilon", float, run.target_epsilon)
+        delta = number("delta", float, run.target_delta)
+        max_per_round = number("max-epsilon-per-round", float, None)
+        min_sigma = number("min-noise-multiplier", float, None)
+        min_departments = number("min-departments", int, None)
+        require_secagg = values.get("require-secagg", False)
+        if isinstance(require_secagg, str) and require_secagg.lower() in ("true", "false"):
+            require_secagg = require_secagg.lower() == "true"
+        if not isinstance(require_secagg, bool):
+            problems.append(f"require-secagg: expected true or false, got {require_secagg!r}")
+            require_secagg = False
+        if budget is not None and budget <= 0:
+            problems.append(f"epsilon: the budget must be > 0 (got {budget})")
+        if delta is not None and not 0 < delta <= run.target_delta:
+            problems.append(f"delta: must be in (0, {run.target_delta}] (the run's delta) (got {delta})")
+        if max_per_round is not None and max_per_round <= 0:
+            problems.append(f"max-epsilon-per-round: must be > 0 (got {max_per_round})")
+        if min_sigma is not None and min_sigma < 0:
+            problems.append(f"min-noise-multiplier: must be >= 0 (got {min_sigma})")
+        if min_departments is not None and min_departments < 1:
+            problems.append(f"min-departments: must be >= 1 (got {min_departments})")
+        if problems:
+            raise ConfigError(problems, source=f"site policy of department {department}")
+        return cls(budget, delta, max_per_round, min_sigma, require_secagg, min_departments)
+
+    def effective_budget(self, run: RunConfig) -> float:
+        """The tighter of the department's budget and the run's promise."""
+        return min(self.budget, run.target_epsilon)
+
+    def refusals_of_request(self, *, secagg: bool, aggregate_size: int) -> list[str]:
+        refusals = []
+        if self.require_secagg and not secagg:
+            refusals.append("require-secagg: this department sends updates only under SecAgg+, and this run has it off")
+        if self.min_departments is not None and aggregate_size < self.min_departments:
+            refusals.append(
+                f"min-departments={self.min_departments}: this round aggregates only {aggregate_size} departments"
+            )
+        return refusals
+
+    def refusals_of_round(self, plan: PrivacyPlan, *, before: float, after: float) -> list[str]:
+        refusals = []
+        if self.min_noise_multiplier is not None and plan.noise_multiplier < self.min_noise_multiplier:
+            refusals.append(
+                f"min-noise-multiplier={self.min_noise_multiplier}: this run's plan uses noise multiplier "
+                f"{plan.noise_multiplier:.4f}"
+            )
+        if self.max_epsilon_per_round is not None and after - before > self.max_epsilon_per_round + 1e-9:
+            refusals.append(
+                f"max-epsilon-per-round={self.max_epsilon_per_round}: this round would cost epsilon {after - before:.4f}"
+            )
+        return refusals
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "epsilon": self.budget, "delta": self.delta, "max-epsilon-per-round": self.max_epsilon_per_round,
+            "min-noise-multiplier": self.min_noise_multiplier, "require-secagg": self.require_secagg,
+            "min-departments": self.min_departments,
+        }

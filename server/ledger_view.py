@@ -1,0 +1,75 @@
+"""The admin's view of every department's privacy spending in a run folder (`fedpriv ledger`).
+
+Read from the server's copy of the departments' ledger lines (``ledgers/``) and the run's
+metrics. Where the copy holds a department's whole history (its first line has index 1), the
+epsilon is recomputed from the recorded mechanisms with the same accountant the department used,
+so the admin does not have to take the department's arithmetic on trust.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from server.run_record import METRICS_FILE, ledger_copy_path, read_ledger_copy
+from shared.accounting import epsilon_of
+from shared.errors import DataError
+
+STATUS_WORDS = {"trained": "active", "budget-exhausted": "budget exhausted", "policy-refused": "refused by policy"}
+
+
+@dataclass(frozen=True)
+class LedgerRow:
+    department: str
+    epsilon: float | None  # None: no DP in this run
+    budget: float | None
+    delta: float | None
+    rounds_trained: int
+    status: str
+    check: str  # what recomputing the copy's epsilon found
+
+
+def read_metrics(run_dir: Path) -> dict:
+    path = run_dir / METRICS_FILE
+    if not path.is_file():
+        raise DataError(f"{run_dir}: not a fedpriv run folder (no {METRICS_FILE})")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: unreadable ({exc})") from None
+
+
+def ledger_rows(run_dir: Path) -> list[LedgerRow]:
+    metrics = read_metrics(run_dir)
+    rows = []
+    for name, summary in sorted(metrics["privacy"].items()):
+        copy = read_ledger_copy(ledger_copy_path(run_dir, name))
+        status = STATUS_WORDS.get(summary.get("status"), str(summary.get("status")))
+        if summary.get("dp") is False:
+            rows.append(LedgerRow(name, None, None, None, summary["rounds_trained"], "no DP", "-"))
+            continue
+        epsilon = copy[-1]["epsilon"] if copy else summary.get("epsilon")
+        rows.append(LedgerRow(
+            name, epsilon, summary.get("budget"), summary.get("delta"), summary["rounds_trained"],
+            status if summary.get("status") != "policy-refused" else f"{status}: {summary.get('reason')}",
+            _check(copy),
+        ))
+    return rows
+
+
+def _check(copy: list[dict]) -> str:
+    if not copy:
+        return "no ledger lines reported"
+    if copy[0]["index"] != 1:
+        return f"copy starts at ledger line {copy[0]['index']} (earlier spending not seen by this server)"
+    gaps = [e["index"] for previous, e in zip(copy, copy[1:], strict=False) if e["index"] != previous["index"] + 1]
+    if gaps:
+        return f"copy has gaps before ledger lines {gaps} (replies the server did not receive)"
+    last = copy[-1]
+    history = [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in copy]
+    recomputed = epsilon_of(history, delta=last["delta"], accountant=last["accountant"])
+    if math.isclose(recomputed, last["epsilon"], rel_tol=1e-6, abs_tol=1e-9):
+        return "agrees"
+    return f"MISMATCH: recomputed {recomputed:.4f}"

@@ -1,0 +1,125 @@
+"""report.html: the central admin's self-contained account of a run (opens offline, no scripts).
+
+Written at the end of every run and again after `fedpriv audit`; `fedpriv report RUN_DIR`
+rewrites it. Everything in it is read from the run folder: metrics.json, the server's copy of
+the department ledgers, and audit.json when an audit was run.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from server.ledger_view import ledger_rows, read_metrics
+from server.plots import run_svg
+
+REPORT_FILE = "report.html"
+AUDIT_FILE = "audit.json"
+TRANSPORT_WORDS = {
+    "simulation": ("n/a: in-process simulation, no network", "n/a: simulation"),
+    "tls+node-auth": ("on (gRPC over TLS)", "on (registered department keys)"),
+    "insecure": ("OFF (--insecure)", "OFF (--insecure)"),
+}
+STYLE = """
+body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}
+th{background:#f3f3f3}.bad{color:#b00;font-weight:bold}.ok{color:#070}svg{max-width:100%;height:auto}
+"""
+
+
+def _fmt(value: Any, spec: str = ".4f") -> str:
+    return format(value, spec) if isinstance(value, (int, float)) and not isinstance(value, bool) else "-"
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{cell}</td>" for cell in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _summary(metrics: dict[str, Any], status: dict[str, Any]) -> str:
+    tls, auth = TRANSPORT_WORDS.get(metrics.get("transport", "simulation"), ("?", "?"))
+    config = metrics.get("config", {})
+    dp = (f"DP-SGD, run epsilon {config.get('target-epsilon')}, delta {config.get('target-delta')}, "
+          f"{config.get('accountant')} accountant" if metrics.get("dp")
+          else "<span class='bad'>NO differential privacy (--no-dp): no privacy guarantee holds</span>")
+    rows = [
+        ["state", html.escape(f"{status.get('state', metrics.get('status'))} {status.get('message') or ''}")],
+        ["final accuracy", f"{_fmt(metrics.get('final_accuracy'))} ({html.escape(str(metrics.get('final_accuracy_source')))})"],
+        ["differential privacy", dp],
+        ["secure aggregation", "on (Flower SecAgg+)" if metrics.get("secure_aggregation")
+         else "<span class='bad'>OFF: the server saw each update</span>"],
+        ["TLS", html.escape(tls)], ["node authentication", html.escape(auth)],
+        ["rounds", f"{len(metrics['rounds'])} of {config.get('num-server-rounds')}"],
+        ["model", html.escape(f"{config.get('model')} (lora-r {config.get('lora-r')})")],
+        ["wall time", f"{_fmt(metrics.get('wall_time_s'), '.0f')} s"],
+    ]
+    return _table(["", ""], rows)
+
+
+def _ledger(run_dir: Path) -> str:
+    rows = [
+        [html.escape(r.department), _fmt(r.epsilon), _fmt(r.budget, "g"), _fmt(r.delta, "g"), str(r.rounds_trained),
+         html.escape(r.status), html.escape(r.check)]
+        for r in ledger_rows(run_dir)
+    ]
+    return _table(["department", "epsilon spent", "budget", "delta", "rounds trained", "status", "server's recomputation"], rows)
+
+
+def _rounds(metrics: dict[str, Any]) -> str:
+    tls, auth = TRANSPORT_WORDS.get(metrics.get("transport", "simulation"), ("?", "?"))
+    rows = []
+    for entry in metrics["rounds"]:
+        departments = entry.get("departments", {})
+        trained = sum(1 for d in departments.values() if d.get("status") == "trained")
+        declined = sorted(f"{n} ({d['status']})" for n, d in departments.items()
+                          if d.get("status") not in (None, "trained"))
+        failures = entry.get("failures", [])
+        rows.append([
+            str(entry["round"]), _fmt(entry.get("accuracy")), _fmt(entry.get("loss")), _fmt(entry.get("train_loss")),
+            "on" if entry.get("secure_aggregation") else "off", html.escape(tls.split(" ")[0]),
+            html.escape(auth.split(" ")[0]), str(trained), html.escape(", ".join(declined)) or "-",
+            "<br>".join(f"<span class='bad'>{html.escape(f)}</span>" for f in failures) or "-",
+        ])
+    return _table(["round", "accuracy", "loss", "train loss", "SecAgg+", "TLS", "node auth", "departments trained",
+                   "declined", "dropouts / failures"], rows)
+
+
+def _audit(run_dir: Path) -> str:
+    path = run_dir / AUDIT_FILE
+    if not path.is_file():
+        return "<p>No audit was run. <code>fedpriv audit RUN_DIR</code> runs a membership-inference audit.</p>"
+    audit = json.loads(path.read_text())
+    verdict = ("<span class='bad'>EMPIRICAL EPSILON ABOVE THE CLAIMED EPSILON: a privacy bug</span>"
+               if audit.get("violation") else "<span class='ok'>consistent with the claimed guarantee</span>")
+    rows = [
+        ["attack", html.escape(audit["attack"])],
+        ["members / non-members", f"{audit['members']} / {audit['non_members']}"],
+        ["AUC", _fmt(audit["auc"])],
+        ["TPR at 1% FPR", _fmt(audit["tpr_at_1pct_fpr"])], ["TPR at 0.1% FPR", _fmt(audit["tpr_at_0_1pct_fpr"])],
+        ["empirical epsilon (95% lower bound)", _fmt(audit["empirical_epsilon"])],
+        ["claimed epsilon", _fmt(audit.get("claimed_epsilon"), "g") if audit.get("claimed_epsilon") else "none (no DP)"],
+        ["verdict", verdict],
+    ]
+    return _table(["", ""], rows)
+
+
+def write_report(run_dir: Path) -> Path:
+    metrics = read_metrics(run_dir)
+    status_path = run_dir / "status.json"
+    status = json.loads(status_path.read_text()) if status_path.is_file() else {}
+    sections = [
+        f"<h1>fedpriv run report</h1><p>{html.escape(str(run_dir))}<br>written {time.strftime('%Y-%m-%d %H:%M:%S')}</p>",
+        "<h2>Summary</h2>", _summary(metrics, status),
+        "<h2>Privacy ledger per department</h2>", _ledger(run_dir),
+        "<h2>Accuracy, loss and epsilon per round</h2>", run_svg(metrics),
+        "<h2>Rounds</h2>", _rounds(metrics),
+        "<h2>Membership-inference audit</h2>", _audit(run_dir),
+    ]
+    path = run_dir / REPORT_FILE
+    path.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>fedpriv report</title>"
+                    f"<style>{STYLE}</style></head><body>{''.join(sections)}</body></html>")
+    return path

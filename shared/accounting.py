@@ -1,0 +1,28 @@
+"""Epsilon of a sequence of DP-SGD mechanisms: the one computation server and departments share.
+
+A department spends by it (``client.privacy``); the admin checks the server's copy of the
+ledgers with it (``fedpriv ledger``), so both sides always agree on what a history costs.
+"""
+
+from __future__ import annotations
+
+from opacus.accountants import RDPAccountant, create_accountant
+
+# Opacus' default RDP orders stop at 63, which is loose for small sampling rates or budgets;
+# higher orders only ever tighten the (still valid) RDP -> (epsilon, delta) conversion.
+RDP_ORDERS = RDPAccountant.DEFAULT_ALPHAS + list(range(64, 256, 4)) + [256, 320, 384, 512, 768, 1024]
+
+Mechanism = tuple[float, float, int]  # (noise multiplier, sampling rate, steps), Opacus' history format
+
+
+def epsilon_of(history: list[Mechanism], *, delta: float, accountant: str) -> float:
+    if not history:
+        return 0.0
+    merged: dict[tuple[float, float], int] = {}
+    for sigma, rate, steps in history:  # identical mechanisms compose by adding steps: exact, and far faster
+        merged[(sigma, rate)] = merged.get((sigma, rate), 0) + steps
+    acc = create_accountant(mechanism=accountant)
+    acc.history = [(sigma, rate, steps) for (sigma, rate), steps in merged.items()]
+    if accountant == "rdp":
+        return float(acc.get_epsilon(delta=delta, alphas=RDP_ORDERS))
+    return float(acc.get_epsilon(delta=delta))

@@ -1,13 +1,12 @@
-"""SecAgg+ overhead benchmark: round time and bytes per department, with and without SecAgg+.
+"""Benchmark table 3: what SecAgg+ costs a round, and what a department sends.
 
-    python -m simulation.bench_secagg [--out bench-results] [--rounds 5]
-
-CLINC150 split IID over 5 and 10 departments, the real model (MiniLM, head of 150 x 384 + 150
-transmitted values), `fedpriv simulate --audit-updates` with and without `--no-secagg`, run one
-after the other. Round time is the median gap between consecutive rounds' finish times (round 1,
-with start-up and embedding, is left out); bytes are the sizes of what one department sent in a
-round as saved by the audit (the masked vector under SecAgg+, the float32 delta without).
-Then one deployment-mode measurement on loopback. Writes secagg.json, deployment.json, secagg.md.
+CLINC150 split IID over 5 and 10 departments, the real model (head of 150 x 384 + 150 values),
+`fedpriv simulate --audit-updates` with and without `--no-secagg`, interleaved (plain, SecAgg+,
+plain, SecAgg+, ...) and repeated. Round time is the median gap between consecutive rounds'
+finish times (round 1, with start-up and embedding, is left out); bytes are the sizes of what one
+department sent in a round as saved by the audit (the masked vector under SecAgg+, the float32
+delta without). The SecAgg+ aggregate is replayed against plain FedAvg of the same updates.
+With ``deployment``, one TLS + node-authentication federation on loopback is timed as well.
 """
 
 from __future__ import annotations
@@ -15,18 +14,12 @@ from __future__ import annotations
 import json
 import statistics
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import numpy as np
-import typer
 
-from shared.clinc150 import default_location, is_clinc150_dir
-from simulation.benchmark import run_variant
-
-
-def round_times(run_dir: Path) -> list[float]:
-    elapsed = [json.loads(line)["elapsed_s"] for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
-    return [b - a for a, b in zip(elapsed, elapsed[1:], strict=False)]
+from shared.errors import FedprivError
+from simulation.bench_runs import measured_run, round_times
 
 
 def bytes_per_department(run_dir: Path, *, secagg: bool) -> int:
@@ -49,6 +42,7 @@ def secagg_vs_plain(run_dir: Path) -> dict[str, float]:
     from shared.data import load_records
     from shared.features import cached_features
     from shared.model import load_backbone
+    from simulation.resume import read_run_config
 
     aggregates = sorted((run_dir / "audit").glob("aggregate-round-*.npz"))
     secagg_sum: list[np.ndarray] | None = None
@@ -70,7 +64,8 @@ def secagg_vs_plain(run_dir: Path) -> dict[str, float]:
     manifest = json.loads((run_dir / "federation" / "manifest.json").read_text())
     label_index = {label: i for i, label in enumerate(manifest["labels"])}
     test = load_records(run_dir / "federation" / "test.jsonl")
-    features = cached_features(load_backbone("minilm"), [r.text for r in test], max_length=64,
+    config = read_run_config(run_dir)
+    features = cached_features(load_backbone(config.model), [r.text for r in test], max_length=config.max_length,
                                cache_dir=run_dir / "feature-cache").numpy().astype(np.float64)
     truth = np.array([label_index[r.label] for r in test])
 
@@ -109,7 +104,7 @@ def deployment_round_times(out: Path, *, rounds: int) -> dict[str, Any]:
     try:
         while "SuperLink up" not in (bench / "server.out").read_text():
             if started[0].poll() is not None:
-                raise typer.Exit(f"SuperLink did not start; see {bench / 'server.out'}")
+                raise FedprivError(f"SuperLink did not start; see {bench / 'server.out'}")
             time.sleep(1)
         for name in departments:
             started.append(subprocess.Popen(
@@ -129,59 +124,44 @@ def deployment_round_times(out: Path, *, rounds: int) -> dict[str, Any]:
             "round_time_median_s": statistics.median(times)}
 
 
-def main(
-    out: Annotated[Path, typer.Option(help="Folder for JSON, markdown, logs and runs.")] = Path("bench-results"),
-    data: Annotated[Path, typer.Option(help="CLINC150 folder.")] = default_location(),
-    rounds: Annotated[int, typer.Option(help="Rounds per run.")] = 5,
-    deployment_only: Annotated[bool, typer.Option(help="Only the loopback deployment measurement.")] = False,
-) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    deployed = deployment_round_times(out, rounds=3)
-    (out / "deployment.json").write_text(json.dumps(deployed, indent=2))
-    typer.echo(f"deployment (TLS, node auth, SecAgg+, 3 departments, MiniLM, loopback): median round "
-               f"{deployed['round_time_median_s']:.1f} s, rounds {deployed['round_times_s']}")
-    if deployment_only:
-        return
-    if not is_clinc150_dir(data):
-        typer.echo(f"CLINC150 not found at {data}; nothing more to benchmark.")
-        raise typer.Exit(0)
+def secagg_runs(*, data: Path, out: Path, sizes: list[int], rounds: int, repeats: int, model: str) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
-    for departments in (5, 10):
-        for secagg in (False, True):
-            name = f"{departments}-departments-{'secagg' if secagg else 'plain'}"
-            args = ["--data", str(data), "--partition", "iid", "--departments", str(departments),
-                    "--rounds", str(rounds), "--audit-updates"] + ([] if secagg else ["--no-secagg"])
-            result = run_variant(name, args, out)
-            times = round_times(Path(result["run_dir"]))
-            rows.append({
-                **(secagg_vs_plain(Path(result["run_dir"])) if secagg else {}),
-                "departments": departments, "secagg": secagg, "command": result["command"],
-                "round_time_median_s": statistics.median(times), "round_times_s": times,
-                "bytes_per_department": bytes_per_department(Path(result["run_dir"]), secagg=secagg),
-                "accuracy": result["accuracy"],
-            })
-    lines = ["# SecAgg+ overhead (simulation, CLINC150 IID, MiniLM head: 57,750 values per update)", "",
-             "| departments | SecAgg+ | median round time | ratio | bytes per department per round | test accuracy |",
-             "|---|---|---|---|---|---|"]
-    for row in rows:
-        plain = next(r for r in rows if r["departments"] == row["departments"] and not r["secagg"])
-        ratio = row["round_time_median_s"] / plain["round_time_median_s"]
-        lines.append(f"| {row['departments']} | {'on' if row['secagg'] else 'off'} | {row['round_time_median_s']:.2f} s | "
-                     f"{ratio:.2f}x | {row['bytes_per_department']:,} | {row['accuracy']:.4f} |")
-    lines += ["", "SecAgg+ aggregate vs plain FedAvg of the same audited updates (replayed over all rounds):", "",
-              "| departments | max abs error per round | test accuracy SecAgg+ | test accuracy plain FedAvg |",
+    for departments in sizes:
+        for repeat in range(repeats):
+            for secagg in (False, True):
+                name = f"secagg-{departments}-{'on' if secagg else 'off'}-{repeat}"
+                args = ["--data", str(data), "--partition", "iid", "--departments", str(departments),
+                        "--rounds", str(rounds), "--model", model, "--audit-updates"] + ([] if secagg else ["--no-secagg"])
+                run = measured_run(name, args, out)
+                run_dir = Path(run["run_dir"])
+                rows.append({
+                    **(secagg_vs_plain(run_dir) if secagg and repeat == 0 else {}),
+                    "departments": departments, "secagg": secagg, "repeat": repeat, "command": run["command"],
+                    "round_time_median_s": statistics.median(run["round_times_s"]), "round_times_s": run["round_times_s"],
+                    "bytes_per_department": bytes_per_department(run_dir, secagg=secagg), "accuracy": run["accuracy"],
+                })
+    return rows
+
+
+def secagg_markdown(rows: list[dict[str, Any]], deployed: dict[str, Any] | None) -> list[str]:
+    lines = ["| departments | median round time, plain | with SecAgg+ | ratio (median over repeats, min..max) | "
+             "bytes per department per round, plain / SecAgg+ |", "|---|---|---|---|---|"]
+    for departments in sorted({r["departments"] for r in rows}):
+        plain = [r for r in rows if r["departments"] == departments and not r["secagg"]]
+        secure = [r for r in rows if r["departments"] == departments and r["secagg"]]
+        ratios = [s["round_time_median_s"] / p["round_time_median_s"] for p, s in zip(plain, secure, strict=True)]
+        target = "met" if statistics.median(ratios) <= 1.1 else "MISSED"
+        lines.append(
+            f"| {departments} | {statistics.median(r['round_time_median_s'] for r in plain):.2f} s | "
+            f"{statistics.median(r['round_time_median_s'] for r in secure):.2f} s | {statistics.median(ratios):.2f}x "
+            f"({min(ratios):.2f}..{max(ratios):.2f}; target <= 1.1x {target}) | "
+            f"{plain[0]['bytes_per_department']:,} / {secure[0]['bytes_per_department']:,} |")
+    lines += ["", "SecAgg+ aggregate vs plain FedAvg of the same audited updates (first repeat, all rounds):", "",
+              "| departments | max abs error per round | test accuracy SecAgg+ | plain FedAvg of the same updates |",
               "|---|---|---|---|"]
     lines += [f"| {r['departments']} | {r['max_abs_error_per_round']:.2e} | {r['accuracy_secagg']:.4f} | "
-              f"{r['accuracy_plain_fedavg_same_updates']:.4f} |" for r in rows if r["secagg"]]
-    lines += ["", f"Deployment on loopback (TLS, node authentication, SecAgg+, 3 departments, MiniLM, demo data): "
-              f"median round time {deployed['round_time_median_s']:.1f} s over rounds 2-3 "
-              f"(`{deployed['command']}` after `fedpriv provision`, `server start`, 3 x `department start`)."]
-    lines += ["", "Commands:", ""] + [f"- `{r['command']}`" for r in rows]
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "secagg.json").write_text(json.dumps(rows, indent=2))
-    (out / "secagg.md").write_text("\n".join(lines) + "\n")
-    typer.echo("\n".join(lines))
-
-
-if __name__ == "__main__":
-    typer.run(main)
+              f"{r['accuracy_plain_fedavg_same_updates']:.4f} |" for r in rows if "max_abs_error_per_round" in r]
+    if deployed:
+        lines += ["", f"Deployment on loopback (TLS, node authentication, SecAgg+, 3 departments, MiniLM, demo data): "
+                  f"median round time {deployed['round_time_median_s']:.1f} s (`{deployed['command']}`)."]
+    return lines

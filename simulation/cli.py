@@ -14,6 +14,7 @@ from shared.errors import ConfigError
 from simulation import options as opt
 from simulation.console import console, friendly, user_errors
 from simulation.admin_commands import audit, ledger, report
+from simulation.bench import bench
 from simulation.deploy_commands import department_app, provision, run, server_app
 
 app = typer.Typer(
@@ -27,6 +28,7 @@ app.command()(friendly(run))
 app.command()(friendly(ledger))
 app.command()(friendly(audit))
 app.command()(friendly(report))
+app.command()(friendly(bench))
 app.add_typer(server_app, name="server")
 app.add_typer(department_app, name="department")
 

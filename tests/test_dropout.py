@@ -17,7 +17,7 @@ def run_with_broken_departments(tmp_path, broken: int) -> tuple[dict, dict, list
     out = tmp_path / "run"
     data = partition_data(DataPlan(data=None, test_data=None, partition="iid", departments=5, alpha=0.5, seed=0))
     federation = write_federation(data, out_dir=out, val_fraction=0.1, test_fraction=0.1, batch_size=32,
-                                  delta=1e-5, dp=True, seed=0)
+                                  delta=1e-5, dp=True, seed=0, policies={})
     names = [d.name for d in federation.departments]
     for department in federation.departments[-broken:]:
         (federation.partition_dir / department.file).write_text('{"text": "ok", "label": "vpn_access"}\n{broken\n')

@@ -1,0 +1,190 @@
+"""`fedpriv bench`: every performance number of fedpriv, measured side by side in one invocation.
+
+    fedpriv bench [--quick] [--out DIR] [--only accuracy|overhead|secagg|scale|audit]
+
+Writes DIR/BENCHMARKS.md (the machine, the exact command, one table per piece) and
+DIR/bench-results/<piece>.json; the runs, logs and caches go to DIR/bench-results/work/.
+Every number comes from this invocation's own runs. Pieces that need CLINC150 (all but the DP
+overhead, which falls back to the synthetic demo corpus) are skipped, and say so, without it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+from typing import Annotated, Any
+
+import psutil
+import typer
+
+from shared.clinc150 import default_location, is_clinc150_dir
+from simulation.console import console
+
+PIECES = ("accuracy", "overhead", "secagg", "scale", "audit")
+
+
+@dataclass(frozen=True)
+class BenchPlan:
+    epsilons: tuple[float | None, ...]
+    partitions: tuple[str, ...]
+    accuracy_rounds: int
+    overhead_repeats: int
+    secagg_sizes: tuple[int, ...]
+    secagg_rounds: int
+    secagg_repeats: int
+    scale_sizes: tuple[int, ...]
+    scale_records: int
+    deployment: bool
+
+
+FULL = BenchPlan((1.0, 3.0, 8.0, None), ("domain", "dirichlet-0.5"), 40, 7, (5, 10), 5, 2, (10, 50, 100), 100, True)
+QUICK = BenchPlan((8.0, None), ("domain",), 3, 3, (5,), 3, 1, (10, 20), 60, False)
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "cpus": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "platform": platform.platform(), "python": platform.python_version(),
+        "versions": {name: version(name) for name in ("torch", "flwr", "opacus", "transformers", "peft", "ray")},
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
+
+
+def bench(
+    quick: Annotated[bool, typer.Option("--quick", help="A few-minute version: fewer settings, rounds and repeats.")] = False,
+    out: Annotated[Path, typer.Option(help="Where BENCHMARKS.md and bench-results/ are written.")] = Path("."),
+    data: Annotated[Path | None, typer.Option(help="CLINC150 folder (default: ../shared/data/clinc150 or $FEDPRIV_CLINC150).")] = None,
+    only: Annotated[list[str] | None, typer.Option(help=f"Run only these pieces (repeatable): {', '.join(PIECES)}.")] = None,
+    model: Annotated[str, typer.Option(help="minilm, tiny (tests) or a local model folder.")] = "minilm",
+) -> None:
+    """Measure accuracy vs privacy, DP and SecAgg+ overhead, scale and the audit; write BENCHMARKS.md."""
+    from shared.errors import ConfigError
+    from shared.logs import quiet_libraries
+
+    quiet_libraries()
+    pieces = tuple(only or PIECES)
+    unknown = sorted(set(pieces) - set(PIECES))
+    if unknown:
+        raise ConfigError(f"--only {unknown}: unknown; the pieces are {', '.join(PIECES)}")
+    plan = QUICK if quick else FULL
+    clinc = (data or default_location()).resolve()
+    has_clinc = is_clinc150_dir(clinc)
+    results_dir = out / "bench-results"
+    work = results_dir / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    command = "fedpriv " + " ".join(sys.argv[1:])
+    sections: list[str] = []
+    results: dict[str, Any] = {"machine": machine(), "command": command, "quick": quick}
+
+    def save(name: str, payload: Any) -> None:
+        results[name] = payload
+        (results_dir / f"{name}.json").write_text(json.dumps(payload, indent=2, default=str))
+
+    def skipped(title: str) -> None:
+        sections.extend([f"## {title}", "", f"Skipped: CLINC150 not found at {clinc}.", ""])
+
+    accuracy_runs: list[dict[str, Any]] = []
+    if "accuracy" in pieces or "audit" in pieces:
+        if has_clinc:
+            from simulation.bench_accuracy import accuracy_markdown, accuracy_runs as run_accuracy, centralized_ceiling
+
+            console.print("[bold]accuracy vs privacy[/] (CLINC150)")
+            epsilons = plan.epsilons if "accuracy" in pieces else (8.0, None)
+            accuracy_runs = run_accuracy(data=clinc, out=work, epsilons=list(epsilons),
+                                         partitions=list(plan.partitions if "accuracy" in pieces else ("domain",)),
+                                         rounds=plan.accuracy_rounds, model=model)
+            central = centralized_ceiling(data=clinc, out=work, rounds=plan.accuracy_rounds, model=model)
+            save("accuracy", {"runs": accuracy_runs, "centralized": central})
+            sections += ["## 1. Accuracy vs privacy (CLINC150 in-scope test split)", "",
+                         f"{plan.accuracy_rounds} rounds, defaults otherwise; delta 1e-5 per department.", "",
+                         *accuracy_markdown(accuracy_runs, central), ""]
+        else:
+            skipped("1. Accuracy vs privacy")
+    if "overhead" in pieces:
+        from simulation.bench_overhead import department_peak_memory, overhead_markdown, throughput
+
+        console.print("[bold]DP overhead[/]")
+        records, labels, source = _one_department(clinc if has_clinc else None)
+        overhead = {"source": source,
+                    "throughput": throughput(records=records, labels=labels, model=model, repeats=plan.overhead_repeats,
+                                             cache_dir=work / "overhead-feature-cache"),
+                    "peak_memory_mb": department_peak_memory(records=records, labels=labels, model=model)}
+        save("overhead", overhead)
+        sections += ["## 2. DP overhead (one department, local training)", "", f"Data: {source}.",
+                     *overhead_markdown(overhead), ""]
+    if "secagg" in pieces:
+        if has_clinc:
+            from simulation.bench_secagg import deployment_round_times, secagg_markdown, secagg_runs
+
+            console.print("[bold]SecAgg+ overhead[/]")
+            rows = secagg_runs(data=clinc, out=work, sizes=list(plan.secagg_sizes), rounds=plan.secagg_rounds,
+                               repeats=plan.secagg_repeats, model=model)
+            deployed = deployment_round_times(work, rounds=3) if plan.deployment else None
+            save("secagg", {"runs": rows, "deployment": deployed})
+            sections += ["## 3. Secure aggregation overhead (simulation, CLINC150 IID)", "",
+                         *secagg_markdown(rows, deployed), ""]
+        else:
+            skipped("3. Secure aggregation overhead")
+    if "scale" in pieces:
+        if has_clinc:
+            from shared.clinc150 import load_clinc150
+            from simulation.bench_scale import scale_markdown, scale_runs
+
+            console.print("[bold]scale[/]")
+            corpus = load_clinc150(clinc)
+            scale = scale_runs(pool=corpus.pool, test=corpus.test, out=work, sizes=list(plan.scale_sizes),
+                               per_department=plan.scale_records, rounds=3, model=model)
+            save("scale", scale)
+            sections += ["## 4. Scale (simulation, CLINC150 subsets, SecAgg+ on)", "", *scale_markdown(scale), ""]
+        else:
+            skipped("4. Scale")
+    if "audit" in pieces:
+        audited = [r for r in accuracy_runs if r["partition"] == "domain" and r["epsilon"] in (8.0, None)]
+        if audited:
+            from simulation.bench_accuracy import audit_markdown, audits
+
+            console.print("[bold]membership-inference audit[/]")
+            audit = audits(audited)
+            save("audit", audit)
+            sections += ["## 5. Membership-inference audit (loss attack on the by-domain runs)", "",
+                         *audit_markdown(audit), ""]
+        else:
+            skipped("5. Membership-inference audit")
+
+    header = _header(results["machine"], command)
+    (out / "BENCHMARKS.md").write_text("\n".join([*header, *sections]))
+    (results_dir / "bench.json").write_text(json.dumps(results, indent=2, default=str))
+    console.print((out / "BENCHMARKS.md").read_text(), highlight=False, markup=False)
+
+
+def _one_department(clinc: Path | None) -> tuple[list, tuple[str, ...], str]:
+    """One department's records and the federation's labels: CLINC150's first domain, else the demo corpus's first department."""
+    from shared.data import derive_labels
+
+    if clinc is not None:
+        from shared.clinc150 import load_clinc150
+
+        corpus = load_clinc150(clinc)
+        domain = sorted(corpus.domains)[0]
+        intents = set(corpus.domains[domain])
+        records = [r for r in corpus.pool if r.label in intents]
+        return records, derive_labels(corpus.pool), f"CLINC150 domain '{domain}' (its train+val records)"
+    from shared.demo_corpus import demo_records
+
+    pool = demo_records()
+    first = sorted({r.department for r in pool})[0]
+    return [r for r in pool if r.department == first], derive_labels(pool), f"synthetic demo corpus, department '{first}'"
+
+
+def _header(info: dict[str, Any], command: str) -> list[str]:
+    versions = ", ".join(f"{k} {v}" for k, v in info["versions"].items())
+    return ["# fedpriv benchmarks", "",
+            f"Measured {info['date']} by `{command}` on {info['cpus']} CPU cores, {info['memory_gb']} GB memory, "
+            f"{info['platform']}, Python {info['python']}; {versions}. Every number below comes from that one "
+            "invocation; ratios compare runs interleaved in it. JSON: `bench-results/`.", ""]

@@ -1,0 +1,116 @@
+"""Benchmark table 2: what DP-SGD costs a department, in throughput and in memory.
+
+Throughput: one department's records, the run's model, batch and learning rate; one local epoch
+of plain SGD and one of Opacus DP-SGD (the noise the federation would use at epsilon 8 over 40
+rounds), alternated in this one process so that the machine's noise hits both alike, repeated.
+Memory: a department's whole round (read the file, load the backbone, embed, train one round,
+account) in a fresh process, whose peak RSS is read from the kernel (ru_maxrss), with and without DP.
+Run as a module it is that fresh process: ``python -m simulation.bench_overhead DATA.jsonl MODEL dp|plain``.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from shared.config import DEFAULTS, RunConfig
+from shared.data import Record, write_jsonl
+from simulation.bench_runs import spread
+
+
+def throughput(
+    *, records: list[Record], labels: tuple[str, ...], model: str, repeats: int, cache_dir: Path
+) -> dict[str, Any]:
+    from client.dp_training import train_plain, train_private
+    from client.privacy import PrivacyPlan, calibrate_noise, poisson_schedule
+    from shared.features import labelled_dataset
+    from shared.model import build_classifier, load_backbone
+
+    backbone = load_backbone(model)
+    classifier = build_classifier(backbone, num_labels=len(labels), lora_r=0, lora_alpha=DEFAULTS.lora_alpha,
+                                  lora_targets=DEFAULTS.lora_targets)
+    dataset = labelled_dataset(backbone, records, labels=labels, max_length=DEFAULTS.max_length, head_only=True,
+                               cache_dir=cache_dir)
+    batch = min(DEFAULTS.batch_size, len(dataset) // 4)
+    rate, steps = poisson_schedule(num_records=len(dataset), batch_size=batch, local_epochs=1)
+    sigma = calibrate_noise(target_epsilon=8.0, delta=DEFAULTS.target_delta, sample_rate=rate,
+                            steps=steps * DEFAULTS.num_server_rounds, prior=[], accountant=DEFAULTS.accountant)
+    plan = PrivacyPlan(sigma, rate, steps, DEFAULTS.num_server_rounds, 8.0, 8.0, DEFAULTS.target_delta,
+                       DEFAULTS.accountant)
+    common = {"module": classifier.head, "dataset": dataset, "batch_size": batch, "local_epochs": 1,
+              "learning_rate": DEFAULTS.learning_rate, "momentum": DEFAULTS.momentum}
+    plain_rates, dp_rates = [], []
+    for repeat in range(repeats):
+        started = time.perf_counter()
+        train_plain(**common, seed=repeat)
+        plain_rates.append(len(dataset) / (time.perf_counter() - started))
+        started = time.perf_counter()
+        train_private(**common, plan=plan, prior=[], max_grad_norm=DEFAULTS.max_grad_norm)
+        dp_rates.append(len(dataset) / (time.perf_counter() - started))
+    ratios = [d / p for d, p in zip(dp_rates, plain_rates, strict=True)]
+    return {"records": len(dataset), "labels": len(labels), "batch_size": batch, "noise_multiplier": sigma, "model": model,
+            "plain_samples_per_s": spread(plain_rates), "dp_samples_per_s": spread(dp_rates),
+            "dp_over_plain": spread(ratios)}
+
+
+def department_peak_memory(*, records: list[Record], labels: tuple[str, ...], model: str) -> dict[str, float]:
+    """Peak RSS (MB) of a fresh process doing one department's round, with DP and without."""
+    with tempfile.TemporaryDirectory() as folder:
+        data = Path(folder) / "department.jsonl"
+        write_jsonl(records, data)
+        peaks = {}
+        for mode in ("plain", "dp"):
+            result = subprocess.run([sys.executable, "-m", "simulation.bench_overhead", str(data), model, mode,
+                                     json.dumps(list(labels))],
+                                    capture_output=True, text=True, check=True)
+            peaks[mode] = json.loads(result.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+    return peaks
+
+
+def _one_department_round(data: Path, model: str, mode: str, labels: tuple[str, ...]) -> None:
+    from client.department import DepartmentClient
+    from client.department_data import resolve_department
+    from shared import protocol
+    from shared.data import load_records
+    from shared.params import get_trainable
+
+    records = load_records(data)
+    state = Path(tempfile.mkdtemp())
+    config = RunConfig(model=model, labels=labels, dp=mode == "dp", out_dir=str(state),
+                       batch_size=min(DEFAULTS.batch_size, len(records) // 5))
+    settings = resolve_department(config, {"department": "bench", "data-path": str(data), "state-dir": str(state)})
+    client = DepartmentClient(config=config, settings=settings, run_id=1)
+    client.fit(get_trainable(client.classifier), {protocol.SERVER_ROUND: 1, protocol.NUM_ROUNDS: config.num_server_rounds,
+                                                   protocol.AGGREGATE_SIZE: 2})
+    print(json.dumps({"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}))
+
+
+def overhead_markdown(result: dict[str, Any]) -> list[str]:
+    t = result["throughput"]
+    memory = result["peak_memory_mb"]
+
+    def row(name: str, s: dict[str, float], unit: str = "") -> str:
+        return f"| {name} | {s['median']:.3g}{unit} | {s['min']:.3g}{unit} .. {s['max']:.3g}{unit} |"
+
+    ratio = t["dp_over_plain"]["median"]
+    return [
+        f"One department: {t['records']} records, {t['labels']} labels (the federation's), model {t['model']} "
+        f"(head on frozen features), batch {t['batch_size']}, "
+        f"noise multiplier {t['noise_multiplier']:.3f}; {t['dp_over_plain']['n']} alternating repeats.", "",
+        "| measure | median | min .. max |", "|---|---|---|",
+        row("plain SGD samples/s", t["plain_samples_per_s"]), row("DP-SGD samples/s", t["dp_samples_per_s"]),
+        row("DP / plain throughput", t["dp_over_plain"], "x"), "",
+        f"Target DP/plain >= 0.9x: {'met' if ratio >= 0.9 else 'MISSED'} ({ratio:.2f}x). "
+        f"Peak RSS of a department's round (fresh process): plain {memory['plain']:.0f} MB, DP {memory['dp']:.0f} MB "
+        f"(target <= 1536 MB: {'met' if memory['dp'] <= 1536 else 'MISSED'}).",
+    ]
+
+
+if __name__ == "__main__":
+    _one_department_round(Path(sys.argv[1]), sys.argv[2], sys.argv[3], tuple(json.loads(sys.argv[4])))

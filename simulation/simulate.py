@@ -56,6 +56,10 @@ def simulate_federation(request: SimulationRequest, *, console: Console) -> dict
 
     if request.model not in (MINILM, TINY) and not Path(request.model).expanduser().is_dir():
         raise ConfigError(f"--model {request.model}: not 'minilm', 'tiny' or an existing model folder")
+    if request.policies:  # refused here, before any file is written, not on the department's first round
+        promised = RunConfig(target_epsilon=request.epsilon, target_delta=request.delta)
+        for name, policy in request.policies.items():
+            SitePolicy.from_mapping(policy, department=name, run=promised)
     data_plan = DataPlan(
         data=request.data, test_data=request.test_data, partition=request.partition,
         departments=request.departments, alpha=request.alpha, seed=request.seed,
@@ -85,8 +89,6 @@ def simulate_federation(request: SimulationRequest, *, console: Console) -> dict
         # The tightest SecAgg+ weight bound that fits every department: the finest quantization.
         secagg_max_weight=max(d.train_records for d in federation.departments),
     )
-    for name, policy in request.policies.items():  # refused here, not on the department's first round
-        SitePolicy.from_mapping(policy, department=name, run=config)
     load_backbone(config.model)  # a bad model folder fails here, with its reason
 
     _print_header(console, federation, config)

@@ -39,6 +39,12 @@ def small_federation(tmp_path, per_department=40):
         (["--partition", "domain"], "--partition domain needs the CLINC150 folder"),
         (["--batch-size", "500"], "needs at least batch-size=500"),
         (["--accountant", "moments"], "accountant must be one of"),
+        (["--budget", "it=0"], "site policy of department it: - epsilon: the budget must be > 0 (got 0.0)"),
+        (["--budget", "it"], "--budget 'it': expected NAME=EPSILON"),
+        (["--budget", "sales=3"], "name a department 'sales' that this partition does not have"),
+        (["--policy", "it:min-departments=x"], "--policy 'it:min-departments=x': 'x' is not a number or true/false"),
+        (["--policy", "it:colour=red"], "unknown key 'colour'"),
+        (["--policy", "hr:delta=0.5"], "delta: must be in (0, 1e-05]"),
     ],
 )
 def test_bad_options_fail_cleanly(tmp_path, args, expected):
@@ -77,6 +83,14 @@ def test_empty_department_and_reused_run_folder(tmp_path):
     (used / "metrics.json").write_text("{}")
     result = run("simulate", "--model", "tiny", "--out", str(used))
     assert result.exit_code == 1 and "already holds files" in " ".join(result.output.split())
+
+
+def test_admin_commands_on_folders_that_are_not_runs(tmp_path):
+    for command in ("ledger", "audit", "report"):
+        result = run(command, str(tmp_path))
+        assert result.exit_code == 1 and "not a fedpriv run folder" in result.output, (command, result.output)
+    result = run("simulate", "--resume", str(tmp_path))
+    assert result.exit_code == 1 and "not a fedpriv run folder" in result.output
 
 
 def test_predict_on_a_missing_model(tmp_path):

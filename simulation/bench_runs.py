@@ -74,7 +74,7 @@ def measured_run(name: str, args: list[str], out: Path) -> dict[str, Any]:
         "wall_time_s": round(wall, 1), "peak_memory_mb": round(peak[0] / 2**20),
         "rounds": len(metrics["rounds"]), "dp": metrics["dp"],
         "round_times_s": round_times(run_dir),
-        "epsilon": {d: p.get("epsilon") for d, p in sorted(metrics["privacy"].items())},
+        "department_epsilon": {d: p.get("epsilon") for d, p in sorted(metrics["privacy"].items())},
     }
 
 

@@ -6,6 +6,8 @@ ledgers with it (``fedpriv ledger``), so both sides always agree on what a histo
 
 from __future__ import annotations
 
+import functools
+
 from opacus.accountants import RDPAccountant, create_accountant
 
 # Opacus' default RDP orders stop at 63, which is loose for small sampling rates or budgets;
@@ -21,8 +23,15 @@ def epsilon_of(history: list[Mechanism], *, delta: float, accountant: str) -> fl
     merged: dict[tuple[float, float], int] = {}
     for sigma, rate, steps in history:  # identical mechanisms compose by adding steps: exact, and far faster
         merged[(sigma, rate)] = merged.get((sigma, rate), 0) + steps
+    return _epsilon(tuple(sorted((sigma, rate, steps) for (sigma, rate), steps in merged.items())), delta, accountant)
+
+
+# A department asks for the same history several times a round (what it has spent, what the round
+# would cost, what it just recorded) and a PRV evaluation takes ~0.2 s: remember the answers.
+@functools.lru_cache(maxsize=256)
+def _epsilon(history: tuple[Mechanism, ...], delta: float, accountant: str) -> float:
     acc = create_accountant(mechanism=accountant)
-    acc.history = [(sigma, rate, steps) for (sigma, rate), steps in merged.items()]
+    acc.history = list(history)
     if accountant == "rdp":
         return float(acc.get_epsilon(delta=delta, alphas=RDP_ORDERS))
     return float(acc.get_epsilon(delta=delta))

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -19,6 +21,7 @@ from torch.utils.data import TensorDataset
 
 from client.department_data import DepartmentData, DepartmentSettings, load_department
 from client.dp_training import train_plain, train_private
+from client.label_scope import scoped_head
 from client.privacy import PrivacyLedger
 from client.secure_aggregation import check_weight, out_of_range, update_delta
 from client.update_replay import load_update, request_key, save_update
@@ -87,6 +90,17 @@ class DepartmentClient(NumPyClient):
     def _trained_module(self) -> torch.nn.Module:
         return self.classifier.head if self.config.head_only else self.classifier
 
+    @contextmanager
+    def _module_to_train(self) -> Iterator[torch.nn.Module]:
+        """The trained module; with a label scope, only its own rows of the head are trainable."""
+        scope = self.settings.label_scope
+        if not scope:
+            yield self._trained_module()
+            return
+        rows = [self.config.labels.index(label) for label in scope]
+        with scoped_head(self.classifier, rows) as head:
+            yield head if self.config.head_only else self.classifier
+
     @property
     def run(self) -> str:
         return self.config.run_uid or str(self.run_id)
@@ -136,11 +150,11 @@ class DepartmentClient(NumPyClient):
                 refusals.append("this department's site policy limits the privacy cost of a round; a --no-dp run has none")
             if refusals:
                 return self._declined(parameters, metrics, status=protocol.STATUS_POLICY_REFUSED, reason="; ".join(refusals))
-            result = train_plain(
-                module=self._trained_module(), dataset=data.train, batch_size=cfg.batch_size,
-                local_epochs=cfg.local_epochs, learning_rate=cfg.learning_rate, momentum=cfg.momentum,
-                seed=cfg.seed + server_round,
-            )
+            with self._module_to_train() as module:
+                result = train_plain(
+                    module=module, dataset=data.train, batch_size=cfg.batch_size, local_epochs=cfg.local_epochs,
+                    learning_rate=cfg.learning_rate, momentum=cfg.momentum, seed=cfg.seed + server_round,
+                )
             metrics.update({protocol.STATUS: protocol.STATUS_TRAINED, protocol.TRAIN_LOSS: result.mean_loss})
             return update_delta(get_trainable(self.classifier), parameters), len(data.train), metrics
 
@@ -160,11 +174,12 @@ class DepartmentClient(NumPyClient):
         refusals += policy.refusals_of_round(plan, before=before, after=after)
         if refusals:
             return self._declined(parameters, metrics, status=protocol.STATUS_POLICY_REFUSED, reason="; ".join(refusals))
-        result = train_private(
-            module=self._trained_module(), dataset=data.train, plan=plan, prior=ledger.history,
-            batch_size=cfg.batch_size, local_epochs=cfg.local_epochs, learning_rate=cfg.learning_rate,
-            momentum=cfg.momentum, max_grad_norm=cfg.max_grad_norm,
-        )
+        with self._module_to_train() as module:
+            result = train_private(
+                module=module, dataset=data.train, plan=plan, prior=ledger.history,
+                batch_size=cfg.batch_size, local_epochs=cfg.local_epochs, learning_rate=cfg.learning_rate,
+                momentum=cfg.momentum, max_grad_norm=cfg.max_grad_norm,
+            )
         entry = ledger.record_round(run=self.run, server_round=server_round, plan=plan, steps=result.steps)
         metrics.update({
             protocol.STATUS: protocol.STATUS_TRAINED, protocol.TRAIN_LOSS: result.mean_loss,

@@ -2,7 +2,8 @@
 
 Two ways a department is described, both ending in ``DepartmentSettings``:
 - deployment: the SuperNode's ``--node-config`` gives ``department``, ``data-path`` and
-  ``state-dir`` (and optionally its own ``epsilon`` / ``delta``, which may only lower the run's);
+  ``state-dir`` (and optionally its own ``epsilon`` / ``delta``, which may only lower the run's,
+  its site policy and its ``label-scope``);
 - simulation: ``partition-dir`` in the run config holds ``manifest.json`` written by
   ``fedpriv simulate`` (with each department's budget and policy); the node's ``partition-id``
   picks the department, and its state lives under ``<out-dir>/departments/<name>``.
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from client.label_scope import SCOPE_KEY, parse_label_scope
 from client.site_policy import SitePolicy
 from shared.config import RunConfig
 from shared.data import Record, check_labels, load_records
@@ -31,6 +33,7 @@ class DepartmentSettings:
     data_path: Path
     state_dir: Path
     policy: SitePolicy
+    label_scope: tuple[str, ...] | None = None  # the labels it declares (client.label_scope); None: all
 
 
 @dataclass(frozen=True)
@@ -72,7 +75,8 @@ def resolve_department(config: RunConfig, node_config: Mapping[str, Any]) -> Dep
             "state-dir=...\" (deployment) or set partition-dir (simulation)"
         )
     policy = SitePolicy.from_mapping(own_policy, department=name, run=config)
-    return DepartmentSettings(name, data_path, state_dir, policy)
+    scope = parse_label_scope(own_policy.get(SCOPE_KEY), department=name, labels=config.labels)
+    return DepartmentSettings(name, data_path, state_dir, policy, scope)
 
 
 def load_department(settings: DepartmentSettings, config: RunConfig, *, min_train: int | None = None) -> DepartmentData:
@@ -80,6 +84,8 @@ def load_department(settings: DepartmentSettings, config: RunConfig, *, min_trai
     records = load_records(settings.data_path)
     if config.labels:
         check_labels(records, config.labels)
+    if settings.label_scope:
+        check_labels(records, settings.label_scope, described_as=f"department {settings.name}'s label-scope")
     split = split_department(
         records, val_fraction=config.val_fraction, test_fraction=config.test_fraction, seed=config.seed
     )

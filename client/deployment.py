@@ -5,7 +5,8 @@ kit's CA certificate and private key, and tells the ClientApp (through ``--node-
 department it is, where its records are and where its privacy ledger lives. A refused node (no
 or wrong CA, unregistered key) stops after a bounded number of retries with a non-zero status.
 The department's own budget and site policy come from the ``[policy]`` table of its
-``department.toml`` (keys of ``client.site_policy``), ``--epsilon`` overriding its budget.
+``department.toml`` (keys of ``client.site_policy``), ``--epsilon`` overriding its budget, and its
+declared ``label-scope`` (``client.label_scope``) from the top level.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import subprocess
 import tomllib
 from pathlib import Path
 
+from client.label_scope import SCOPE_KEY
 from client.site_policy import POLICY_KEYS
 from shared.flower_env import check_kit, environment, executable, flwr_home, free_port
 from shared.data import load_records
@@ -55,6 +57,10 @@ def supernode_command(
         raise ConfigError(f"{kit / 'department.toml'}: unknown [policy] keys {unknown}; known: {', '.join(POLICY_KEYS)}")
     for key, value in policy.items():
         node_config += f" {key}={str(value).lower() if isinstance(value, bool) else value}"
+    if SCOPE_KEY in settings:
+        scope = settings[SCOPE_KEY]
+        labels = scope if isinstance(scope, list) else str(scope).split(",")
+        node_config += f' {SCOPE_KEY}="{",".join(str(label).strip() for label in labels)}"'
     address = superlink or settings["superlink"]
     command = [executable("flower-supernode"), "--superlink", address, "--node-config", node_config,
                "--port", str(free_port()), "--max-retries", str(MAX_RETRIES), "--max-wait-time", str(MAX_WAIT_S)]

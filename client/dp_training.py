@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from client.label_scope import ScopedHead
 from client.privacy import PrivacyPlan
 from shared.accounting import Mechanism
 
@@ -48,10 +49,10 @@ def train_private(
         warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
         engine = PrivacyEngine(accountant=plan.accountant)
         engine.accountant.history = list(prior)
-        # A plain Linear (the head on cached features) uses ghost clipping: per-sample gradient norms
-        # without materialising per-sample gradients. Anything else (LoRA inside the Transformer)
-        # uses hooks mode, the one tests/test_per_sample_grads.py checks against a per-example loop.
-        ghost = isinstance(module, nn.Linear)
+        # The head on cached features (a Linear, or the rows of one) uses ghost clipping: per-sample
+        # gradient norms without materialising per-sample gradients. Anything else (LoRA inside the
+        # Transformer) uses hooks mode. tests/test_per_sample_grads.py checks both against a per-example loop.
+        ghost = isinstance(module, (nn.Linear, ScopedHead))
         made = engine.make_private(
             module=module,
             optimizer=_optimizer(module, learning_rate=learning_rate, momentum=momentum),

@@ -138,6 +138,7 @@ def provision(out: Path, *, departments: Sequence[str], hosts: Sequence[str], su
             f'department = "{name}"\nsuperlink = "{superlink}"\n'
             f'# data = "/path/to/{name}.csv"     # or: fedpriv department start --data FILE\n'
             f'# epsilon = 8.0                  # this department\'s own budget (the run\'s applies when lower)\n'
+            f'# label-scope = ["refund", "invoice"]  # the labels its records may carry; it trains only those\n'
             f'\n# [policy]                       # limits no server request can override (see README)\n'
             f'# max-epsilon-per-round = 1.0\n# min-noise-multiplier = 0.8\n# require-secagg = true\n'
             f'# min-departments = 3\n'

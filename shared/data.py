@@ -125,13 +125,13 @@ def _to_records(path: Path, rows: Iterable[tuple[int, dict[str, object] | str]])
     return records
 
 
-def check_labels(records: Sequence[Record], labels: Sequence[str]) -> None:
+def check_labels(records: Sequence[Record], labels: Sequence[str], *, described_as: str = "the federation's labels") -> None:
     """Raise ``DataError`` naming file, line and label for every record outside the label set."""
     known = set(labels)
-    problems = [f"{r.source}: unknown label {r.label!r}" for r in records if r.label not in known]
+    problems = [f"{r.source}: unknown label {r.label!r} (not in {described_as})" for r in records if r.label not in known]
     if problems:
         shown = ", ".join(sorted(known)[:8]) + (", ..." if len(known) > 8 else "")
-        raise DataError(_summarise(None, problems) + f"\nThe federation's labels are: {shown}")
+        raise DataError(_summarise(None, problems) + f"\n{described_as[0].upper()}{described_as[1:]}: {shown}")
 
 
 def derive_labels(records: Iterable[Record]) -> tuple[str, ...]:

@@ -130,6 +130,11 @@ _SLOTS: dict[str, list[str]] = {
 }
 
 
+def demo_label_scopes() -> dict[str, tuple[str, ...]]:
+    """Each demo department's intents: part of the corpus's design, so public (client.label_scope)."""
+    return {department: tuple(intents) for department, intents in _INTENTS.items()}
+
+
 def demo_records(seed: int = 0) -> list[Record]:
     """All demo records, each tagged with its department; identical for the same seed."""
     rng = random.Random(seed)

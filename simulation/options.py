@@ -49,8 +49,10 @@ def _policy_value(text: str) -> bool | int | float:
         raise ValueError(f"{text!r} is not a number or true/false") from None
 
 
-def department_policies(budgets: list[str], policies: list[str]) -> dict[str, dict[str, Any]]:
-    """``--budget NAME=EPS`` and ``--policy NAME:KEY=VALUE`` as department -> {key: value}; every problem at once."""
+def department_policies(budgets: list[str], policies: list[str], scopes: list[str] = ()) -> dict[str, dict[str, Any]]:
+    """``--budget NAME=EPS``, ``--policy NAME:KEY=VALUE`` and ``--label-scope NAME=L1,L2`` as
+    department -> {key: value}, the settings each department's own configuration would hold; every problem at once."""
+    from client.label_scope import SCOPE_KEY
     from client.site_policy import POLICY_KEYS
 
     result: dict[str, dict[str, Any]] = {}
@@ -74,6 +76,12 @@ def department_policies(budgets: list[str], policies: list[str]) -> dict[str, di
             result.setdefault(name, {})[key] = _policy_value(value)
         except ValueError as exc:
             problems.append(f"--policy {text!r}: {exc}")
+    for text in scopes:
+        name, sep, labels = text.partition("=")
+        if not (sep and name and labels.strip(", ")):
+            problems.append(f"--label-scope {text!r}: expected NAME=LABEL[,LABEL...]")
+            continue
+        result.setdefault(name, {})[SCOPE_KEY] = labels
     if problems:
         raise ConfigError(problems, source="department budgets and policies")
     return result

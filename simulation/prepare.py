@@ -14,10 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from client.label_scope import SCOPE_KEY, parse_label_scope
 from shared import clinc150, partition
 from shared.data import Record, check_labels, derive_labels, load_records, safe_name, write_jsonl
 from shared.demo_corpus import DESCRIPTION as DEMO_DESCRIPTION
-from shared.demo_corpus import demo_records
+from shared.demo_corpus import demo_label_scopes, demo_records
 from shared.errors import ConfigError, DataError
 
 
@@ -38,6 +39,7 @@ class Department:
     records: int
     train_records: int
     labels: int
+    scoped: bool  # trains only the head rows of its declared label scope
 
 
 @dataclass(frozen=True)
@@ -61,8 +63,12 @@ def _source_records(plan: DataPlan) -> tuple[list[Record], list[Record] | None, 
     return load_records(plan.data), None, str(plan.data), None
 
 
+def _scheme(plan: DataPlan, domains: dict | None) -> str:
+    return plan.partition or ("domain" if domains else "column")
+
+
 def _partition(plan: DataPlan, pool: list[Record], domains: dict | None) -> dict[str, list[Record]]:
-    scheme = plan.partition or ("domain" if domains else "column")
+    scheme = _scheme(plan, domains)
     if scheme not in partition.PARTITIONS:
         raise ConfigError(f"--partition must be one of {', '.join(partition.PARTITIONS)} (got {scheme!r})")
     if scheme in ("column", "domain") and plan.departments is not None:
@@ -89,6 +95,9 @@ class Partitioned:
     labels: tuple[str, ...]
     shares: dict[str, list[Record]]
     test: list[Record] | None
+    # Label scopes that come with the data's public description: CLINC150's domains.json for the
+    # domain partition, the demo corpus's design for its departments (client.label_scope).
+    declared_scopes: dict[str, tuple[str, ...]]
 
     def smallest_train_split(self, *, val_fraction: float, test_fraction: float, seed: int) -> int:
         """Training records of the smallest department (a batch size must fit every department)."""
@@ -110,7 +119,12 @@ def partition_data(plan: DataPlan) -> Partitioned:
     shares = _partition(plan, pool, domains)
     if not shares:
         raise DataError(f"{description}: no departments after partitioning")
-    return Partitioned(description, labels, shares, test)
+    scopes: dict[str, tuple[str, ...]] = {}
+    if _scheme(plan, domains) == "domain" and domains:
+        scopes = {name: tuple(intents) for name, intents in domains.items() if name in shares}
+    elif plan.data is None and _scheme(plan, domains) == "column":
+        scopes = {name: intents for name, intents in demo_label_scopes().items() if name in shares}
+    return Partitioned(description, labels, shares, test, scopes)
 
 
 def write_federation(
@@ -119,12 +133,23 @@ def write_federation(
 ) -> Federation:
     """Check every department against the training settings, then write one file per department."""
     problems = [
-        f"--budget/--policy name a department '{name}' that this partition does not have "
+        f"--budget/--policy/--label-scope name a department '{name}' that this partition does not have "
         f"(departments: {', '.join(sorted(data.shares))})"
         for name in sorted(set(policies) - set(data.shares))
     ]
+    settings = {name: dict(policies.get(name, {})) for name in data.shares}
+    for name, scope in data.declared_scopes.items():
+        settings[name].setdefault(SCOPE_KEY, ",".join(scope))
     departments = []
     for name, records in data.shares.items():
+        if SCOPE_KEY in settings[name]:
+            try:
+                scope = parse_label_scope(settings[name][SCOPE_KEY], department=name, labels=data.labels)
+                check_labels(records, scope or data.labels, described_as=f"department {name}'s label-scope")
+            except ConfigError as exc:
+                problems += [f"department {name}: {problem}" for problem in exc.problems]
+            except DataError as exc:
+                problems.append(str(exc))
         split = partition.split_department(records, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
         train = len(split.train)
         if train < batch_size or not split.val:
@@ -135,7 +160,8 @@ def write_federation(
         if dp and not delta < 1 / max(train, 1):
             problems.append(f"department {name}: delta={delta} must be below 1/records = 1/{train}")
         departments.append(
-            Department(name, f"departments/{safe_name(name)}.jsonl", len(records), train, len({r.label for r in records}))
+            Department(name, f"departments/{safe_name(name)}.jsonl", len(records), train, len({r.label for r in records}),
+                       scoped=SCOPE_KEY in settings[name])
         )
     if problems:
         raise DataError("cannot train these departments:\n" + "\n".join(f"  - {p}" for p in problems))
@@ -151,7 +177,7 @@ def write_federation(
         "description": data.description,
         "labels": list(data.labels),
         "departments": [
-            {"name": d.name, "file": d.file, "records": d.records, "policy": dict(policies.get(d.name, {}))}
+            {"name": d.name, "file": d.file, "records": d.records, "policy": settings[d.name]}
             for d in departments
         ],
     }

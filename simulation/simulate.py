@@ -128,6 +128,10 @@ def _print_header(console: Console, federation: Federation, config: RunConfig) -
         )
     else:
         console.print(NO_DP_WARNING)
+    scoped = sum(d.scoped for d in federation.departments)
+    if scoped:
+        console.print(f"Label scopes: {scoped} of {len(federation.departments)} departments declare theirs and train "
+                      "only those labels' rows of the head")
     if config.secagg:
         console.print("Secure aggregation: Flower SecAgg+ (the server learns only the weighted sum of updates)")
     else:

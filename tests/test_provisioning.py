@@ -122,3 +122,26 @@ def test_server_start_refuses_a_mismatched_or_expired_certificate(tmp_path, host
     _reissue_server_certificate(kits, hosts=hosts, days_valid=days)
     with pytest.raises(FedprivError, match=reason):
         start_superlink(kits.server_kit, host="127.0.0.1", port=port, insecure=False, log=tmp_path / "superlink.log")
+
+
+def test_a_kits_budget_policy_and_label_scope_reach_the_department(tmp_path, kits):
+    from flwr.common.config import parse_config_args
+
+    from client.deployment import supernode_command
+    from client.department_data import resolve_department
+    from shared.config import RunConfig
+
+    kit = tmp_path / "hr"
+    kit.mkdir()
+    for name in ("ca.crt", "node.key"):
+        (kit / name).write_bytes((kits.department_kits["hr"] / name).read_bytes())
+    (kit / "department.toml").write_text(
+        'department = "hr"\nsuperlink = "fl.example.com:9093"\nepsilon = 4.0\nlabel-scope = ["leave", "payroll"]\n'
+        "[policy]\nrequire-secagg = true\n")
+    data = tmp_path / "hr.csv"
+    data.write_text("text,label\nmy leave request,leave\n")
+    command, _ = supernode_command(kit, data=data, superlink=None, state_dir=None, insecure=False, epsilon=None)
+    node_config = parse_config_args([command[command.index("--node-config") + 1]])
+    settings = resolve_department(RunConfig(labels=("leave", "payroll", "vpn")), node_config)
+    assert settings.name == "hr" and settings.label_scope == ("leave", "payroll")
+    assert settings.policy.budget == 4.0 and settings.policy.require_secagg is True

@@ -35,6 +35,7 @@ class BenchPlan:
     partitions: tuple[str, ...]
     accuracy_rounds: int
     overhead_repeats: int
+    overhead_lora_records: int
     secagg_sizes: tuple[int, ...]
     secagg_rounds: int
     secagg_repeats: int
@@ -43,8 +44,8 @@ class BenchPlan:
     deployment: bool
 
 
-FULL = BenchPlan((1.0, 3.0, 8.0, None), ("domain", "dirichlet-0.5"), 40, 7, (5, 10), 5, 2, (10, 50, 100), 100, True)
-QUICK = BenchPlan((8.0, None), ("domain",), 3, 3, (5,), 3, 1, (10, 20), 60, False)
+FULL = BenchPlan((1.0, 3.0, 8.0, None), ("domain", "dirichlet-0.5"), 40, 7, 256, (5, 10), 5, 2, (10, 50, 100), 100, True)
+QUICK = BenchPlan((8.0, None), ("domain",), 3, 3, 64, (5,), 3, 1, (10, 20), 60, False)
 
 
 def machine() -> dict[str, Any]:
@@ -111,12 +112,17 @@ def bench(
 
         console.print("[bold]DP overhead[/]")
         records, labels, source = _one_department(clinc if has_clinc else None)
+        lora = records[: plan.overhead_lora_records]
         overhead = {"source": source,
-                    "throughput": throughput(records=records, labels=labels, model=model, repeats=plan.overhead_repeats,
-                                             cache_dir=work / "overhead-feature-cache"),
+                    "throughput": [
+                        throughput(records=records, labels=labels, model=model, repeats=plan.overhead_repeats,
+                                   cache_dir=work / "overhead-feature-cache"),
+                        throughput(records=lora, labels=labels, model=model, repeats=plan.overhead_repeats,
+                                   cache_dir=None, lora_r=8, batch_size=32),
+                    ],
                     "peak_memory_mb": department_peak_memory(records=records, labels=labels, model=model)}
         save("overhead", overhead)
-        sections += ["## 2. DP overhead (one department, local training)", "", f"Data: {source}.",
+        sections += ["## 2. DP overhead (one department, local training)", "", f"Data: {source}.", "",
                      *overhead_markdown(overhead), ""]
     if "secagg" in pieces:
         if has_clinc:

@@ -56,11 +56,14 @@ def test_bench_quick_overhead_piece_writes_well_formed_results(tmp_path):
                              "--out", str(tmp_path)], capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     overhead = json.loads((tmp_path / "bench-results" / "overhead.json").read_text())
-    t = overhead["throughput"]
-    assert t["plain_samples_per_s"]["median"] > 0 and t["dp_samples_per_s"]["median"] > 0
-    assert t["dp_over_plain"]["n"] == 3 and overhead["peak_memory_mb"]["dp"] > 100
+    head, lora = overhead["throughput"]
+    assert (head["lora_r"], lora["lora_r"]) == (0, 8)
+    for t in (head, lora):
+        assert t["plain_samples_per_s"]["median"] > 0 and t["dp_samples_per_s"]["median"] > 0
+        assert t["dp_over_plain"]["n"] == 3 and t["records"] > 0
+    assert overhead["peak_memory_mb"]["dp"] > 100
     markdown = (tmp_path / "BENCHMARKS.md").read_text()
-    assert "## 2. DP overhead" in markdown and "| DP / plain throughput |" in markdown
+    assert "## 2. DP overhead" in markdown and "| LoRA r=8 + head (hooks mode) |" in markdown
     assert "## 4. Scale" in markdown and "Skipped: CLINC150 not found" in markdown
     bench = json.loads((tmp_path / "bench-results" / "bench.json").read_text())
     assert bench["machine"]["cpus"] >= 1 and bench["quick"] is True

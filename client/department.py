@@ -61,7 +61,7 @@ def prepare(settings: DepartmentSettings, config: RunConfig) -> PreparedData:
     def tensors(records) -> TensorDataset:
         return labelled_dataset(
             backbone, records, labels=config.labels, max_length=config.max_length,
-            head_only=config.head_only, cache_dir=settings.state_dir / "feature-cache",
+            head_only=config.head_only, cache_dir=settings.feature_cache,
         )
 
     test = tensors(department.test) if department.test else None

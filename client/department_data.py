@@ -34,6 +34,11 @@ class DepartmentSettings:
     state_dir: Path
     policy: SitePolicy
     label_scope: tuple[str, ...] | None = None  # the labels it declares (client.label_scope); None: all
+    shared_feature_cache: Path | None = None  # simulation's --feature-cache; else its own state folder
+
+    @property
+    def feature_cache(self) -> Path:
+        return self.shared_feature_cache or self.state_dir / "feature-cache"
 
 
 @dataclass(frozen=True)
@@ -76,7 +81,9 @@ def resolve_department(config: RunConfig, node_config: Mapping[str, Any]) -> Dep
         )
     policy = SitePolicy.from_mapping(own_policy, department=name, run=config)
     scope = parse_label_scope(own_policy.get(SCOPE_KEY), department=name, labels=config.labels)
-    return DepartmentSettings(name, data_path, state_dir, policy, scope)
+    # Only a simulation shares a cache: a deployed department's paths are its own, never the server's to set.
+    shared_cache = Path(config.feature_cache) if config.feature_cache and "department" not in node_config else None
+    return DepartmentSettings(name, data_path, state_dir, policy, scope, shared_cache)
 
 
 def load_department(settings: DepartmentSettings, config: RunConfig, *, min_train: int | None = None) -> DepartmentData:

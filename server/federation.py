@@ -55,7 +55,7 @@ def run_federation(grid: Grid, context: Context, config: RunConfig, recorder: Ru
         backbone_fingerprint=backbone.fingerprint,
         initial_parameters=ndarrays_to_parameters(get_trainable(classifier)),
         evaluate_fn=make_server_evaluator(
-            config=config, classifier=classifier, backbone=backbone, cache_dir=Path(config.out_dir) / "feature-cache"
+            config=config, classifier=classifier, backbone=backbone, cache_dir=Path(config.feature_cache or Path(config.out_dir) / "feature-cache")
         ),
         audit_dir=audit_dir,
     )

@@ -9,6 +9,7 @@ passes. The cache key covers the backbone fingerprint, max length and every text
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -62,7 +63,7 @@ def cached_features(
             pass  # a damaged cache is rebuilt, never trusted
     features = embed_texts(backbone, texts, max_length=max_length)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # departments sharing a cache may write the same file at once
     torch.save(features, tmp)
     tmp.replace(path)
     return features

@@ -53,13 +53,17 @@ def sample_peak(process: subprocess.Popen, *, interval_s: float = 0.5) -> tuple[
 
 
 def measured_run(name: str, args: list[str], out: Path) -> dict[str, Any]:
-    """`fedpriv simulate ARGS --out OUT/runs/NAME`, with its wall time, peak memory and metrics."""
+    """`fedpriv simulate ARGS --out OUT/runs/NAME`, with its wall time, peak memory and metrics.
+
+    Every run shares OUT/feature-cache: the first run on a data set embeds it, later ones reuse it.
+    """
     run_dir = out / "runs" / name
     log = out / "logs" / f"{name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     with log.open("w") as stream:
-        process = subprocess.Popen([FEDPRIV, "simulate", *args, "--out", str(run_dir)], stdout=stream,
+        process = subprocess.Popen([FEDPRIV, "simulate", *args, "--out", str(run_dir), "--feature-cache",
+                                    str(out / "feature-cache")], stdout=stream,
                                    stderr=subprocess.STDOUT)
         sampler, peak = sample_peak(process)
         process.wait()

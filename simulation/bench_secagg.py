@@ -66,7 +66,7 @@ def secagg_vs_plain(run_dir: Path) -> dict[str, float]:
     test = load_records(run_dir / "federation" / "test.jsonl")
     config = read_run_config(run_dir)
     features = cached_features(load_backbone(config.model), [r.text for r in test], max_length=config.max_length,
-                               cache_dir=run_dir / "feature-cache").numpy().astype(np.float64)
+                               cache_dir=Path(config.feature_cache or run_dir / "feature-cache")).numpy().astype(np.float64)
     truth = np.array([label_index[r.label] for r in test])
 
     def accuracy(model: list[np.ndarray]) -> float:

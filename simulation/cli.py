@@ -55,6 +55,7 @@ def simulate(
     no_secagg: opt.NoSecagg = False,
     audit_updates: Annotated[bool, typer.Option("--audit-updates", help="Save each department's raw delta (its own folder) and what the server received (masked under SecAgg+), for audits.")] = False,
     out: opt.Out = None,
+    feature_cache: Annotated[Path | None, typer.Option(help="One folder where departments and server cache their embeddings of the frozen backbone, reused by later runs on the same data (default: inside the run folder).")] = None,
     seed: Annotated[int, typer.Option(help="Seed for partitioning, splits and initialisation (never for DP noise).")] = DEFAULTS.seed,
     budget: Annotated[list[str] | None, typer.Option(help="NAME=EPSILON: that department's own budget, as its local configuration would set it (repeatable). It trains until one more round would cross it.")] = None,
     policy: Annotated[list[str] | None, typer.Option(help="NAME:KEY=VALUE: a department's site policy (repeatable); keys: max-epsilon-per-round, min-noise-multiplier, require-secagg, min-departments, delta.")] = None,
@@ -81,7 +82,7 @@ def simulate(
             data=data, test_data=test_data, partition=partition, departments=departments, alpha=alpha,
             rounds=rounds, local_epochs=local_epochs, batch_size=batch_size, learning_rate=learning_rate,
             max_grad_norm=max_grad_norm, epsilon=epsilon, delta=delta, accountant=accountant, model=model,
-            lora_r=lora_r, dp=not no_dp, secagg=not no_secagg, audit_updates=audit_updates, out=out, seed=seed,
+            lora_r=lora_r, dp=not no_dp, secagg=not no_secagg, audit_updates=audit_updates, out=out, seed=seed, feature_cache=feature_cache,
             policies=opt.department_policies(budget or [], policy or [], label_scope or []), min_departments=min_departments,
         )
         status = simulate_federation(request, console=console)

@@ -45,6 +45,7 @@ class SimulationRequest:
     dp: bool
     secagg: bool
     audit_updates: bool
+    feature_cache: Path | None
     out: Path | None
     seed: int
     policies: dict[str, dict[str, Any]]  # department -> its own budget and site policy (client.site_policy)
@@ -85,7 +86,8 @@ def simulate_federation(request: SimulationRequest, *, console: Console) -> dict
         val_fraction=val_fraction, test_fraction=test_fraction, seed=request.seed, out_dir=str(out),
         partition_dir=str(federation.partition_dir),
         test_data=str(federation.test_file) if federation.test_file else "",
-        secagg=request.secagg, audit_updates=request.audit_updates, run_uid=uuid.uuid4().hex[:12],
+        secagg=request.secagg, audit_updates=request.audit_updates,
+        feature_cache=str(request.feature_cache.expanduser().resolve()) if request.feature_cache else "", run_uid=uuid.uuid4().hex[:12],
         # The tightest SecAgg+ weight bound that fits every department: the finest quantization.
         secagg_max_weight=max(d.train_records for d in federation.departments),
     )

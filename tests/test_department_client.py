@@ -171,3 +171,15 @@ def test_too_small_department_is_named(tmp_path):
     prepare.cache_clear()
     with pytest.raises(DataError, match="department finance .* needs at least batch-size=16"):
         client.fit(get_trainable(client.classifier), request(config, 1))
+
+
+def test_only_a_simulation_shares_a_feature_cache(tmp_path):
+    config = RunConfig(model="tiny", labels=LABELS, feature_cache=str(tmp_path / "shared-cache"),
+                       partition_dir=str(tmp_path / "federation"), out_dir=str(tmp_path / "out"))
+    (tmp_path / "federation").mkdir()
+    (tmp_path / "federation" / "manifest.json").write_text(
+        '{"departments": [{"name": "finance", "file": "finance.jsonl", "records": 3}]}')
+    simulated = resolve_department(config, {"partition-id": 0})
+    assert simulated.feature_cache == tmp_path / "shared-cache"
+    deployed = resolve_department(config, {"department": "finance", "data-path": "x.csv", "state-dir": str(tmp_path / "s")})
+    assert deployed.feature_cache == tmp_path / "s" / "feature-cache"  # the server cannot point it elsewhere

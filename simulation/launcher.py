@@ -70,9 +70,12 @@ def simulation_superlink(run_dir: Path) -> Iterator[dict[str, str]]:
 
 def submit_run(
     *, env: dict[str, str], run_config: dict[str, Any], run_dir: Path,
-    on_round: Callable[[dict[str, Any]], None], federation_config: str | None = None,
+    on_round: Callable[[dict[str, Any]], None], federation_config: str | None = None, superlink_outlives_us: bool = True,
 ) -> dict[str, Any]:
-    """``flwr run`` the app through the ``fedpriv`` connection of ``env``; follow the round feed."""
+    """``flwr run`` the app through the ``fedpriv`` connection of ``env``; follow the round feed.
+
+    On an interrupt, a SuperLink that outlives this command (deployment) is asked to stop the run.
+    """
     config_path = write_run_config(run_config, run_dir / RUN_CONFIG_FILE)
     log_path = run_dir / "logs" / "flwr-run.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -84,6 +87,8 @@ def submit_run(
         try:
             _follow(run_dir, process, on_round)
         except KeyboardInterrupt:
+            if superlink_outlives_us:
+                _stop_flower_run(env, run_dir)
             write_json(run_dir / STATUS_FILE, {
                 "state": "stopped", "run_id": None,
                 "message": f"interrupted; continue with `fedpriv simulate --resume {run_dir}` (simulation) or "
@@ -101,6 +106,20 @@ def submit_run(
     return status
 
 
+def _stop_flower_run(env: dict[str, str], run_dir: Path) -> None:
+    """Ask the SuperLink to stop the run: a deployed SuperLink keeps running a run whose `flwr run` has gone."""
+    status_path = run_dir / STATUS_FILE
+    try:
+        run_id = json.loads(status_path.read_text()).get("run_id") if status_path.exists() else None
+    except json.JSONDecodeError:
+        run_id = None
+    if run_id:
+        try:
+            subprocess.run([executable("flwr"), "stop", str(run_id), CONNECTION], env=env, capture_output=True, timeout=60)
+        except subprocess.TimeoutExpired:
+            pass  # the SuperLink did not answer; the run ends with it, or with its own timeout
+
+
 def run_simulation(
     *, run_config: dict[str, Any], num_departments: int, run_dir: Path,
     on_round: Callable[[dict[str, Any]], None], cpus_per_department: int = 1,
@@ -110,6 +129,7 @@ def run_simulation(
         return submit_run(
             env=env, run_config=run_config, run_dir=run_dir, on_round=on_round,
             federation_config=f"num-supernodes={num_departments} client-resources-num-cpus={cpus_per_department}",
+            superlink_outlives_us=False,  # the simulation SuperLink is ours: it is stopped, run and all
         )
 
 

@@ -1,6 +1,6 @@
 """Deployment on loopback through the `fedpriv` commands: a TLS SuperLink with node authentication,
-three department SuperNodes, two rounds of the tiny model; an unregistered node and a node with
-another CA are refused. Every process the test starts is stopped by PID."""
+three department SuperNodes, two rounds of the tiny model; a second run stopped and resumed by
+the deployed server; an unregistered node and a node with another CA are refused. Every process the test starts is stopped by PID."""
 
 from __future__ import annotations
 
@@ -86,6 +86,31 @@ def test_tls_authenticated_federation_and_refusals(tmp_path, processes):
     assert "on (gRPC over TLS)" in (tmp_path / "run" / "report.html").read_text()
     for name in DEPARTMENTS:  # each department's ledger lives in its own kit's state folder
         assert len((kits / name / "state" / "privacy-ledger.jsonl").read_text().splitlines()) == 2
+
+    # A second run, stopped (SIGTERM) after its first round and resumed by the deployed server. Its
+    # epsilon is 16: the departments already spent 8 on these records, and they compose both runs.
+    second = tmp_path / "run2"
+    process = subprocess.Popen(
+        [FEDPRIV, "run", "--kit", str(kits / "server"), "--labels-file", str(tmp_path / "labels.txt"), "--departments",
+         "3", "--rounds", "3", "--model", "tiny", "--batch-size", "32", "--epsilon", "16", "--out", str(second)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
+    deadline = time.monotonic() + 300
+    while not ((second / "rounds.jsonl").exists() and (second / "rounds.jsonl").read_text().strip()):
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=120)
+    completed_before = len((second / "rounds.jsonl").read_text().splitlines())
+    assert completed_before < 3
+    resumed = fedpriv("run", "--kit", str(kits / "server"), "--resume", str(second), timeout=540)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"after round {completed_before}" in resumed.stdout
+    metrics = json.loads((second / "metrics.json").read_text())
+    assert [r["round"] for r in metrics["rounds"]] == [1, 2, 3]
+    for name in DEPARTMENTS:  # 2 + 3 rounds, none trained (or paid for) twice, and within the new budget
+        lines = [json.loads(line) for line in (kits / name / "state" / "privacy-ledger.jsonl").read_text().splitlines()]
+        assert len(lines) == 5 and len({(e["run"], e["round"]) for e in lines}) == 5
+        assert 8.0 < lines[-1]["epsilon"] <= 16.0
 
     # A kit from another provisioning: its key is unregistered, and (as is) its CA is wrong too.
     assert fedpriv("provision", "--out", str(tmp_path / "rogue"), "--departments", "finance",

@@ -40,6 +40,11 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+def _neighbourhood(config: dict[str, Any]) -> str:
+    shares = config.get("secagg-num-shares") or 0
+    return f"{shares - 1} random neighbours per department" if shares else "every department with every other"
+
+
 def _summary(metrics: dict[str, Any], status: dict[str, Any]) -> str:
     tls, auth = TRANSPORT_WORDS.get(metrics.get("transport", "simulation"), ("?", "?"))
     config = metrics.get("config", {})
@@ -50,7 +55,7 @@ def _summary(metrics: dict[str, Any], status: dict[str, Any]) -> str:
         ["state", html.escape(f"{status.get('state', metrics.get('status'))} {status.get('message') or ''}")],
         ["final accuracy", f"{_fmt(metrics.get('final_accuracy'))} ({html.escape(str(metrics.get('final_accuracy_source')))})"],
         ["differential privacy", dp],
-        ["secure aggregation", "on (Flower SecAgg+)" if metrics.get("secure_aggregation")
+        ["secure aggregation", (f"on (Flower SecAgg+, {_neighbourhood(config)})") if metrics.get("secure_aggregation")
          else "<span class='bad'>OFF: the server saw each update</span>"],
         ["TLS", html.escape(tls)], ["node authentication", html.escape(auth)],
         ["rounds", f"{len(metrics['rounds'])} of {config.get('num-server-rounds')}"],

@@ -92,6 +92,11 @@ class FedprivStrategy(FedAvg):
             protocol.SECAGG_MAX_WEIGHT: self.run_config.secagg_max_weight,
         }
 
+    def planned_sample_size(self, client_manager: Any) -> int:
+        """How many departments the next round asks: those with budget left, times fraction-train."""
+        eligible = [cid for cid in client_manager.all() if cid not in self.exhausted]
+        return max(int(len(eligible) * self.fraction_fit), self.run_config.min_departments)
+
     def configure_fit(self, server_round: int, parameters: Parameters, client_manager: Any) -> list:
         server_round += self.round_offset
         self.pending_round = server_round
@@ -102,7 +107,7 @@ class FedprivStrategy(FedAvg):
                 f"ended before round {server_round}: {len(eligible)} department(s) have budget left, "
                 f"min-departments is {needed} (budget exhausted: {', '.join(sorted(self.exhausted.values()))})"
             )
-        sample_size = max(int(len(eligible) * self.fraction_fit), needed)
+        sample_size = self.planned_sample_size(client_manager)
         clients = client_manager.sample(
             num_clients=sample_size, min_num_clients=needed, criterion=_NotIn(set(self.exhausted))
         )

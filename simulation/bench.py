@@ -41,11 +41,13 @@ class BenchPlan:
     secagg_repeats: int
     scale_sizes: tuple[int, ...]
     scale_records: int
+    scale_neighbourhoods: tuple[int, ...]  # SecAgg+ num-shares: 0 = full mesh
     deployment: bool
 
 
-FULL = BenchPlan((1.0, 3.0, 8.0, None), ("domain", "dirichlet-0.5"), 40, 7, 256, (5, 10), 5, 2, (10, 50, 100), 100, True)
-QUICK = BenchPlan((8.0, None), ("domain",), 3, 3, 64, (5,), 3, 1, (10, 20), 60, False)
+FULL = BenchPlan((1.0, 3.0, 8.0, None), ("domain", "dirichlet-0.5"), 40, 7, 256, (5, 10), 5, 2, (10, 50, 100), 100,
+                 (0, 21), True)
+QUICK = BenchPlan((8.0, None), ("domain",), 3, 3, 64, (5,), 3, 1, (10, 20), 60, (0, 11), False)
 
 
 def machine() -> dict[str, Any]:
@@ -147,7 +149,8 @@ def bench(
             console.print("[bold]scale[/]")
             corpus = load_clinc150(clinc)
             scale = scale_runs(pool=corpus.pool, test=corpus.test, out=work, sizes=list(plan.scale_sizes),
-                               per_department=plan.scale_records, rounds=3, model=model)
+                               per_department=plan.scale_records, rounds=3, model=model,
+                               neighbourhoods=list(plan.scale_neighbourhoods))
             save("scale", scale)
             sections += ["## 4. Scale (simulation, CLINC150 subsets, SecAgg+ on)", "", *scale_markdown(scale), ""]
         else:

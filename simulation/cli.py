@@ -53,6 +53,7 @@ def simulate(
     lora_r: opt.LoraR = DEFAULTS.lora_r,
     no_dp: opt.NoDp = False,
     no_secagg: opt.NoSecagg = False,
+    secagg_num_shares: opt.SecaggNumShares = DEFAULTS.secagg_num_shares,
     audit_updates: Annotated[bool, typer.Option("--audit-updates", help="Save each department's raw delta (its own folder) and what the server received (masked under SecAgg+), for audits.")] = False,
     out: opt.Out = None,
     feature_cache: Annotated[Path | None, typer.Option(help="One folder where departments and server cache their embeddings of the frozen backbone, reused by later runs on the same data (default: inside the run folder).")] = None,
@@ -82,7 +83,7 @@ def simulate(
             data=data, test_data=test_data, partition=partition, departments=departments, alpha=alpha,
             rounds=rounds, local_epochs=local_epochs, batch_size=batch_size, learning_rate=learning_rate,
             max_grad_norm=max_grad_norm, epsilon=epsilon, delta=delta, accountant=accountant, model=model,
-            lora_r=lora_r, dp=not no_dp, secagg=not no_secagg, audit_updates=audit_updates, out=out, seed=seed, feature_cache=feature_cache,
+            lora_r=lora_r, dp=not no_dp, secagg=not no_secagg, secagg_num_shares=secagg_num_shares, audit_updates=audit_updates, out=out, seed=seed, feature_cache=feature_cache,
             policies=opt.department_policies(budget or [], policy or [], label_scope or []), min_departments=min_departments,
         )
         status = simulate_federation(request, console=console)

@@ -117,6 +117,7 @@ def run(
     max_weight: Annotated[int, typer.Option(help="SecAgg+ bound on a department's training records.")] = DEFAULTS.secagg_max_weight,
     no_dp: opt.NoDp = False,
     no_secagg: opt.NoSecagg = False,
+    secagg_num_shares: opt.SecaggNumShares = DEFAULTS.secagg_num_shares,
     out: opt.Out = None,
     resume: Annotated[Path | None, typer.Option(help="Continue this stopped run folder from its last completed round (its own settings; only --kit is used).")] = None,
 ) -> None:
@@ -144,7 +145,7 @@ def run(
             num_server_rounds=rounds, local_epochs=local_epochs, target_epsilon=epsilon, target_delta=delta,
             model=model, batch_size=batch_size, learning_rate=learning_rate, max_grad_norm=max_grad_norm,
             accountant=accountant, lora_r=lora_r, labels=labels, min_departments=departments, dp=not no_dp,
-            secagg=not no_secagg, secagg_max_weight=max_weight, transport=transport, run_uid=uuid.uuid4().hex[:12],
+            secagg=not no_secagg, secagg_num_shares=secagg_num_shares, secagg_max_weight=max_weight, transport=transport, run_uid=uuid.uuid4().hex[:12],
             test_data=str(test_data.resolve()) if test_data else "", out_dir="pending",
         )
         run_dir = new_run_dir(out)  # only once every setting has been validated above

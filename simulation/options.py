@@ -22,6 +22,7 @@ LoraR = Annotated[int, typer.Option(help="LoRA rank; 0 trains only the head on f
 TestData = Annotated[Path | None, typer.Option(help="Held-out CSV/JSONL for server-side evaluation.")]
 NoDp = Annotated[bool, typer.Option("--no-dp", help="Baseline WITHOUT differential privacy: no guarantee holds.")]
 NoSecagg = Annotated[bool, typer.Option("--no-secagg", help="Baseline without SecAgg+: the server sees each department's update.")]
+SecaggNumShares = Annotated[int, typer.Option(help="SecAgg+ neighbourhood: 0 = every department with every other (default, strongest); an odd k >= 3 = k - 1 random neighbours per round, for large federations (a server colluding with all of a department's neighbours could unmask it).")]
 Out = Annotated[Path | None, typer.Option(help="Run folder on this host (default: fedpriv-runs/<time>).")]
 
 NO_DP_WARNING = "[bold red]WARNING: --no-dp: NO differential privacy. No privacy guarantee holds for this run.[/]"

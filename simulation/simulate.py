@@ -44,6 +44,7 @@ class SimulationRequest:
     lora_r: int
     dp: bool
     secagg: bool
+    secagg_num_shares: int
     audit_updates: bool
     feature_cache: Path | None
     out: Path | None
@@ -86,7 +87,7 @@ def simulate_federation(request: SimulationRequest, *, console: Console) -> dict
         val_fraction=val_fraction, test_fraction=test_fraction, seed=request.seed, out_dir=str(out),
         partition_dir=str(federation.partition_dir),
         test_data=str(federation.test_file) if federation.test_file else "",
-        secagg=request.secagg, audit_updates=request.audit_updates,
+        secagg=request.secagg, secagg_num_shares=request.secagg_num_shares, audit_updates=request.audit_updates,
         feature_cache=str(request.feature_cache.expanduser().resolve()) if request.feature_cache else "", run_uid=uuid.uuid4().hex[:12],
         # The tightest SecAgg+ weight bound that fits every department: the finest quantization.
         secagg_max_weight=max(d.train_records for d in federation.departments),
@@ -135,7 +136,9 @@ def _print_header(console: Console, federation: Federation, config: RunConfig) -
         console.print(f"Label scopes: {scoped} of {len(federation.departments)} departments declare theirs and train "
                       "only those labels' rows of the head")
     if config.secagg:
-        console.print("Secure aggregation: Flower SecAgg+ (the server learns only the weighted sum of updates)")
+        mesh = (f"{config.secagg_num_shares - 1} random neighbours per department" if config.secagg_num_shares
+                else "every department with every other")
+        console.print(f"Secure aggregation: Flower SecAgg+ (the server learns only the weighted sum of updates; {mesh})")
     else:
         console.print("[bold yellow]--no-secagg: the server sees every department's individual update.[/]")
     console.print(f"Run folder: {config.out_dir}  (starting Flower's simulation engine...)")

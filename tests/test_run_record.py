@@ -72,7 +72,7 @@ def test_report_has_a_row_per_department_and_the_protections(tmp_path):
     two_rounds(tmp_path).finish(state="completed")
     report = (tmp_path / "report.html").read_text()
     assert "<td>hr</td>" in report and "<td>it</td>" in report
-    assert "budget exhausted" in report and "on (Flower SecAgg+)" in report and "<svg" in report
+    assert "budget exhausted" in report and "on (Flower SecAgg+, every department with every other)" in report and "<svg" in report
     assert "n/a: in-process simulation" in report and "No audit was run" in report
 
 

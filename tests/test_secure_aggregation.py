@@ -16,12 +16,13 @@ FEDPRIV = str(Path(sys.executable).parent / "fedpriv")
 DEPARTMENTS = 5
 
 
-@pytest.fixture(scope="module")
-def secure_run(tmp_path_factory) -> Path:
+@pytest.fixture(scope="module", params=[0, 3], ids=["full-mesh", "2-neighbours"])
+def secure_run(tmp_path_factory, request) -> Path:
     out = tmp_path_factory.mktemp("secagg") / "run"
     result = subprocess.run(
         [FEDPRIV, "simulate", "--model", "tiny", "--partition", "iid", "--departments", str(DEPARTMENTS),
-         "--rounds", "2", "--batch-size", "32", "--audit-updates", "--out", str(out)],
+         "--rounds", "2", "--batch-size", "32", "--audit-updates", "--secagg-num-shares", str(request.param),
+         "--out", str(out)],
         capture_output=True, text=True, timeout=600, env=dict(os.environ),
     )
     assert result.returncode == 0, result.stdout + result.stderr
@@ -70,6 +71,6 @@ def test_server_never_holds_an_individual_update(secure_run, server_round):
 
 def test_every_round_records_secure_aggregation(secure_run):
     metrics = json.loads((secure_run / "metrics.json").read_text())
-    assert metrics["secure_aggregation"] is True
+    assert metrics["secure_aggregation"] is True and metrics["config"]["secagg-num-shares"] in (0, 3)
     for entry in metrics["rounds"]:
         assert entry["secure_aggregation"] is True and entry["secagg_out_of_range"] == 0 and not entry["failures"]

@@ -45,6 +45,10 @@ def small_federation(tmp_path, per_department=40):
         (["--policy", "it:min-departments=x"], "--policy 'it:min-departments=x': 'x' is not a number or true/false"),
         (["--policy", "it:colour=red"], "unknown key 'colour'"),
         (["--policy", "hr:delta=0.5"], "delta: must be in (0, 1e-05]"),
+        (["--label-scope", "it=a,zzz"], "department it: label-scope: 'zzz' not among the federation's labels"),
+        (["--label-scope", "it=a"], "unknown label 'b' (not in department it's label-scope)"),
+        (["--label-scope", "it"], "--label-scope 'it': expected NAME=LABEL[,LABEL...]"),
+        (["--secagg-num-shares", "4"], "secagg-num-shares must be 0 (every department) or an odd number >= 3 (got 4)"),
     ],
 )
 def test_bad_options_fail_cleanly(tmp_path, args, expected):

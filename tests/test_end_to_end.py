@@ -109,6 +109,9 @@ def test_budgets_ledger_report_audit_and_resume_through_the_cli(tmp_path):
     assert all(p[1] == 4 and 7.9 <= p[0] <= 8.0 for name, p in privacy.items() if name != "finance")
     report = (whole / "report.html").read_text()
     assert all(f"<td>{name}</td>" in report for name in privacy)
+    manifest = json.loads((whole / "federation" / "manifest.json").read_text())
+    scopes = {d["name"]: d["policy"]["label-scope"].split(",") for d in manifest["departments"]}
+    assert set(scopes) == set(privacy) and all(len(labels) == 4 for labels in scopes.values())  # the demo's own
 
     ledger = fedpriv("ledger", str(whole))
     assert ledger.returncode == 0 and "budget" in ledger.stdout and "exhausted" in ledger.stdout

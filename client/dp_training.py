@@ -68,7 +68,8 @@ def train_private(
     if abs(dp_loader.sample_rate - plan.sample_rate) > 1e-12:
         raise RuntimeError(f"Opacus sampling rate {dp_loader.sample_rate} differs from the plan's {plan.sample_rate}")
     try:
-        mean_loss, steps = _run_epochs(dp_module, optimizer, dp_loader, local_epochs, criterion)
+        mean_loss, steps = _run_epochs(dp_module, optimizer, dp_loader, local_epochs, criterion,
+                                       empty_batch=None if ghost else _no_samples)
     finally:
         dp_module._close()  # remove Opacus hooks so the module can be reused next round
     if steps != plan.steps_per_round:
@@ -111,8 +112,20 @@ def _loader(dataset: Dataset, *, batch_size: int, shuffle: bool, generator: torc
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator)
 
 
+def _no_samples(module: nn.Module) -> None:
+    """Zero per-sample gradients for an empty batch, as Opacus' hooks would record (Opacus then adds noise only).
+
+    A Transformer cannot run a forward pass on zero sequences (transformers reshapes fail), so an
+    empty Poisson batch of the LoRA model never reaches it.
+    """
+    for parameter in module.parameters():
+        if parameter.requires_grad:
+            parameter.grad_sample = torch.zeros((0, *parameter.shape), dtype=parameter.dtype)
+
+
 def _run_epochs(
-    module: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, epochs: int, criterion: Callable
+    module: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, epochs: int, criterion: Callable,
+    empty_batch: Callable[[nn.Module], None] | None = None,
 ) -> tuple[float, int]:
     module.train()
     loss_sum, loss_count, steps = 0.0, 0, 0
@@ -120,9 +133,14 @@ def _run_epochs(
         for batch in loader:
             *inputs, labels = batch
             optimizer.zero_grad(set_to_none=True)
+            # An empty Poisson batch still takes its (noise-only) step: skipping it would change the
+            # mechanism that the accountant counts. The head runs it (zero-sized sums); a Transformer cannot.
+            if len(labels) == 0 and empty_batch is not None:
+                empty_batch(module)
+                optimizer.step()
+                steps += 1
+                continue
             logits = module(*inputs)
-            # An empty Poisson batch still runs and takes its (noise-only) step: skipping it would
-            # change the mechanism that the accountant counts. Its gradients are zero-sized sums.
             criterion(logits, labels).backward()
             optimizer.step()
             loss_sum += nn.functional.cross_entropy(logits.detach(), labels, reduction="sum").item()

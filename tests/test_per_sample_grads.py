@@ -136,3 +136,23 @@ def test_empty_poisson_batches_still_take_their_step():
     )
     assert result.steps == 20
     assert result.history == [(1.0, q, 25)]  # Opacus counted every step, on top of the prior history
+
+
+def test_empty_poisson_batches_of_the_lora_model_take_a_noise_only_step(tiny_backbone):
+    """A Transformer cannot run zero sequences; the step (noise only) must still be taken and counted."""
+    from torch.utils.data import TensorDataset
+
+    from client.dp_training import train_private
+    from client.privacy import PrivacyPlan, poisson_schedule
+
+    model = _lora_model(tiny_backbone)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    input_ids, mask = tokenize(tiny_backbone, TEXTS * 5, max_length=16)
+    q, steps = poisson_schedule(num_records=20, batch_size=1, local_epochs=1)  # P(some empty batch) > 0.9999
+    result = train_private(
+        module=model, dataset=TensorDataset(input_ids, mask, torch.tensor([0, 1, 2, 1] * 5)),
+        plan=PrivacyPlan(1.0, q, steps, 1, 8.0, 8.0, 1e-5, "rdp"), prior=[], batch_size=1, local_epochs=1,
+        learning_rate=0.1, momentum=0.0, max_grad_norm=1.0,
+    )
+    assert result.steps == 20 and result.history == [(1.0, q, 20)]
+    assert all((p.detach() - before[n]).abs().max() > 0 for n, p in model.named_parameters() if p.requires_grad)

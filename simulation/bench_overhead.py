@@ -98,8 +98,8 @@ def _one_department_round(data: Path, model: str, mode: str, labels: tuple[str, 
 def overhead_markdown(result: dict[str, Any]) -> list[str]:
     memory = result["peak_memory_mb"]
 
-    def spread_text(s: dict[str, float], unit: str = "") -> str:
-        return f"{s['median']:.3g}{unit} ({s['min']:.3g} .. {s['max']:.3g})"
+    def spread_text(s: dict[str, float], unit: str = "", spec: str = ".3g") -> str:
+        return f"{s['median']:{spec}}{unit} ({s['min']:{spec}} .. {s['max']:{spec}})"
 
     lines = ["| trained parameters | records | batch | noise multiplier | plain samples/s | DP-SGD samples/s | "
              "DP / plain (median, min .. max) | target >= 0.9x |", "|---|---|---|---|---|---|---|---|"]
@@ -108,7 +108,7 @@ def overhead_markdown(result: dict[str, Any]) -> list[str]:
         ratio = t["dp_over_plain"]["median"]
         lines.append(f"| {what} | {t['records']} | {t['batch_size']} | {t['noise_multiplier']:.3f} | "
                      f"{spread_text(t['plain_samples_per_s'])} | {spread_text(t['dp_samples_per_s'])} | "
-                     f"{spread_text(t['dp_over_plain'], 'x')} | {'met' if ratio >= 0.9 else 'MISSED'} |")
+                     f"{spread_text(t['dp_over_plain'], 'x', '.4f')} | {'met' if ratio >= 0.9 else 'MISSED'} |")
     repeats = result["throughput"][0]["dp_over_plain"]["n"]
     return lines + [
         "", f"Model {result['throughput'][0]['model']}, {result['throughput'][0]['labels']} labels (the federation's); "

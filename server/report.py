@@ -15,6 +15,7 @@ from typing import Any
 
 from server.ledger_view import ledger_rows, read_metrics
 from server.plots import run_svg
+from shared.config import secagg_neighbourhood
 
 REPORT_FILE = "report.html"
 AUDIT_FILE = "audit.json"
@@ -40,11 +41,6 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def _neighbourhood(config: dict[str, Any]) -> str:
-    shares = config.get("secagg-num-shares") or 0
-    return f"{shares - 1} random neighbours per department" if shares else "every department with every other"
-
-
 def _summary(metrics: dict[str, Any], status: dict[str, Any]) -> str:
     tls, auth = TRANSPORT_WORDS.get(metrics.get("transport", "simulation"), ("?", "?"))
     config = metrics.get("config", {})
@@ -55,7 +51,7 @@ def _summary(metrics: dict[str, Any], status: dict[str, Any]) -> str:
         ["state", html.escape(f"{status.get('state', metrics.get('status'))} {status.get('message') or ''}")],
         ["final accuracy", f"{_fmt(metrics.get('final_accuracy'))} ({html.escape(str(metrics.get('final_accuracy_source')))})"],
         ["differential privacy", dp],
-        ["secure aggregation", (f"on (Flower SecAgg+, {_neighbourhood(config)})") if metrics.get("secure_aggregation")
+        ["secure aggregation", f"on (Flower SecAgg+, {secagg_neighbourhood(config.get('secagg-num-shares') or 0)})" if metrics.get("secure_aggregation")
          else "<span class='bad'>OFF: the server saw each update</span>"],
         ["TLS", html.escape(tls)], ["node authentication", html.escape(auth)],
         ["rounds", f"{len(metrics['rounds'])} of {config.get('num-server-rounds')}"],

@@ -145,6 +145,11 @@ def _coerce(name: str, annotation: str, raw: Any) -> Any:
     return raw
 
 
+def secagg_neighbourhood(num_shares: int) -> str:
+    """Whom each department shares SecAgg+ masks with under ``secagg-num-shares``, in words."""
+    return f"{num_shares - 1} random neighbours per department" if num_shares else "every department with every other"
+
+
 def _validate(cfg: RunConfig) -> list[str]:
     problems: list[str] = []
 

@@ -17,7 +17,7 @@ from rich.console import Console
 from client.site_policy import SitePolicy
 from server.report import REPORT_FILE
 from server.run_record import METRICS_FILE, PLOT_FILE
-from shared.config import DEFAULTS, RunConfig
+from shared.config import DEFAULTS, RunConfig, secagg_neighbourhood
 from shared.errors import ConfigError
 from simulation.launcher import run_simulation
 from simulation.options import NO_DP_WARNING, new_run_dir
@@ -136,9 +136,8 @@ def _print_header(console: Console, federation: Federation, config: RunConfig) -
         console.print(f"Label scopes: {scoped} of {len(federation.departments)} departments declare theirs and train "
                       "only those labels' rows of the head")
     if config.secagg:
-        mesh = (f"{config.secagg_num_shares - 1} random neighbours per department" if config.secagg_num_shares
-                else "every department with every other")
-        console.print(f"Secure aggregation: Flower SecAgg+ (the server learns only the weighted sum of updates; {mesh})")
+        console.print("Secure aggregation: Flower SecAgg+ (the server learns only the weighted sum of updates; "
+                      f"{secagg_neighbourhood(config.secagg_num_shares)})")
     else:
         console.print("[bold yellow]--no-secagg: the server sees every department's individual update.[/]")
     console.print(f"Run folder: {config.out_dir}  (starting Flower's simulation engine...)")

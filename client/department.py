@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -19,18 +20,20 @@ import torch
 from flwr.client import NumPyClient
 from torch.utils.data import TensorDataset
 
+from client.class_statistics import plan_statistics, release_statistics
 from client.department_data import DepartmentData, DepartmentSettings, load_department
 from client.dp_training import train_plain, train_private
 from client.label_scope import scoped_head
-from client.privacy import PrivacyLedger
+from client.privacy import MECHANISM_CLASS_COUNTS, MECHANISM_CLASS_SUMS, PrivacyLedger
 from client.secure_aggregation import check_weight, out_of_range, update_delta
 from client.update_replay import load_update, request_key, save_update
-from shared import protocol
+from shared import protocol, secagg_masks
+from shared.accounting import epsilon_of
 from shared.config import RunConfig
-from shared.errors import BudgetExhausted, ConfigError
+from shared.errors import BudgetExhausted, ConfigError, TrainingError
 from shared.evaluation import evaluate_module
-from shared.features import labelled_dataset
-from shared.model import TextClassifier, build_classifier, load_backbone
+from shared.features import cached_features, labelled_dataset
+from shared.model import TextClassifier, build_classifier, load_backbone, trainable_names
 from shared.params import get_trainable, set_trainable
 
 
@@ -66,6 +69,17 @@ def prepare(settings: DepartmentSettings, config: RunConfig) -> PreparedData:
 
     test = tensors(department.test) if department.test else None
     return PreparedData(department, tensors(department.train), tensors(department.val), test)
+
+
+def train_features(settings: DepartmentSettings, config: RunConfig, data: PreparedData) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training records' frozen-backbone features (N, H) and label indices (N,), for stage 1."""
+    if config.head_only:
+        features, targets = data.train.tensors
+        return features, targets
+    texts = [r.text for r in data.department.train]
+    features = cached_features(load_backbone(config.model), texts, max_length=config.max_length,
+                               cache_dir=settings.feature_cache)
+    return features, data.train.tensors[-1]
 
 
 class DepartmentClient(NumPyClient):
@@ -116,15 +130,28 @@ class DepartmentClient(NumPyClient):
         set_trainable(self.classifier, parameters)
         data = prepare(self.settings, self.config)
         secagg = bool(config.get(protocol.SECAGG, False))
+        if secagg and config.get(protocol.SECAGG_MASKS) != secagg_masks.NAME:
+            raise ConfigError(f"the server does not say it unmasks with {secagg_masks.NAME} masks; department "
+                              f"{self.settings.name} sends nothing under Flower's 32-bit-seeded masks",
+                              source=f"request to department {self.settings.name}")
         if secagg:
             check_weight(department=self.settings.name, num_examples=len(data.train),
-                         max_weight=int(config[protocol.SECAGG_MAX_WEIGHT]))
-        delta, num_examples, metrics = self._train(parameters, data, config, secagg=secagg)
+                         max_weight=self.config.secagg_max_weight)
+        if config.get(protocol.STAGE) == protocol.STAGE_STATISTICS:
+            delta, num_examples, metrics = self._release(parameters, data, config, secagg=secagg)
+        else:
+            delta, num_examples, metrics = self._train(parameters, data, config, secagg=secagg)
+        if not all(np.all(np.isfinite(d)) for d in delta):
+            raise TrainingError(f"department {self.settings.name}: training produced NaN or infinite values; "
+                                "nothing was sent")
         if secagg:
             metrics[protocol.OUT_OF_RANGE] = out_of_range(
-                delta, num_examples=num_examples, max_weight=int(config[protocol.SECAGG_MAX_WEIGHT]),
-                clipping_range=float(config[protocol.SECAGG_CLIPPING_RANGE]),
+                delta, num_examples=num_examples, max_weight=self.config.secagg_max_weight,
+                clipping_range=self.config.secagg_clipping_range,
             )
+        else:  # the bound SecAgg+ applies, so the server can refuse what no honest department sends
+            bound = self.config.secagg_clipping_range
+            delta = [np.clip(d, -bound, bound) for d in delta]
         if self.config.audit_updates:
             audit = self.settings.state_dir / "audit" / f"round-{server_round:03d}.npz"
             audit.parent.mkdir(parents=True, exist_ok=True)
@@ -137,6 +164,68 @@ class DepartmentClient(NumPyClient):
         """No training: a zero delta with weight 0 adds nothing to the (possibly masked) average."""
         metrics.update({protocol.STATUS: status, protocol.REASON: reason})
         return [np.zeros_like(p, dtype=np.float32) for p in parameters], 0, metrics
+
+    def _release(
+        self, parameters: list[np.ndarray], data: PreparedData, config: dict, *, secagg: bool
+    ) -> tuple[list[np.ndarray], int, dict]:
+        """Stage 1: the DP class-statistics release, shaped like the head, scaled into SecAgg+'s range.
+
+        Sent with weight secagg-max-weight (every department the same), so SecAgg+'s weighted
+        average times the number of departments is the plain sum (``server.class_statistics``).
+        """
+        server_round = int(config.get(protocol.SERVER_ROUND, 0))
+        metrics: dict = {protocol.DEPARTMENT: self.settings.name, protocol.DP_ENABLED: self.config.dp}
+        cfg, policy = self.config, self.settings.policy
+        refusals = policy.refusals_of_request(secagg=secagg, aggregate_size=int(config.get(protocol.AGGREGATE_SIZE, 0)))
+        scope = self.settings.label_scope
+        scope_rows = [cfg.labels.index(label) for label in scope] if scope else None
+        features, targets = train_features(self.settings, cfg, data)
+        plan, ledger = None, None
+        if cfg.dp:
+            ledger = PrivacyLedger(self.settings.state_dir, department=self.settings.name)
+            budget = policy.effective_budget(cfg)
+            before = ledger.spent(delta=policy.delta, accountant=cfg.accountant)
+            metrics.update({protocol.DELTA: policy.delta, protocol.BUDGET: budget, protocol.EPSILON: before})
+            # Stage 1 is one release, so it is calibrated to what this department may spend: its own
+            # budget when that is below the run's epsilon.
+            target = min(budget, cfg.target_epsilon)
+            if cfg.dp_sgd_rounds:
+                target = before + cfg.statistics_share * (target - before)
+            try:
+                plan = plan_statistics(
+                    target_epsilon=target, delta=policy.delta, prior=ledger.history, accountant=cfg.accountant,
+                    count_share=cfg.statistics_count_share, threshold=cfg.statistics_count_threshold,
+                    release_counts=scope_rows is None,
+                )
+            except BudgetExhausted as exhausted:
+                return self._declined(parameters, metrics, status=protocol.STATUS_BUDGET_EXHAUSTED, reason=str(exhausted))
+            after = epsilon_of(ledger.history + plan.mechanisms, delta=policy.delta, accountant=cfg.accountant)
+            refusals += policy.refusals_of_round(plan, before=before, after=after)
+        elif policy.min_noise_multiplier is not None or policy.max_epsilon_per_round is not None:
+            refusals.append("this department's site policy limits the privacy cost of a round; a --no-dp run has none")
+        if refusals:
+            return self._declined(parameters, metrics, status=protocol.STATUS_POLICY_REFUSED, reason="; ".join(refusals))
+        release = release_statistics(
+            features, targets, num_labels=len(cfg.labels), plan=plan, scope_rows=scope_rows,
+            generator=torch.Generator().manual_seed(secrets.randbits(63)),
+        )
+        metrics.update({protocol.STATUS: protocol.STATUS_TRAINED, protocol.RELEASED_LABELS: release.released_labels})
+        if ledger is not None and plan is not None:
+            names = ([MECHANISM_CLASS_COUNTS] if plan.counts_sigma else []) + [MECHANISM_CLASS_SUMS]
+            entries = ledger.record(
+                run=self.run, server_round=server_round, mechanisms=list(zip(names, plan.mechanisms, strict=True)),
+                accountant=cfg.accountant, delta=policy.delta, budget=policy.effective_budget(cfg),
+            )
+            metrics.update({
+                protocol.EPSILON: entries[-1].epsilon, protocol.NOISE_MULTIPLIER: plan.sums_sigma,
+                protocol.LEDGER_ENTRY: "\n".join(json.dumps(asdict(e)) for e in entries),
+            })
+        scale = cfg.statistics_scale
+        by_name = {"head.weight": release.sums / scale, "head.bias": release.counts / scale}
+        names = trainable_names(self.classifier)
+        arrays = [np.asarray(by_name[n], dtype=np.float32) if n in by_name else np.zeros_like(p, dtype=np.float32)
+                  for n, p in zip(names, parameters, strict=True)]
+        return arrays, cfg.secagg_max_weight, metrics
 
     def _train(
         self, parameters: list[np.ndarray], data: PreparedData, config: dict, *, secagg: bool
@@ -158,6 +247,11 @@ class DepartmentClient(NumPyClient):
             metrics.update({protocol.STATUS: protocol.STATUS_TRAINED, protocol.TRAIN_LOSS: result.mean_loss})
             return update_delta(get_trainable(self.classifier), parameters), len(data.train), metrics
 
+        planned_rounds = int(config[protocol.NUM_ROUNDS]) - (1 if cfg.statistics_round else 0)
+        if planned_rounds < 1:
+            raise ConfigError(f"round {server_round} asks for DP-SGD, but the run plans none "
+                              f"({config[protocol.NUM_ROUNDS]} round(s), the first for class statistics)",
+                              source=f"request to department {self.settings.name}")
         ledger = PrivacyLedger(self.settings.state_dir, department=self.settings.name)
         budget = policy.effective_budget(cfg)
         metrics.update({protocol.DELTA: policy.delta, protocol.BUDGET: budget,
@@ -165,7 +259,7 @@ class DepartmentClient(NumPyClient):
         try:
             plan = ledger.plan(
                 run=self.run, num_records=len(data.train), batch_size=cfg.batch_size, local_epochs=cfg.local_epochs,
-                planned_rounds=int(config.get(protocol.NUM_ROUNDS, cfg.num_server_rounds)),
+                planned_rounds=planned_rounds,
                 run_epsilon=cfg.target_epsilon, budget=budget, delta=policy.delta, accountant=cfg.accountant,
             )
             before, after = ledger.check_round(plan)
@@ -181,16 +275,22 @@ class DepartmentClient(NumPyClient):
                 momentum=cfg.momentum, max_grad_norm=cfg.max_grad_norm,
             )
         entry = ledger.record_round(run=self.run, server_round=server_round, plan=plan, steps=result.steps)
+        # Under DP nothing data-dependent leaves but the DP update: no training loss, and every
+        # department weighs the same (its record count would be a clear-text statistic of its data).
         metrics.update({
-            protocol.STATUS: protocol.STATUS_TRAINED, protocol.TRAIN_LOSS: result.mean_loss,
-            protocol.EPSILON: entry.epsilon, protocol.NOISE_MULTIPLIER: plan.noise_multiplier,
-            protocol.STEPS: result.steps, protocol.LEDGER_ENTRY: json.dumps(asdict(entry)),
+            protocol.STATUS: protocol.STATUS_TRAINED, protocol.EPSILON: entry.epsilon,
+            protocol.NOISE_MULTIPLIER: plan.noise_multiplier, protocol.STEPS: result.steps,
+            protocol.LEDGER_ENTRY: json.dumps(asdict(entry)),
         })
-        return update_delta(get_trainable(self.classifier), parameters), len(data.train), metrics
+        return update_delta(get_trainable(self.classifier), parameters), cfg.secagg_max_weight, metrics
 
     @torch.no_grad()
     def evaluate(self, parameters: list[np.ndarray], config: dict) -> tuple[float, int, dict]:
         self._check_request(config)
+        if self.config.dp:
+            # The server picks the model evaluated here, so a crafted model could read label counts
+            # back from clear-text accuracy: under DP a department keeps its evaluation to itself.
+            return 0.0, 0, {protocol.DEPARTMENT: self.settings.name, protocol.EVALUATION_WITHHELD: True}
         set_trainable(self.classifier, parameters)
         data = prepare(self.settings, self.config)
         split = config.get(protocol.EVALUATION_SPLIT, protocol.SPLIT_VAL)

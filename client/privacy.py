@@ -103,6 +103,12 @@ class LedgerEntry:
     epsilon: float  # after this round, over every line up to and including it
     budget: float
     time: float
+    mechanism: str = "dp-sgd"  # or "class-counts" / "class-sums": the Gaussian releases of stage 1
+
+
+MECHANISM_DP_SGD = "dp-sgd"
+MECHANISM_CLASS_COUNTS = "class-counts"
+MECHANISM_CLASS_SUMS = "class-sums"
 
 
 class PrivacyLedger:
@@ -173,7 +179,7 @@ class PrivacyLedger:
         if problems:
             raise ConfigError(problems, source=f"privacy budget of department {self.department}")
         sample_rate, steps = poisson_schedule(num_records=num_records, batch_size=batch_size, local_epochs=local_epochs)
-        this_run = [e for e in self.entries if e.run == run]
+        this_run = [e for e in self.entries if e.run == run and e.mechanism == MECHANISM_DP_SGD]
         if this_run:
             sigma = this_run[0].noise_multiplier
         else:
@@ -200,23 +206,34 @@ class PrivacyLedger:
         return before, after
 
     def record_round(self, *, run: str, server_round: int, plan: PrivacyPlan, steps: int) -> LedgerEntry:
-        history = self.history + [(plan.noise_multiplier, plan.sample_rate, steps)]
-        entry = LedgerEntry(
-            index=len(self.entries) + 1, run=run, round=server_round, noise_multiplier=plan.noise_multiplier,
-            sample_rate=plan.sample_rate, steps=steps, accountant=plan.accountant, delta=plan.delta,
-            epsilon=epsilon_of(history, delta=plan.delta, accountant=plan.accountant),
-            budget=plan.budget, time=time.time(),
-        )
+        mechanism = (MECHANISM_DP_SGD, (plan.noise_multiplier, plan.sample_rate, steps))
+        return self.record(run=run, server_round=server_round, mechanisms=[mechanism], accountant=plan.accountant,
+                           delta=plan.delta, budget=plan.budget)[-1]
+
+    def record(
+        self, *, run: str, server_round: int, mechanisms: list[tuple[str, Mechanism]], accountant: str,
+        delta: float, budget: float,
+    ) -> list[LedgerEntry]:
+        """Append one line per mechanism that ran in this round, all in one write."""
+        history, entries = list(self.history), []
+        for name, (sigma, rate, steps) in mechanisms:
+            history.append((sigma, rate, steps))
+            entries.append(LedgerEntry(
+                index=len(self.entries) + len(entries) + 1, run=run, round=server_round, noise_multiplier=sigma,
+                sample_rate=rate, steps=steps, accountant=accountant, delta=delta,
+                epsilon=epsilon_of(history, delta=delta, accountant=accountant),
+                budget=budget, time=time.time(), mechanism=name,
+            ))
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        # One write(2) of one line with O_APPEND: a process killed mid-round leaves the line whole or absent.
+        # One write(2) with O_APPEND: a process killed mid-round leaves the round's lines whole or absent.
         descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
-            os.write(descriptor, (json.dumps(asdict(entry)) + "\n").encode())
+            os.write(descriptor, "".join(json.dumps(asdict(e)) + "\n" for e in entries).encode())
             os.fsync(descriptor)
         finally:
             os.close(descriptor)
-        self.entries.append(entry)
-        return entry
+        self.entries.extend(entries)
+        return entries
 
 
 def _mechanisms(entries: list[LedgerEntry]) -> list[Mechanism]:

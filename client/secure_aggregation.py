@@ -1,6 +1,7 @@
 """The department's side of Flower's SecAgg+, and the update it hands to it.
 
-Updates leave a department as deltas (trained minus received parameters): they are small and
+Masks come from ``shared.secagg_masks`` (a cryptographic generator), installed on import and
+checked before every SecAgg+ message. Updates leave a department as deltas (trained minus received parameters): they are small and
 centred on zero, so SecAgg+'s clipping range can stay tight and its quantization fine.
 ``secaggplus_mod`` only understands SecAgg+ messages; the guard lets the same ClientApp serve
 runs with secure aggregation switched off (``--no-secagg``).
@@ -17,12 +18,16 @@ from flwr.client.mod import secaggplus_mod
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
+from shared import secagg_masks
 from shared.errors import ConfigError
+
+secagg_masks.install()  # Flower's own masks come from a 32-bit seed (shared.secagg_masks)
 
 
 def secaggplus_when_requested(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
     if msg.metadata.message_type == MessageType.TRAIN and RECORD_KEY_CONFIGS not in msg.content.config_records:
         return call_next(msg, ctxt)
+    secagg_masks.check()  # fail closed: never mask with the 32-bit-seeded generator
     return secaggplus_mod(msg, ctxt, call_next)
 
 

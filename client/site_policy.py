@@ -19,6 +19,7 @@ can verify (SecAgg+ itself refuses to unmask below its reconstruction threshold)
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -52,10 +53,14 @@ class SitePolicy:
                 problems.append(f"{key}: expected a number, got {raw!r}")
                 return default
             try:
-                return kind(raw)
+                value = kind(raw)
             except ValueError:
                 problems.append(f"{key}: expected a number, got {raw!r}")
                 return default
+            if not math.isfinite(value):  # NaN would pass every limit below, and switch the checks off
+                problems.append(f"{key}: expected a finite number, got {raw!r}")
+                return default
+            return value
 
         budget = number("epsilon", float, run.target_epsilon)
         delta = number("delta", float, run.target_delta)

@@ -68,7 +68,7 @@ def run_federation(grid: Grid, context: Context, config: RunConfig, recorder: Ru
         recorder.ended_early = str(ended)
 
     set_trainable(classifier, parameters_to_ndarrays(strategy.latest_parameters))
-    trained_rounds = [r for r in recorder.rounds.values() if r["round"] > 0 and r.get("train_loss") is not None]
+    trained_rounds = [r for r in recorder.rounds.values() if r["round"] > 0 and r.get("aggregate_check") == "passed"]
     if not trained_rounds:
         return recorder.finish(state="failed", message="no round produced an update: see failures in metrics.json")
     metrics = recorder.finish(state="completed", message=recorder.ended_early)

@@ -89,8 +89,8 @@ class RunRecorder:
         out_of_range = [v.get("secagg_out_of_range") for v in departments.values()]
         entry["secagg_out_of_range"] = sum(v for v in out_of_range if v) if self.config.secagg else None
         for name, values in departments.items():
-            line = values.pop("ledger_entry", None)
-            if line:
+            lines = values.pop("ledger_entry", None)
+            for line in str(lines or "").splitlines():
                 self._copy_ledger_line(name, line)
             entry["departments"].setdefault(name, {}).update(values)
 
@@ -107,6 +107,10 @@ class RunRecorder:
             return  # a replayed round: the department re-sent a line the server already holds
         with path.open("a") as copy:
             copy.write(line.strip() + "\n")
+
+    def record_aggregate_check(self, server_round: int, *, passed: bool) -> None:
+        """Whether the round's aggregate passed the server's checks (finite, within range)."""
+        self._round(server_round)["aggregate_check"] = "passed" if passed else "rejected"
 
     def record_evaluation(
         self, server_round: int, *, loss: float, accuracy: float, source: str,

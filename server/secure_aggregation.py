@@ -19,7 +19,7 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
 
-from shared import protocol
+from shared import protocol, secagg_masks
 from shared.config import RunConfig
 
 RECONSTRUCTION_THRESHOLD = 0.6  # share of a department's neighbours needed to unmask after dropouts
@@ -59,6 +59,7 @@ class AuditedSecAggPlusWorkflow(SecAggPlusWorkflow):
     """
 
     def __init__(self, *, config: RunConfig, audit_dir: Path | None) -> None:
+        secagg_masks.install()  # unmask with the same cryptographic generator the departments mask with
         self.neighbourhood = config.secagg_num_shares
         super().__init__(
             num_shares=1.0,  # every department shares its keys with every other, unless setup_stage narrows it
@@ -71,6 +72,7 @@ class AuditedSecAggPlusWorkflow(SecAggPlusWorkflow):
         self.audit_dir = audit_dir
 
     def setup_stage(self, grid: Any, context: Any, state: Any) -> bool:
+        secagg_masks.check()
         if self.neighbourhood:
             departments = context.strategy.planned_sample_size(context.client_manager)
             self.num_shares = self.neighbourhood if self.neighbourhood < departments else 1.0

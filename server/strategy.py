@@ -34,8 +34,9 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.criterion import Criterion
 from flwr.server.strategy import FedAvg
 
+from server.class_statistics import federation_sums, nearest_class_mean_head
 from server.run_record import RunRecorder
-from shared import protocol
+from shared import protocol, secagg_masks
 from shared.checkpoint import save_checkpoint
 from shared.config import RunConfig
 
@@ -81,15 +82,21 @@ class FedprivStrategy(FedAvg):
             accept_failures=True,
         )
 
+    def _stage(self, server_round: int) -> str:
+        statistics = server_round == self.run_config.statistics_round
+        return protocol.STAGE_STATISTICS if statistics else protocol.STAGE_DP_SGD
+
     def _round_config(self, server_round: int) -> dict[str, Scalar]:
         return {
             protocol.SERVER_ROUND: server_round,
+            protocol.STAGE: self._stage(server_round),
             protocol.NUM_ROUNDS: self.run_config.num_server_rounds,
             protocol.LABEL_FINGERPRINT: self.run_config.label_fingerprint,
             protocol.BACKBONE_FINGERPRINT: self.backbone_fingerprint,
             protocol.SECAGG: self.run_config.secagg,
             protocol.SECAGG_CLIPPING_RANGE: self.run_config.secagg_clipping_range,
             protocol.SECAGG_MAX_WEIGHT: self.run_config.secagg_max_weight,
+            protocol.SECAGG_MASKS: secagg_masks.NAME,
         }
 
     def planned_sample_size(self, client_manager: Any) -> int:
@@ -156,11 +163,13 @@ class FedprivStrategy(FedAvg):
             if m.get(protocol.STATUS) == protocol.STATUS_TRAINED and res.num_examples > 0:
                 trained.append((proxy, res))
         failure_notes = [_describe_failure(f) for f in failures]
-        total = sum(res.num_examples for _, res in trained)
-        train_loss = (
-            sum(float(res.metrics[protocol.TRAIN_LOSS]) * res.num_examples for _, res in trained) / total
-            if total else None
-        )
+        if not self.run_config.secagg:  # each update is visible: leave out the ones no honest department sends
+            trained, refused = check_updates(trained, departments=departments, config=self.run_config)
+            failure_notes += refused
+        losses = [(float(res.metrics[protocol.TRAIN_LOSS]), res.num_examples) for _, res in trained
+                  if protocol.TRAIN_LOSS in res.metrics]  # under DP departments send none
+        total = sum(weight for _, weight in losses)
+        train_loss = sum(loss * weight for loss, weight in losses) / total if total else None
         self.pending_round = None
         self.recorder.record_fit(server_round, departments=departments, train_loss=train_loss)
         self.recorder.record_failures(server_round, failure_notes)
@@ -170,10 +179,21 @@ class FedprivStrategy(FedAvg):
         # average, and FedAvg of identical vectors is that vector.
         average_delta, metrics = super().aggregate_fit(server_round, trained, [])
         if average_delta is not None:
-            arrays = [
-                (g + d).astype(np.float32)
-                for g, d in zip(parameters_to_ndarrays(self.latest_parameters), parameters_to_ndarrays(average_delta), strict=True)
-            ]
+            average = parameters_to_ndarrays(average_delta)
+            problem = aggregate_problem(average, bound=self._aggregate_bound(trained))
+            if problem:
+                self.recorder.record_failures(server_round, [
+                    f"rejected aggregate: {problem}; the global model is unchanged (a department sent "
+                    "values no honest department sends)"
+                ])
+                self.recorder.record_aggregate_check(server_round, passed=False)
+                return None, {}
+            self.recorder.record_aggregate_check(server_round, passed=True)
+            current = parameters_to_ndarrays(self.latest_parameters)
+            if self._stage(server_round) == protocol.STAGE_STATISTICS:
+                arrays = self._statistics_head(current, average, departments=len(trained))
+            else:
+                arrays = [(g + d).astype(np.float32) for g, d in zip(current, average, strict=True)]
             if self.audit_dir is not None:
                 np.savez(self.audit_dir / f"aggregate-round-{server_round:03d}.npz", *parameters_to_ndarrays(average_delta))
             parameters = ndarrays_to_parameters(arrays)
@@ -187,6 +207,30 @@ class FedprivStrategy(FedAvg):
             )
             return parameters, metrics
         return None, metrics
+
+    def _aggregate_bound(self, trained: list[tuple[ClientProxy, FitRes]]) -> float:
+        """The largest magnitude an average of honest updates can reach.
+
+        Without SecAgg+ every update is within +-clipping range (checked one by one), so is their
+        average. SecAgg+ clips each department's update after scaling it by its weight / max-weight,
+        then divides the sum by the total scale: up to clipping range * departments * max-weight /
+        total weight, which is the clipping range itself when every department weighs max-weight
+        (always under DP, and in the statistics round).
+        """
+        clipping = self.run_config.secagg_clipping_range
+        if not self.run_config.secagg:
+            return clipping
+        total = sum(res.num_examples for _, res in trained)
+        return clipping * len(trained) * self.run_config.secagg_max_weight / total
+
+    def _statistics_head(self, current: list[np.ndarray], average: list[np.ndarray], *, departments: int) -> list[np.ndarray]:
+        """Stage 1: the nearest-class-mean head from the federation's class sums; LoRA stays as it is."""
+        names = self.parameter_names
+        sums = federation_sums([average[names.index("head.weight")]], departments=departments,
+                               scale=self.run_config.statistics_scale)[0]
+        weight, bias = nearest_class_mean_head(sums, logit_scale=self.run_config.ncm_logit_scale)
+        head = {"head.weight": weight, "head.bias": bias}
+        return [head.get(name, array).astype(np.float32) for name, array in zip(names, current, strict=True)]
 
     def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
         if server_round == 0 and self.round_offset:  # a resumed run's starting model was evaluated before
@@ -225,6 +269,34 @@ class FedprivStrategy(FedAvg):
         if not total:
             return None, {}
         return loss, {protocol.ACCURACY: accuracy}
+
+
+def aggregate_problem(arrays: list[np.ndarray], *, bound: float) -> str:
+    """Why an aggregate (or one update) cannot come from honest departments; "" when it can."""
+    if not all(np.all(np.isfinite(a)) for a in arrays):
+        return "it holds NaN or infinite values"
+    largest = max((float(np.max(np.abs(a))) for a in arrays if a.size), default=0.0)
+    if largest > bound * (1 + 1e-6):
+        return f"a value of magnitude {largest:.4g} is outside +-{bound:.4g}, the most honest updates reach"
+    return ""
+
+
+def check_updates(
+    trained: list[tuple[ClientProxy, FitRes]], *, departments: dict[str, dict[str, Any]], config: RunConfig,
+) -> tuple[list[tuple[ClientProxy, FitRes]], list[str]]:
+    """Without SecAgg+: keep the updates an honest department could have sent, name the others."""
+    kept, refused = [], []
+    for proxy, res in trained:
+        name = str(res.metrics.get(protocol.DEPARTMENT, f"node-{proxy.cid}"))
+        problem = aggregate_problem(parameters_to_ndarrays(res.parameters), bound=config.secagg_clipping_range)
+        if res.num_examples > config.secagg_max_weight:
+            problem = f"it claims weight {res.num_examples}, above secagg-max-weight={config.secagg_max_weight}"
+        if problem:
+            refused.append(f"department {name}: update refused: {problem}")
+            departments.get(name, {})["status"] = protocol.STATUS_REJECTED
+        else:
+            kept.append((proxy, res))
+    return kept, refused
 
 
 def _describe_failure(failure: Any) -> str:

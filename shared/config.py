@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -18,13 +19,21 @@ from shared.errors import ConfigError
 
 ACCOUNTANTS = ("rdp", "prv")
 TRANSPORTS = ("simulation", "tls+node-auth", "insecure")
+HEAD_INITS = ("class-statistics", "zeros")
 
 
 @dataclass(frozen=True)
 class RunConfig:
     """Every setting of one federated run; invalid values raise ``ConfigError`` listing all of them."""
 
-    num_server_rounds: int = 40
+    # Round 1 releases DP class statistics (stage 1, ``head-init = "class-statistics"``); any further
+    # rounds fine-tune with DP-SGD from the head it builds. 1: stage 1 alone, the default.
+    num_server_rounds: int = 1
+    head_init: str = "class-statistics"  # "zeros": no stage 1, every round DP-SGD from a zero head
+    statistics_share: float = 0.8  # of the run's epsilon, for stage 1 when DP-SGD rounds follow it
+    statistics_count_share: float = 0.1  # of stage 1's noise precision, for the noisy counts that pick the labels
+    statistics_count_threshold: float = 3.0  # a label is released above this many count-noise deviations
+    ncm_logit_scale: float = 30.0  # the nearest-class-mean head's logits: this times the cosine
     local_epochs: int = 1
     batch_size: int = 256  # expected logical batch under Poisson sampling
     learning_rate: float = 5.0
@@ -107,6 +116,20 @@ class RunConfig:
     def head_only(self) -> bool:
         return self.lora_r == 0
 
+    @property
+    def statistics_round(self) -> int:
+        """The round in which departments release class statistics; 0: none."""
+        return 1 if self.head_init == "class-statistics" else 0
+
+    @property
+    def dp_sgd_rounds(self) -> int:
+        return self.num_server_rounds - (1 if self.statistics_round else 0)
+
+    @property
+    def statistics_scale(self) -> float:
+        """Public bound that brings a class sum or count (at most secagg-max-weight records) into SecAgg+'s range."""
+        return self.secagg_max_weight / self.secagg_clipping_range
+
 
 def _coerce(name: str, annotation: str, raw: Any) -> Any:
     if name == "labels":
@@ -157,7 +180,18 @@ def _validate(cfg: RunConfig) -> list[str]:
         if not condition:
             problems.append(message)
 
+    for f in dataclasses.fields(cfg):  # NaN passes every comparison below unnoticed; infinity most of them
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            problems.append(f"{f.name.replace('_', '-')} must be a finite number (got {value})")
     need(cfg.num_server_rounds >= 1, f"num-server-rounds must be >= 1 (got {cfg.num_server_rounds})")
+    need(cfg.head_init in HEAD_INITS, f"head-init must be one of {HEAD_INITS} (got {cfg.head_init!r})")
+    need(0 < cfg.statistics_share <= 1, f"statistics-share must be in (0, 1] (got {cfg.statistics_share})")
+    need(0 < cfg.statistics_count_share < 1,
+         f"statistics-count-share must be in (0, 1) (got {cfg.statistics_count_share})")
+    need(cfg.statistics_count_threshold >= 0,
+         f"statistics-count-threshold must be >= 0 (got {cfg.statistics_count_threshold})")
+    need(cfg.ncm_logit_scale > 0, f"ncm-logit-scale must be > 0 (got {cfg.ncm_logit_scale})")
     need(cfg.local_epochs >= 1, f"local-epochs must be >= 1 (got {cfg.local_epochs})")
     need(cfg.batch_size >= 1, f"batch-size must be >= 1 (got {cfg.batch_size})")
     need(cfg.learning_rate > 0, f"learning-rate must be > 0 (got {cfg.learning_rate})")

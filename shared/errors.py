@@ -4,7 +4,8 @@
     ├── ConfigError (ValueError)  bad settings; lists every problem at once
     ├── DataError (ValueError)    a data file that cannot be used; names file, line, column
     ├── ModelError (ValueError)   a backbone, checkpoint or exported model that cannot be loaded
-    └── BudgetExhausted           a department refuses a round that would exceed its budget
+    ├── BudgetExhausted           a department refuses a round that would exceed its budget
+    └── TrainingError             a department's training produced values it will not send (NaN, inf)
 """
 
 from __future__ import annotations
@@ -34,3 +35,7 @@ class ModelError(FedprivError, ValueError):
 
 class BudgetExhausted(FedprivError):
     """Training one more round would push a department past its privacy budget."""
+
+
+class TrainingError(FedprivError):
+    """A department's training produced an update it will not send (NaN or infinite values)."""

@@ -21,10 +21,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from shared.errors import ModelError
-from shared.model import Backbone, TextClassifier, mean_pool
+from shared.model import Backbone, TextClassifier, encode
 
 MANIFEST = "fedpriv_model.json"
-POOLING = "mean over attention mask, then L2 normalisation"
+POOLING = "mean over attention mask of each of the last two layers, averaged, then L2 normalisation"
 
 _LOADING_README = """# Exported fedpriv model
 
@@ -43,9 +43,10 @@ if meta["lora"]:
     encoder = PeftModel.from_pretrained(encoder, "adapter")
 head = load_file("head.safetensors")
 batch = tokenizer(["reset my password"], padding=True, truncation=True, max_length=meta["max_length"], return_tensors="pt")
-hidden = encoder(**batch).last_hidden_state
+states = encoder(**batch, output_hidden_states=True).hidden_states
 mask = batch["attention_mask"].unsqueeze(-1).float()
-features = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+pooled = sum((h * mask).sum(1) / mask.sum(1) for h in states[-2:]) / 2  # last two layers, averaged
+features = torch.nn.functional.normalize(pooled, dim=-1)
 probabilities = (features @ head["weight"].T + head["bias"]).softmax(-1)
 print(meta["labels"][int(probabilities.argmax())])
 ```
@@ -86,8 +87,7 @@ class ExportedModel:
     def predict(self, texts: Sequence[str]) -> torch.Tensor:
         """Class probabilities, (N, L) in ``labels`` order."""
         batch = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
-        hidden = self.encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        return self.head(mean_pool(hidden, batch["attention_mask"])).softmax(dim=-1)
+        return self.head(encode(self.encoder, batch["input_ids"], batch["attention_mask"])).softmax(dim=-1)
 
 
 def load_exported(folder: Path) -> ExportedModel:

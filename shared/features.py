@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from shared.data import Record
-from shared.model import Backbone, mean_pool
+from shared.model import POOLED_LAYERS, Backbone, encode
 
 EMBED_BATCH = 128
 
@@ -39,8 +39,7 @@ def embed_texts(backbone: Backbone, texts: Sequence[str], *, max_length: int) ->
     for start in range(0, len(order), EMBED_BATCH):
         index = order[start : start + EMBED_BATCH]
         input_ids, attention_mask = tokenize(backbone, [texts[i] for i in index], max_length=max_length)
-        hidden = backbone.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        out[index] = mean_pool(hidden, attention_mask)
+        out[index] = encode(backbone.model, input_ids, attention_mask)
     return out
 
 
@@ -49,7 +48,7 @@ def cached_features(
 ) -> torch.Tensor:
     if cache_dir is None:
         return embed_texts(backbone, texts, max_length=max_length)
-    digest = hashlib.sha256(f"{backbone.fingerprint}|{max_length}".encode())
+    digest = hashlib.sha256(f"{backbone.fingerprint}|{max_length}|last-{POOLED_LAYERS}-layers".encode())
     for text in texts:
         digest.update(text.encode())
         digest.update(b"\0")

@@ -2,7 +2,8 @@
 
     input_ids, attention_mask (B, T)
       -> backbone (frozen; LoRA adapters on ``lora_targets`` when lora-r > 0)   (B, T, H)
-      -> mean pooling over real tokens, L2 normalisation (as sentence-transformers does)  (B, H)
+      -> mean pooling over real tokens of each of the last two layers, their average,
+         L2 normalisation                                                      (B, H)
       -> head: Linear(H, num_labels)                                          (B, L)
 
 Only the LoRA adapters and the head are trainable; they are all that is ever transmitted.
@@ -87,11 +88,26 @@ def _state_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Average of token states over real tokens, then unit length. (B, T, H), (B, T) -> (B, H)."""
-    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-    pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+POOLED_LAYERS = 2  # the last two layers' mean-pooled states, averaged: on CLINC150 (non-private logistic
+# regression) 0.960 against 0.956 for the last layer alone, from the same forward pass
+
+
+def mean_pool(hidden_states: tuple[torch.Tensor, ...], attention_mask: torch.Tensor) -> torch.Tensor:
+    """Average over real tokens of each of the last two layers, averaged, then unit length.
+
+    ``hidden_states`` as a Hugging Face encoder returns them with ``output_hidden_states=True``
+    (embeddings first, then one (B, T, H) tensor per layer); (B, T) mask -> (B, H).
+    """
+    mask = attention_mask.unsqueeze(-1).to(hidden_states[-1].dtype)
+    count = mask.sum(dim=1).clamp(min=1.0)
+    pooled = sum((hidden * mask).sum(dim=1) / count for hidden in hidden_states[-POOLED_LAYERS:]) / POOLED_LAYERS
     return nn.functional.normalize(pooled, dim=-1)
+
+
+def encode(encoder: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The classifier's features: (B, T) token ids and mask -> (B, H) unit vectors."""
+    outputs = encoder(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+    return mean_pool(outputs.hidden_states, attention_mask)
 
 
 class TextClassifier(nn.Module):
@@ -103,8 +119,7 @@ class TextClassifier(nn.Module):
         self.head = nn.Linear(hidden_size, num_labels)
 
     def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return mean_pool(hidden, attention_mask)
+        return encode(self.encoder, input_ids, attention_mask)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(input_ids, attention_mask))

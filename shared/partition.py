@@ -105,6 +105,14 @@ def split_department(records: Sequence[Record], *, val_fraction: float, test_fra
     )
 
 
+def hold_out(records: Sequence[Record], *, fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
+    """(kept, held out): a seeded share of a simulation's pool that only the server evaluates on."""
+    order = list(records)
+    random.Random(seed ^ 0x5EED).shuffle(order)
+    count = round(len(order) * fraction)
+    return order[count:], order[:count]
+
+
 def _check_count(records: Sequence[Record], num_departments: int) -> None:
     if num_departments < 1:
         raise DataError(f"--departments must be >= 1 (got {num_departments})")

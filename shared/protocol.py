@@ -8,6 +8,9 @@ Department -> server (metrics): who it is, what it spent (its new ledger line), 
 """
 
 SERVER_ROUND = "server-round"
+STAGE = "stage"  # what a round asks for: a class-statistics release (stage 1) or DP-SGD training
+STAGE_STATISTICS = "class-statistics"
+STAGE_DP_SGD = "dp-sgd"
 NUM_ROUNDS = "num-rounds"
 AGGREGATE_SIZE = "aggregate-size"
 LABEL_FINGERPRINT = "label-fingerprint"
@@ -19,20 +22,24 @@ SPLIT_TEST = "test"
 SECAGG = "secagg"
 SECAGG_CLIPPING_RANGE = "secagg-clipping-range"
 SECAGG_MAX_WEIGHT = "secagg-max-weight"
+SECAGG_MASKS = "secagg-masks"  # the mask generator the server unmasks with (shared.secagg_masks.NAME)
 
 DEPARTMENT = "department"
 STATUS = "status"
 STATUS_TRAINED = "trained"
 STATUS_BUDGET_EXHAUSTED = "budget-exhausted"
 STATUS_POLICY_REFUSED = "policy-refused"
+STATUS_REJECTED = "rejected"  # the server left the update out: not finite, out of range or overweight
 TRAIN_LOSS = "train-loss"
 EPSILON = "epsilon"
 DELTA = "delta"
 BUDGET = "budget"
-LEDGER_ENTRY = "ledger-entry"  # the JSON line the department just appended to its ledger
+LEDGER_ENTRY = "ledger-entry"  # the JSON lines (one per mechanism) the department just appended to its ledger
+RELEASED_LABELS = "released-labels"  # stage 1: how many labels' sums a department released (a DP output)
 NOISE_MULTIPLIER = "noise-multiplier"
 DP_ENABLED = "dp"
 STEPS = "steps"
 ACCURACY = "accuracy"
+EVALUATION_WITHHELD = "evaluation-withheld"  # under DP a department sends no evaluation numbers
 REASON = "reason"
 OUT_OF_RANGE = "out-of-range"  # values SecAgg+ will clip to +-clipping range (it does so silently)

@@ -86,7 +86,7 @@ def _one_department_round(data: Path, model: str, mode: str, labels: tuple[str, 
 
     records = load_records(data)
     state = Path(tempfile.mkdtemp())
-    config = RunConfig(model=model, labels=labels, dp=mode == "dp", out_dir=str(state),
+    config = RunConfig(model=model, labels=labels, dp=mode == "dp", out_dir=str(state), head_init="zeros",
                        batch_size=min(DEFAULTS.batch_size, len(records) // 5))
     settings = resolve_department(config, {"department": "bench", "data-path": str(data), "state-dir": str(state)})
     client = DepartmentClient(config=config, settings=settings, run_id=1)

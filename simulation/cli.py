@@ -42,6 +42,7 @@ def simulate(
     departments: Annotated[int | None, typer.Option(help="Number of departments for dirichlet / iid (default 4).")] = None,
     alpha: Annotated[float, typer.Option(help="Dirichlet concentration for --partition dirichlet.")] = 0.5,
     rounds: opt.Rounds = DEFAULTS.num_server_rounds,
+    head_init: opt.HeadInit = DEFAULTS.head_init,
     local_epochs: opt.LocalEpochs = DEFAULTS.local_epochs,
     batch_size: Annotated[int | None, typer.Option(help=f"Expected batch size (Poisson sampling). Default: {DEFAULTS.batch_size}, at most a quarter of the smallest department.")] = None,
     learning_rate: opt.LearningRate = DEFAULTS.learning_rate,
@@ -81,7 +82,7 @@ def simulate(
             raise typer.BadParameter(f"must be >= 1 (got {batch_size})", param_hint="--batch-size")
         request = SimulationRequest(
             data=data, test_data=test_data, partition=partition, departments=departments, alpha=alpha,
-            rounds=rounds, local_epochs=local_epochs, batch_size=batch_size, learning_rate=learning_rate,
+            rounds=rounds, head_init=head_init, local_epochs=local_epochs, batch_size=batch_size, learning_rate=learning_rate,
             max_grad_norm=max_grad_norm, epsilon=epsilon, delta=delta, accountant=accountant, model=model,
             lora_r=lora_r, dp=not no_dp, secagg=not no_secagg, secagg_num_shares=secagg_num_shares, audit_updates=audit_updates, out=out, seed=seed, feature_cache=feature_cache,
             policies=opt.department_policies(budget or [], policy or [], label_scope or []), min_departments=min_departments,

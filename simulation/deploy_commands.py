@@ -104,6 +104,7 @@ def run(
     labels_file: Annotated[Path | None, typer.Option(help="The federation's labels, one per line.")] = None,
     departments: Annotated[int | None, typer.Option(help="Departments that must be connected before a round starts; the run ends when fewer can still train.")] = None,
     rounds: opt.Rounds = DEFAULTS.num_server_rounds,
+    head_init: opt.HeadInit = DEFAULTS.head_init,
     local_epochs: opt.LocalEpochs = DEFAULTS.local_epochs,
     batch_size: Annotated[int, typer.Option(help="Expected batch size (Poisson sampling).")] = DEFAULTS.batch_size,
     learning_rate: opt.LearningRate = DEFAULTS.learning_rate,
@@ -142,7 +143,7 @@ def run(
             raise ConfigError([f"{name} is required for a new run" for name in missing], source="fedpriv run options")
         labels = tuple(line.strip() for line in labels_file.read_text().splitlines() if line.strip())
         config = RunConfig(
-            num_server_rounds=rounds, local_epochs=local_epochs, target_epsilon=epsilon, target_delta=delta,
+            num_server_rounds=rounds, head_init=head_init, local_epochs=local_epochs, target_epsilon=epsilon, target_delta=delta,
             model=model, batch_size=batch_size, learning_rate=learning_rate, max_grad_norm=max_grad_norm,
             accountant=accountant, lora_r=lora_r, labels=labels, min_departments=departments, dp=not no_dp,
             secagg=not no_secagg, secagg_num_shares=secagg_num_shares, secagg_max_weight=max_weight, transport=transport, run_uid=uuid.uuid4().hex[:12],

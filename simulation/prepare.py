@@ -51,6 +51,9 @@ class Federation:
     test_file: Path | None
 
 
+SERVER_TEST_FRACTION = 0.1
+
+
 def _source_records(plan: DataPlan) -> tuple[list[Record], list[Record] | None, str, dict | None]:
     """(pool, test or None, description, domains or None)."""
     if plan.data is None:
@@ -94,7 +97,7 @@ class Partitioned:
     description: str
     labels: tuple[str, ...]
     shares: dict[str, list[Record]]
-    test: list[Record] | None
+    test: list[Record]
     # Label scopes that come with the data's public description: CLINC150's domains.json for the
     # domain partition, the demo corpus's design for its departments (client.label_scope).
     declared_scopes: dict[str, tuple[str, ...]]
@@ -114,8 +117,11 @@ def partition_data(plan: DataPlan) -> Partitioned:
         raise DataError(f"{description}: needs at least 2 distinct labels, found {len(labels)}")
     if plan.test_data is not None:
         test = load_records(plan.test_data)
-    if test is not None:
-        check_labels(test, labels)
+    if test is None:
+        # Under DP departments send no evaluation numbers (client.department), so a simulation's
+        # server holds a test split of its own, carved from the pool before it is partitioned.
+        pool, test = partition.hold_out(pool, fraction=SERVER_TEST_FRACTION, seed=plan.seed)
+    check_labels(test, labels)
     shares = _partition(plan, pool, domains)
     if not shares:
         raise DataError(f"{description}: no departments after partitioning")

@@ -33,6 +33,7 @@ class SimulationRequest:
     departments: int | None
     alpha: float
     rounds: int
+    head_init: str
     local_epochs: int
     batch_size: int | None
     learning_rate: float
@@ -78,7 +79,7 @@ def simulate_federation(request: SimulationRequest, *, console: Console) -> dict
         policies=request.policies, **fractions
     )
     config = RunConfig(
-        num_server_rounds=request.rounds, local_epochs=request.local_epochs, batch_size=batch_size,
+        num_server_rounds=request.rounds, head_init=request.head_init, local_epochs=request.local_epochs, batch_size=batch_size,
         learning_rate=request.learning_rate, max_grad_norm=request.max_grad_norm,
         target_epsilon=request.epsilon, target_delta=request.delta, dp=request.dp, accountant=request.accountant,
         model=str(Path(request.model).expanduser().resolve()) if request.model not in (MINILM, TINY) else request.model,

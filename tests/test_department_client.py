@@ -8,7 +8,7 @@ import pytest
 from client.department import DepartmentClient, prepare, shared_classifier
 from client.department_data import resolve_department
 from client.privacy import LEDGER_FILE, PrivacyLedger
-from shared import protocol
+from shared import protocol, secagg_masks
 from shared.config import RunConfig
 from shared.data import Record, write_jsonl
 from shared.errors import ConfigError, DataError
@@ -29,10 +29,11 @@ def department_file(tmp_path, copies=12):
     return path
 
 
-def make_client(tmp_path, *, lora_r=0, dp=True, epsilon=5.0, rounds=3, node_extra=None):
+def make_client(tmp_path, *, lora_r=0, dp=True, epsilon=5.0, rounds=3, node_extra=None, **settings):
     config = RunConfig(
         model="tiny", labels=LABELS, batch_size=16, learning_rate=0.5, num_server_rounds=rounds, lora_r=lora_r,
         lora_alpha=8, dp=dp, target_epsilon=epsilon, target_delta=1e-4, out_dir=str(tmp_path / "out"),
+        head_init="zeros", **settings,
     )
     node = {"department": "finance", "data-path": str(department_file(tmp_path)), "state-dir": str(tmp_path / "state")}
     node.update(node_extra or {})
@@ -51,7 +52,8 @@ def test_dp_rounds_account_and_persist_across_client_restarts(tmp_path, lora_r):
     start = get_trainable(client.classifier)
     delta, n, metrics = client.fit(start, request(config, 1))
     assert metrics[protocol.STATUS] == protocol.STATUS_TRAINED
-    assert n == 86 and 0 < metrics[protocol.EPSILON] < 5.0 and metrics[protocol.NOISE_MULTIPLIER] > 0
+    assert n == config.secagg_max_weight  # under DP every department weighs the same: no clear-text count
+    assert 0 < metrics[protocol.EPSILON] < 5.0 and metrics[protocol.NOISE_MULTIPLIER] > 0
     assert any(np.abs(d).max() > 0 for d in delta)  # updates travel as deltas from the received parameters
     params = [s + d for s, d in zip(start, delta, strict=True)]
     np.testing.assert_allclose(get_trainable(client.classifier)[0], params[0], atol=1e-6)
@@ -72,10 +74,17 @@ def test_dp_rounds_account_and_persist_across_client_restarts(tmp_path, lora_r):
     assert "budget" in refused[protocol.REASON] and refused[protocol.EPSILON] == pytest.approx(eps[-1])
     assert all(not d.any() for d in zero_delta)
 
-    loss, n_val, evaluation = restarted.evaluate(params, request(config, 3))
+    loss, n_val, evaluation = restarted.evaluate(params, request(config, 3))  # under DP: nothing in the clear
+    assert (loss, n_val) == (0.0, 0) and evaluation[protocol.EVALUATION_WITHHELD] is True
+
+
+def test_without_dp_a_department_evaluates_its_validation_then_test_split(tmp_path):
+    client, config = make_client(tmp_path, dp=False)
+    params = get_trainable(client.classifier)
+    loss, n_val, evaluation = client.evaluate(params, request(config, 1))
     assert n_val == 11 and 0.0 <= evaluation[protocol.ACCURACY] <= 1.0 and loss > 0
     assert evaluation[protocol.EVALUATION_SPLIT] == protocol.SPLIT_VAL
-    _, n_test, final = restarted.evaluate(params, request(config, 3) | {protocol.EVALUATION_SPLIT: protocol.SPLIT_TEST})
+    _, n_test, final = client.evaluate(params, request(config, 1) | {protocol.EVALUATION_SPLIT: protocol.SPLIT_TEST})
     assert n_test == 11 and final[protocol.EVALUATION_SPLIT] == protocol.SPLIT_TEST
 
 
@@ -156,13 +165,15 @@ def test_a_repeated_request_is_answered_from_the_stored_update_without_spending(
 
 
 def test_secagg_weight_and_range_checks(tmp_path):
-    client, config = make_client(tmp_path)
-    secure = request(config, 1) | {protocol.SECAGG: True, protocol.SECAGG_CLIPPING_RANGE: 1e-4,
-                                   protocol.SECAGG_MAX_WEIGHT: 86}
+    client, config = make_client(tmp_path, secagg_clipping_range=1e-4, secagg_max_weight=86)
+    secure = request(config, 1) | {protocol.SECAGG: True, protocol.SECAGG_MASKS: secagg_masks.NAME}
     _, _, metrics = client.fit(get_trainable(client.classifier), secure)
     assert metrics[protocol.OUT_OF_RANGE] > 0  # a tiny clipping range: SecAgg+ would clip, and we say so
+    client, config = make_client(tmp_path / "small", secagg_max_weight=50)
     with pytest.raises(ConfigError, match="department finance has 86 training records, more than secagg-max-weight=50"):
-        client.fit(get_trainable(client.classifier), secure | {protocol.SECAGG_MAX_WEIGHT: 50})
+        client.fit(get_trainable(client.classifier), secure)
+    with pytest.raises(ConfigError, match="32-bit"):  # a server that does not unmask with cryptographic masks
+        client.fit(get_trainable(client.classifier), secure | {protocol.SECAGG_MASKS: "mt19937"})
 
 
 def test_too_small_department_is_named(tmp_path):

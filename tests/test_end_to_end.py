@@ -63,7 +63,8 @@ def test_simulate_tiny_three_departments_two_rounds(tmp_path):
     assert 0 <= metrics["final_accuracy"] <= 1
     for department in ("it", "hr", "finance"):
         ledger_lines = (out / "departments" / department / "privacy-ledger.jsonl").read_text().splitlines()
-        assert len(ledger_lines) == 2
+        # round 1: the class-statistics release (counts, then sums); round 2: DP-SGD from its head
+        assert [json.loads(line)["mechanism"] for line in ledger_lines] == ["class-counts", "class-sums", "dp-sgd"]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["round-001.safetensors", "round-002.safetensors"]
     assert (out / "accuracy_epsilon.png").stat().st_size > 1000
 

@@ -1,0 +1,127 @@
+"""Stage 1: a department's one differentially private release of class statistics.
+
+Every record is embedded by the frozen public backbone into a unit vector x (norm 1), so adding or
+removing one record changes the department's per-class feature sums by x in one row: L2
+sensitivity 1. The department releases, with the Gaussian mechanism,
+
+- noisy per-class record counts (sensitivity 1; noise ``counts_sigma``), and from them, as
+  post-processing, the labels it holds: those whose noisy count clears ``threshold`` standard
+  deviations of the count noise;
+- noisy per-class feature sums for those labels only (sensitivity 1; noise ``sums_sigma``), exact
+  zeros elsewhere, so the federation's sum carries noise only from departments that hold a label.
+
+The two are sequentially composed Gaussian mechanisms on the whole data set: two ledger lines
+(sigma, sampling rate 1, 1 step) in the department's accountant. Their noise comes from one
+calibrated sigma s split by precision: 1/s^2 = 1/counts_sigma^2 + 1/sums_sigma^2, ``count_share``
+of it to the counts (for Gaussians this split is exact: together they cost what one release at s
+costs). A department that declares a label scope releases only its scope's sums and no counts.
+
+The release is shaped like the classifier's head, (L, H) sums in the weight and (L,) counts in the
+bias, and travels through SecAgg+ like any update (``server.class_statistics`` builds the head).
+On CLINC150 (10 departments by domain, validation split, no declared scopes) the counts' share and
+threshold were chosen by a sweep of count-share 0.05/0.1/0.2 x threshold 0.5/1/2/3 at epsilon 1/3/8
+(README, "Stage 1").
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from shared.accounting import Mechanism, epsilon_of
+from shared.errors import BudgetExhausted
+
+MAX_SIGMA = 1e4
+EPSILON_TOLERANCE = 1e-3
+
+
+@dataclass(frozen=True)
+class StatisticsPlan:
+    """The noise of one department's class-statistics release; counts_sigma 0: no counts released."""
+
+    sums_sigma: float
+    counts_sigma: float
+    threshold: float  # a label is released when its noisy count exceeds threshold * counts_sigma
+
+    @property
+    def mechanisms(self) -> list[Mechanism]:
+        counts = [(self.counts_sigma, 1.0, 1)] if self.counts_sigma else []
+        return counts + [(self.sums_sigma, 1.0, 1)]
+
+    @property
+    def noise_multiplier(self) -> float:
+        """The smallest noise multiplier in the release (what a site policy's minimum is checked against)."""
+        return min(sigma for sigma, _, _ in self.mechanisms)
+
+
+def plan_statistics(
+    *, target_epsilon: float, delta: float, prior: list[Mechanism], accountant: str, count_share: float,
+    threshold: float, release_counts: bool,
+) -> StatisticsPlan:
+    """The release whose composition with ``prior`` ends as close to ``target_epsilon`` as the tolerance allows."""
+
+    def plan(sigma: float) -> StatisticsPlan:
+        if not release_counts:
+            return StatisticsPlan(sigma, 0.0, threshold)
+        return StatisticsPlan(sigma / math.sqrt(1 - count_share), sigma / math.sqrt(count_share), threshold)
+
+    def cost(sigma: float) -> float:
+        return epsilon_of(prior + plan(sigma).mechanisms, delta=delta, accountant=accountant)
+
+    spent = epsilon_of(prior, delta=delta, accountant=accountant)
+    if spent >= target_epsilon - EPSILON_TOLERANCE:
+        raise BudgetExhausted(f"earlier releases already spent epsilon {spent:.3f} of {target_epsilon}")
+    low, high = 0.0, 1.0
+    while cost(high) > target_epsilon:
+        low, high = high, high * 2
+        if high > MAX_SIGMA:
+            raise BudgetExhausted(f"epsilon={target_epsilon} is too small for a class-statistics release")
+    while high - low > EPSILON_TOLERANCE * high:
+        mid = (low + high) / 2
+        low, high = (mid, high) if cost(mid) > target_epsilon else (low, mid)
+    return plan(high)
+
+
+@dataclass(frozen=True)
+class Release:
+    sums: torch.Tensor  # (L, H): noisy sums on released rows, exact zeros elsewhere
+    counts: torch.Tensor  # (L,): noisy counts (zeros when none are released)
+    released_labels: int
+
+
+def class_sums(features: torch.Tensor, targets: torch.Tensor, *, num_labels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact per-class sums (L, H) and counts (L,) of ``features`` (N, H) with labels ``targets`` (N,)."""
+    sums = torch.zeros(num_labels, features.shape[1], dtype=torch.float64)
+    sums.index_add_(0, targets, features.to(torch.float64))
+    counts = torch.bincount(targets, minlength=num_labels).to(torch.float64)
+    return sums, counts
+
+
+def release_statistics(
+    features: torch.Tensor, targets: torch.Tensor, *, num_labels: int, plan: StatisticsPlan | None,
+    scope_rows: list[int] | None, generator: torch.Generator | None,
+) -> Release:
+    """The department's release; ``plan`` None: exact statistics of every label (a --no-dp baseline)."""
+    norms = features.norm(dim=1)
+    if bool((norms > 1 + 1e-5).any()):  # the sensitivity bound rests on this
+        raise ValueError(f"class statistics need features of norm <= 1 (largest {float(norms.max()):.4f})")
+    sums, counts = class_sums(features, targets, num_labels=num_labels)
+    if plan is None:
+        return Release(sums, counts, num_labels)
+
+    def noise(*shape: int, sigma: float) -> torch.Tensor:
+        return torch.normal(0.0, sigma, size=shape, generator=generator, dtype=torch.float64)
+
+    released = torch.zeros(num_labels, dtype=torch.bool)
+    if scope_rows is not None:
+        released[scope_rows] = True
+        noisy_counts = torch.zeros(num_labels, dtype=torch.float64)
+    else:
+        noisy_counts = counts + noise(num_labels, sigma=plan.counts_sigma)
+        released = noisy_counts > plan.threshold * plan.counts_sigma
+    noisy_sums = torch.zeros_like(sums)
+    rows = int(released.sum())
+    noisy_sums[released] = sums[released] + noise(rows, sums.shape[1], sigma=plan.sums_sigma)
+    return Release(noisy_sums, noisy_counts, rows)

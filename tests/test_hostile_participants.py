@@ -1,0 +1,105 @@
+"""Attacks by a hostile department or a curious server; each test fails if its attack works again."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+
+from client.site_policy import SitePolicy
+from server.run_record import RunRecorder
+from server.strategy import FedprivStrategy, aggregate_problem
+from shared import protocol
+from shared.config import RunConfig
+from shared.errors import ConfigError
+from shared.params import get_trainable
+from tests.test_class_statistics import make_department
+
+NAMES = ["head.weight", "head.bias"]
+
+
+def strategy(tmp_path, **settings) -> FedprivStrategy:
+    config = RunConfig(labels=("a", "b"), out_dir=str(tmp_path), secagg_max_weight=100, **settings)
+    start = [np.zeros((2, 3), np.float32), np.zeros(2, np.float32)]
+    return FedprivStrategy(
+        config=config, recorder=RunRecorder(tmp_path, config=config, run_id=1), parameter_names=NAMES,
+        backbone_fingerprint="f", initial_parameters=ndarrays_to_parameters(start), evaluate_fn=None,
+    )
+
+
+def reply(name: str, update: list[np.ndarray], weight: int) -> tuple[SimpleNamespace, FitRes]:
+    res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(update), weight,
+                 {protocol.DEPARTMENT: name, protocol.STATUS: protocol.STATUS_TRAINED})
+    return SimpleNamespace(cid=name), res
+
+
+def honest(value: float) -> list[np.ndarray]:
+    return [np.full((2, 3), value, np.float32), np.full(2, value, np.float32)]
+
+
+def test_a_department_claiming_a_huge_weight_is_left_out_without_secagg(tmp_path):
+    fed = strategy(tmp_path, secagg=False, dp=False, head_init="zeros", num_server_rounds=2)
+    results = [reply("hr", honest(0.1), 50), reply("it", honest(0.2), 60), reply("evil", honest(-5.0), 10**7)]
+    parameters, _ = fed.aggregate_fit(1, results, [])
+    arrays = parameters_to_ndarrays(parameters)
+    np.testing.assert_allclose(arrays[0], (0.1 * 50 + 0.2 * 60) / 110, rtol=1e-6)  # evil did not take over
+    round_record = fed.recorder.rounds[1]
+    assert round_record["departments"]["evil"]["status"] == protocol.STATUS_REJECTED
+    assert any("evil" in note and "secagg-max-weight" in note for note in round_record["failures"])
+
+
+@pytest.mark.parametrize("poison", [math.nan, math.inf, 1e6])
+def test_a_nan_infinite_or_huge_update_is_refused_without_secagg(tmp_path, poison):
+    fed = strategy(tmp_path, secagg=False, dp=False, head_init="zeros", num_server_rounds=2)
+    bad = honest(0.1)
+    bad[0][0, 0] = poison
+    parameters, _ = fed.aggregate_fit(1, [reply("hr", honest(0.1), 50), reply("evil", bad, 50)], [])
+    assert np.all(np.isfinite(parameters_to_ndarrays(parameters)[0]))
+    np.testing.assert_allclose(parameters_to_ndarrays(parameters)[0], 0.1, rtol=1e-6)
+
+
+@pytest.mark.parametrize("poison", [math.nan, 1e6])
+def test_a_poisoned_secagg_aggregate_is_rejected_and_the_model_kept(tmp_path, poison):
+    fed = strategy(tmp_path, secagg=True, dp=True, head_init="zeros", num_server_rounds=2)
+    before = parameters_to_ndarrays(fed.latest_parameters)
+    unmasked = honest(0.1)  # under SecAgg+ every result carries the same unmasked average
+    unmasked[1][0] = poison
+    results = [reply("hr", unmasked, 100), reply("it", unmasked, 100)]
+    parameters, _ = fed.aggregate_fit(1, results, [])
+    assert parameters is None
+    for a, b in zip(parameters_to_ndarrays(fed.latest_parameters), before, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert fed.recorder.rounds[1]["aggregate_check"] == "rejected"
+    assert any("rejected aggregate" in note for note in fed.recorder.rounds[1]["failures"])
+    assert not (tmp_path / "checkpoints").exists()  # nothing damaged was saved
+
+
+def test_honest_aggregates_pass_the_check():
+    assert aggregate_problem(honest(7.9), bound=8.0) == ""
+    assert "NaN" in aggregate_problem([np.array([np.nan])], bound=8.0)
+
+
+def test_a_crafted_evaluation_model_reads_nothing_back_under_dp(tmp_path):
+    client, config = make_department(tmp_path)
+    crafted = get_trainable(client.classifier)
+    crafted[-1][:] = [0.0, 50.0, 0.0]  # the probe: a head that answers one label whatever the input
+    replies = [client.evaluate(crafted, {protocol.LABEL_FINGERPRINT: config.label_fingerprint}) for _ in range(2)]
+    for loss, count, metrics in replies:
+        assert (loss, count) == (0.0, 0) and metrics[protocol.EVALUATION_WITHHELD] is True
+        assert protocol.ACCURACY not in metrics
+
+
+@pytest.mark.parametrize("setting", ["target_epsilon", "target_delta", "learning_rate", "statistics_share"])
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_non_finite_run_settings_are_refused_by_name(setting, value):
+    with pytest.raises(ConfigError, match=setting.replace("_", "-")):
+        RunConfig(**{setting: value})
+
+
+@pytest.mark.parametrize("key", ["epsilon", "max-epsilon-per-round", "min-noise-multiplier", "delta"])
+def test_a_nan_budget_or_policy_is_refused_by_name(key):
+    with pytest.raises(ConfigError, match=key):
+        SitePolicy.from_mapping({key: "nan"}, department="hr", run=RunConfig())

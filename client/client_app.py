@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from flwr.client import Client, ClientApp
 from flwr.common import Context
 
@@ -21,6 +23,9 @@ def client_fn(context: Context) -> Client:
     from shared.logs import quiet_libraries
 
     quiet_libraries()
+    # Everything a department writes (ledger, cached embeddings of its records, stored updates) is
+    # its own: readable by its user only, like its keys.
+    os.umask(0o077)
     config = RunConfig.from_run_config(context.run_config)
     settings = resolve_department(config, context.node_config)
     return DepartmentClient(config=config, settings=settings, run_id=context.run_id).to_client()

@@ -30,6 +30,7 @@ from client.update_replay import load_update, request_key, save_update
 from shared import protocol, secagg_masks
 from shared.accounting import epsilon_of
 from shared.config import RunConfig
+from shared.data import safe_name
 from shared.errors import BudgetExhausted, ConfigError, TrainingError
 from shared.evaluation import evaluate_module
 from shared.features import cached_features, labelled_dataset
@@ -80,6 +81,16 @@ def train_features(settings: DepartmentSettings, config: RunConfig, data: Prepar
     features = cached_features(load_backbone(config.model), texts, max_length=config.max_length,
                                cache_dir=settings.feature_cache)
     return features, data.train.tensors[-1]
+
+
+def server_ledger_index(config: dict, department: str) -> int:
+    """The last line of this department's ledger that the server holds a copy of (0: none)."""
+    try:
+        indexes = json.loads(str(config.get(protocol.LEDGER_INDEXES, "{}")))
+        return int(indexes.get(safe_name(department), 0))
+    except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
+        raise ConfigError(f"'{protocol.LEDGER_INDEXES}' is not a JSON object of ledger indexes",
+                          source=f"request to department {department}") from None
 
 
 class DepartmentClient(NumPyClient):
@@ -183,6 +194,7 @@ class DepartmentClient(NumPyClient):
         plan, ledger = None, None
         if cfg.dp:
             ledger = PrivacyLedger(self.settings.state_dir, department=self.settings.name)
+            ledger.check_anchor(server_ledger_index(config, self.settings.name))
             budget = policy.effective_budget(cfg)
             before = ledger.spent(delta=policy.delta, accountant=cfg.accountant)
             metrics.update({protocol.DELTA: policy.delta, protocol.BUDGET: budget, protocol.EPSILON: before})
@@ -253,6 +265,7 @@ class DepartmentClient(NumPyClient):
                               f"({config[protocol.NUM_ROUNDS]} round(s), the first for class statistics)",
                               source=f"request to department {self.settings.name}")
         ledger = PrivacyLedger(self.settings.state_dir, department=self.settings.name)
+        ledger.check_anchor(server_ledger_index(config, self.settings.name))
         budget = policy.effective_budget(cfg)
         metrics.update({protocol.DELTA: policy.delta, protocol.BUDGET: budget,
                         protocol.EPSILON: ledger.spent(delta=policy.delta, accountant=cfg.accountant)})

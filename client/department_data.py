@@ -20,7 +20,7 @@ from typing import Any
 from client.label_scope import SCOPE_KEY, parse_label_scope
 from client.site_policy import SitePolicy
 from shared.config import RunConfig
-from shared.data import Record, check_labels, load_records
+from shared.data import Record, check_department_names, check_labels, load_records, safe_name
 from shared.errors import ConfigError, DataError
 from shared.partition import split_department
 
@@ -72,13 +72,14 @@ def resolve_department(config: RunConfig, node_config: Mapping[str, Any]) -> Dep
             )
         entry = departments[index]
         name, data_path = entry["name"], Path(config.partition_dir) / entry["file"]
-        state_dir = Path(config.out_dir) / "departments" / name
+        state_dir = Path(config.out_dir) / "departments" / safe_name(name)
         own_policy = entry.get("policy", {})
     else:
         raise ConfigError(
             "this node is no department: give the SuperNode --node-config \"department=... data-path=... "
             "state-dir=...\" (deployment) or set partition-dir (simulation)"
         )
+    check_department_names([name], source="department node config" if "department" in node_config else str(config.partition_dir))
     policy = SitePolicy.from_mapping(own_policy, department=name, run=config)
     scope = parse_label_scope(own_policy.get(SCOPE_KEY), department=name, labels=config.labels)
     # Only a simulation shares a cache: a deployed department's paths are its own, never the server's to set.

@@ -153,6 +153,19 @@ class PrivacyLedger:
                 )
         return entries
 
+    def check_anchor(self, server_index: int) -> None:
+        """Refuse a ledger shorter than the copy the server holds: its last lines were removed.
+
+        The department's own file cannot tell a removed last line from one never written; the
+        server's copy of the lines it was sent is the external anchor (``protocol.LEDGER_INDEXES``).
+        """
+        if server_index > len(self.entries):
+            raise DataError(
+                f"{self.path}: holds {len(self.entries)} ledger line(s) but the server holds line {server_index} of "
+                f"department {self.department}'s ledger: lines were removed; department {self.department} refuses "
+                "to spend on a ledger that forgets spending (restore it from a backup or the server's copy)"
+            )
+
     @property
     def history(self) -> list[Mechanism]:
         return _mechanisms(self.entries)

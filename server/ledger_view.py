@@ -51,10 +51,15 @@ def ledger_rows(run_dir: Path) -> list[LedgerRow]:
             rows.append(LedgerRow(name, None, None, None, summary["rounds_trained"], "no DP", "-"))
             continue
         epsilon = copy[-1]["epsilon"] if copy else summary.get("epsilon")
+        check = _check(copy)
+        reported = summary.get("epsilon")
+        if check == "agrees" and reported is not None and not math.isclose(reported, epsilon, rel_tol=1e-6, abs_tol=1e-9):
+            # the department reported spending the copy does not hold: its last lines are missing
+            check = f"MISMATCH: the department last reported epsilon {reported:.4f}, the copy ends at {epsilon:.4f}"
         rows.append(LedgerRow(
             name, epsilon, summary.get("budget"), summary.get("delta"), summary["rounds_trained"],
             status if summary.get("status") != "policy-refused" else f"{status}: {summary.get('reason')}",
-            _check(copy),
+            check,
         ))
     return rows
 
@@ -64,9 +69,12 @@ def _check(copy: list[dict]) -> str:
         return "no ledger lines reported"
     if copy[0]["index"] != 1:
         return f"copy starts at ledger line {copy[0]['index']} (earlier spending not seen by this server)"
+    repeated = [e["index"] for previous, e in zip(copy, copy[1:], strict=False) if e["index"] <= previous["index"]]
+    if repeated:
+        return f"MISMATCH: ledger lines {repeated} repeat or go backwards in the copy"
     gaps = [e["index"] for previous, e in zip(copy, copy[1:], strict=False) if e["index"] != previous["index"] + 1]
     if gaps:
-        return f"copy has gaps before ledger lines {gaps} (replies the server did not receive)"
+        return f"MISMATCH: lines missing before ledger lines {gaps} (removed, or replies the server did not receive)"
     last = copy[-1]
     history = [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in copy]
     recomputed = epsilon_of(history, delta=last["delta"], accountant=last["accountant"])

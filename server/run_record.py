@@ -199,7 +199,34 @@ def ledger_copy_path(out_dir: Path, department: str) -> Path:
     return out_dir / LEDGERS_DIR / f"{safe_name(department)}.jsonl"
 
 
+LEDGER_LINE_KEYS = ("index", "noise_multiplier", "sample_rate", "steps", "accountant", "delta", "epsilon")
+
+
 def read_ledger_copy(path: Path) -> list[dict[str, Any]]:
+    """The server's copy of one department's ledger lines; a line that cannot be one is refused by number."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{number}: not a ledger line ({exc.msg})") from None
+        missing = [key for key in LEDGER_LINE_KEYS if not isinstance(entry, dict) or key not in entry]
+        if missing:
+            raise DataError(f"{path}:{number}: ledger line lacks {', '.join(missing)}")
+        lines.append(entry)
+    return lines
+
+
+def ledger_indexes(out_dir: Path) -> dict[str, int]:
+    """The last ledger index the server holds per department (by file name): the departments' anchor."""
+    folder = out_dir / LEDGERS_DIR
+    indexes = {}
+    for path in sorted(folder.glob("*.jsonl")) if folder.is_dir() else []:
+        copy = read_ledger_copy(path)
+        if copy:
+            indexes[path.stem] = int(copy[-1]["index"])
+    return indexes

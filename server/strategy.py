@@ -16,6 +16,7 @@ It stays a plain legacy ``Strategy`` so that Flower's SecAgg+ workflow can drive
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ from flwr.server.criterion import Criterion
 from flwr.server.strategy import FedAvg
 
 from server.class_statistics import federation_sums, nearest_class_mean_head
-from server.run_record import RunRecorder
+from server.run_record import RunRecorder, ledger_indexes
 from shared import protocol, secagg_masks
 from shared.checkpoint import save_checkpoint
 from shared.config import RunConfig
@@ -97,6 +98,7 @@ class FedprivStrategy(FedAvg):
             protocol.SECAGG_CLIPPING_RANGE: self.run_config.secagg_clipping_range,
             protocol.SECAGG_MAX_WEIGHT: self.run_config.secagg_max_weight,
             protocol.SECAGG_MASKS: secagg_masks.NAME,
+            protocol.LEDGER_INDEXES: json.dumps(ledger_indexes(self.recorder.out_dir)),
         }
 
     def planned_sample_size(self, client_manager: Any) -> int:

@@ -159,3 +159,28 @@ def _summarise(path: Path | None, problems: list[str]) -> str:
 def safe_name(name: str) -> str:
     """A department name as a file name: letters, digits, '-', '_' and '.' kept, the rest '_'."""
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+MAX_NAME_LENGTH = 64
+
+
+def check_department_names(names: Sequence[str], *, source: str) -> None:
+    """Every name usable as a folder of its own, and no two that share one after ``safe_name``.
+
+    Two names that map to one file would merge two departments' records and ledgers (one trained
+    twice, its epsilon doubled); a name like ``../x`` would put a ledger outside the run folder.
+    """
+    problems = []
+    for name in names:
+        if not name or len(name) > MAX_NAME_LENGTH:
+            problems.append(f"department name {name!r}: must have 1 to {MAX_NAME_LENGTH} characters")
+        elif name.startswith(".") or "/" in name or "\\" in name or any(ord(c) < 32 for c in name):
+            problems.append(f"department name {name!r}: may not start with '.' or hold '/', '\\' or control characters")
+    folders: dict[str, list[str]] = {}
+    for name in names:
+        folders.setdefault(safe_name(name).lower(), []).append(name)
+    for folder, same in folders.items():
+        if len(same) > 1:
+            problems.append(f"department names {', '.join(map(repr, same))} share one folder ({folder!r}): rename one")
+    if problems:
+        raise DataError(f"{source}: " + "; ".join(problems))

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shared.data import Record
+from shared.data import Record, check_department_names
 from shared.errors import DataError
 
 PARTITIONS = ("column", "domain", "dirichlet", "iid")
@@ -32,6 +32,7 @@ def by_column(records: Sequence[Record]) -> dict[str, list[Record]]:
     departments: dict[str, list[Record]] = defaultdict(list)
     for r in records:
         departments[r.department].append(r)  # type: ignore[index]
+    check_department_names(sorted(departments), source=f"'department' column of {records[0].source.rsplit(':', 1)[0]}")
     return dict(sorted(departments.items()))
 
 

@@ -19,6 +19,8 @@ EVALUATION_SPLIT = "split"  # which split a department evaluates on: its test sp
 SPLIT_VAL = "val"
 SPLIT_TEST = "test"
 
+LEDGER_INDEXES = "ledger-indexes"  # JSON: department file name -> last ledger index the server holds
+
 SECAGG = "secagg"
 SECAGG_CLIPPING_RANGE = "secagg-clipping-range"
 SECAGG_MAX_WEIGHT = "secagg-max-weight"

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from scipy.stats import beta, rankdata
 
-from shared.data import Record, load_records
+from shared.data import Record, load_records, safe_name
 from shared.errors import DataError
 from shared.partition import split_department
 
@@ -114,7 +114,7 @@ def membership_audit(run_dir: Path, *, seed: int = 0) -> dict[str, Any]:
     for department in manifest["departments"]:
         split = split_department(load_records(Path(config.partition_dir) / department["file"]),
                                  val_fraction=config.val_fraction, test_fraction=config.test_fraction, seed=config.seed)
-        cache = Path(config.feature_cache or run_dir / "departments" / department["name"] / "feature-cache")
+        cache = Path(config.feature_cache or run_dir / "departments" / safe_name(department["name"]) / "feature-cache")
         member_parts.append(scores(split.train, cache))
         non_member_parts += [scores(split.val, cache), scores(split.test, cache)]
     # The server's test set is left out on purpose: it may come from another distribution than the

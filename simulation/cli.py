@@ -61,6 +61,7 @@ def simulate(
     seed: Annotated[int, typer.Option(help="Seed for partitioning, splits and initialisation (never for DP noise).")] = DEFAULTS.seed,
     budget: Annotated[list[str] | None, typer.Option(help="NAME=EPSILON: that department's own budget, as its local configuration would set it (repeatable). It trains until one more round would cross it.")] = None,
     policy: Annotated[list[str] | None, typer.Option(help="NAME:KEY=VALUE: a department's site policy (repeatable); keys: max-epsilon-per-round, min-noise-multiplier, require-secagg, min-departments, delta.")] = None,
+    no_declared_scopes: Annotated[bool, typer.Option("--no-declared-scopes", help="Ignore the label scopes CLINC150's domains and the demo corpus declare, as a user's own departments would have none: stage 1 finds each department's labels from noisy counts.")] = False,
     label_scope: Annotated[list[str] | None, typer.Option(help="NAME=LABEL[,LABEL...]: the labels that department declares it holds (repeatable); it trains only their rows of the head, so its noise lands only there. CLINC150 by domain and the demo corpus declare theirs.")] = None,
     min_departments: Annotated[int, typer.Option(help="The run ends when fewer departments than this can still train (budgets spent).")] = DEFAULTS.min_departments,
     resume: Annotated[Path | None, typer.Option(help="Continue this stopped run folder from its last completed round, with its own settings.")] = None,
@@ -86,6 +87,7 @@ def simulate(
             max_grad_norm=max_grad_norm, epsilon=epsilon, delta=delta, accountant=accountant, model=model,
             lora_r=lora_r, dp=not no_dp, secagg=not no_secagg, secagg_num_shares=secagg_num_shares, audit_updates=audit_updates, out=out, seed=seed, feature_cache=feature_cache,
             policies=opt.department_policies(budget or [], policy or [], label_scope or []), min_departments=min_departments,
+            declared_scopes=not no_declared_scopes,
         )
         status = simulate_federation(request, console=console)
     if status["state"] != "completed":

@@ -30,6 +30,7 @@ class DataPlan:
     departments: int | None
     alpha: float
     seed: int
+    declared_scopes: bool = True  # the label scopes CLINC150's domains.json / the demo's design declare
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,9 @@ def partition_data(plan: DataPlan) -> Partitioned:
     if not shares:
         raise DataError(f"{description}: no departments after partitioning")
     scopes: dict[str, tuple[str, ...]] = {}
-    if _scheme(plan, domains) == "domain" and domains:
+    if not plan.declared_scopes:
+        pass  # as a user's own departments would: no scopes, stage 1 finds the labels from noisy counts
+    elif _scheme(plan, domains) == "domain" and domains:
         scopes = {name: tuple(intents) for name, intents in domains.items() if name in shares}
     elif plan.data is None and _scheme(plan, domains) == "column":
         scopes = {name: intents for name, intents in demo_label_scopes().items() if name in shares}

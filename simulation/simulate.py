@@ -52,6 +52,7 @@ class SimulationRequest:
     seed: int
     policies: dict[str, dict[str, Any]]  # department -> its own budget and site policy (client.site_policy)
     min_departments: int
+    declared_scopes: bool = True
 
 
 def simulate_federation(request: SimulationRequest, *, console: Console) -> dict[str, Any]:
@@ -66,6 +67,7 @@ def simulate_federation(request: SimulationRequest, *, console: Console) -> dict
     data_plan = DataPlan(
         data=request.data, test_data=request.test_data, partition=request.partition,
         departments=request.departments, alpha=request.alpha, seed=request.seed,
+        declared_scopes=request.declared_scopes,
     )
     partitioned = partition_data(data_plan)
     val_fraction = DEFAULTS.val_fraction

@@ -16,6 +16,7 @@ from server.class_statistics import federation_sums, nearest_class_mean_head
 from shared import protocol, secagg_masks
 from shared.accounting import epsilon_of
 from shared.config import RunConfig
+from shared.errors import DataError
 from shared.params import get_trainable
 from tests.test_department_client import LABELS, department_file
 
@@ -163,3 +164,16 @@ def test_dp_sgd_after_stage_one_is_calibrated_to_the_rest_of_the_run_epsilon(tmp
             protocol.SERVER_ROUND: server_round, protocol.STAGE: protocol.STAGE_DP_SGD})
         assert metrics[protocol.STATUS] == protocol.STATUS_TRAINED and weight == config.secagg_max_weight
     assert 3.9 <= metrics[protocol.EPSILON] <= 4.0
+
+
+def test_a_department_whose_ledger_lost_lines_the_server_holds_refuses(tmp_path):
+    client, config = make_department(tmp_path, target_epsilon=4.0, num_server_rounds=3)
+    start = get_trainable(client.classifier)
+    client.fit(start, statistics_request(config))
+    path = tmp_path / "state" / "privacy-ledger.jsonl"
+    path.write_text(path.read_text().splitlines()[0] + "\n")  # the attack: drop the last line, spend again
+    anchored = statistics_request(config) | {protocol.SERVER_ROUND: 2, protocol.STAGE: protocol.STAGE_DP_SGD,
+                                             protocol.LEDGER_INDEXES: '{"finance": 2}'}
+    with pytest.raises(DataError, match="lines were removed"):
+        client.fit(start, anchored)
+    assert len(PrivacyLedger(tmp_path / "state", department="finance").entries) == 1  # nothing spent

@@ -103,3 +103,38 @@ def test_non_finite_run_settings_are_refused_by_name(setting, value):
 def test_a_nan_budget_or_policy_is_refused_by_name(key):
     with pytest.raises(ConfigError, match=key):
         SitePolicy.from_mapping({key: "nan"}, department="hr", run=RunConfig())
+
+
+@pytest.mark.parametrize(("names", "why"), [(["h r", "h_r"], "share one folder"), (["HR", "hr"], "share one folder"),
+                                            (["../../x"], "may not start with '.'"), (["a/b"], "'/'")])
+def test_department_names_that_collide_or_climb_out_are_refused(tmp_path, names, why):
+    from shared.data import Record, write_jsonl
+    from simulation.prepare import DataPlan, partition_data
+
+    data = tmp_path / "data.csv"
+    write_jsonl([Record(f"text {i} {n}", ["x", "y"][i % 2], n) for n in names for i in range(6)], data.with_suffix(".jsonl"))
+    with pytest.raises(Exception, match=why) as refused:
+        partition_data(DataPlan(data=data.with_suffix(".jsonl"), test_data=None, partition="column", departments=None,
+                                alpha=0.5, seed=0))
+    assert "department" in str(refused.value)
+
+
+def test_a_department_writes_its_state_for_its_user_only(tmp_path):
+    import os
+
+    from client.client_app import client_fn
+    from tests.test_class_statistics import statistics_request
+
+    client, config = make_department(tmp_path)
+    context = SimpleNamespace(run_config=config.to_run_config(), run_id=7, node_config={
+        "department": "finance", "data-path": str(client.settings.data_path), "state-dir": str(client.settings.state_dir)})
+    previous = os.umask(0o022)
+    try:
+        client_fn(context)  # what a ClientApp process runs first
+        client.fit(get_trainable(client.classifier), statistics_request(config))
+    finally:
+        os.umask(previous)
+    written = [p for p in client.settings.state_dir.rglob("*")]
+    assert any(p.name.startswith("features-") for p in written) and any(p.suffix == ".jsonl" for p in written)
+    for path in [client.settings.state_dir, *written]:
+        assert path.stat().st_mode & 0o077 == 0, path  # embeddings of private records, the ledger, updates

@@ -26,7 +26,8 @@ def two_rounds(tmp_path, config=None):
     recorder = RunRecorder(tmp_path, config=config or RunConfig(num_server_rounds=3), run_id=5)
     for server_round, accuracy in ((1, 0.5), (2, 0.7)):
         recorder.record_fit(server_round, departments={
-            "hr": {"status": "trained", "epsilon": server_round * 1.0, "delta": 1e-5, "budget": 3.0, "dp": True,
+            "hr": {"status": "trained", "epsilon": json.loads(ledger_line(server_round))["epsilon"], "delta": 1e-5,
+                   "budget": 3.0, "dp": True,
                    "ledger_entry": ledger_line(server_round)},
             "it": {"status": "budget-exhausted", "epsilon": 1.0, "delta": 1e-5, "budget": 1.0, "dp": True,
                    "reason": "one more round would spend 1.3 > its budget 1.0"},
@@ -40,7 +41,8 @@ def test_final_accuracy_prefers_the_server_test_split_then_federated_test(tmp_pa
     recorder = two_rounds(tmp_path)
     metrics = recorder.finish(state="completed")
     assert metrics["final_accuracy"] == 0.7 and metrics["final_accuracy_source"] == "federated validation"
-    assert metrics["privacy"]["hr"] == {"rounds_trained": 2, "last_trained_round": 2, "epsilon": 2.0,
+    assert metrics["privacy"]["hr"] == {"rounds_trained": 2, "last_trained_round": 2,
+                                        "epsilon": json.loads(ledger_line(2))["epsilon"],
                                         "delta": 1e-5, "budget": 3.0, "dp": True, "status": "trained", "reason": None}
     assert metrics["privacy"]["it"]["status"] == "budget-exhausted" and metrics["privacy"]["it"]["rounds_trained"] == 0
     assert [json.loads(line)["round"] for line in (tmp_path / "rounds.jsonl").read_text().splitlines()] == [1, 2]
@@ -85,3 +87,22 @@ def test_a_resumed_recorder_keeps_the_completed_rounds(tmp_path):
     with pytest.raises(DataError, match=r"rounds \[3\] are not in the round feed"):
         RunRecorder(tmp_path, config=dataclasses.replace(RunConfig(num_server_rounds=4), resume_after_round=3),
                     run_id=7)
+
+
+@pytest.mark.parametrize(("lines", "finding"), [
+    ([1, 3], "lines missing before ledger lines [3]"),
+    ([1, 2, 2], "repeat"),
+    ([1], "last reported epsilon"),  # the copy lost its last line: the department reported more spending
+])
+def test_the_ledger_view_finds_dropped_and_repeated_lines(tmp_path, lines, finding):
+    two_rounds(tmp_path).finish(state="completed")
+    ledger_copy_path(tmp_path, "hr").write_text("".join(ledger_line(i) + "\n" for i in lines))
+    check = next(r for r in ledger_rows(tmp_path) if r.department == "hr").check
+    assert check.startswith("MISMATCH") and finding in check
+
+
+def test_a_broken_line_in_the_servers_copy_is_named_not_a_traceback(tmp_path):
+    two_rounds(tmp_path).finish(state="completed")
+    ledger_copy_path(tmp_path, "hr").write_text(ledger_line(1) + "\n{broken\n")
+    with pytest.raises(DataError, match=r"hr.jsonl:2: not a ledger line"):
+        ledger_rows(tmp_path)

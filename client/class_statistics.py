@@ -50,6 +50,11 @@ class StatisticsPlan:
         counts = [(self.counts_sigma, 1.0, 1)] if self.counts_sigma else []
         return counts + [(self.sums_sigma, 1.0, 1)]
 
+    def shared_by(self, departments: int) -> StatisticsPlan:
+        """The share one of ``departments`` adds so that their sum carries this plan's noise."""
+        root = math.sqrt(departments)
+        return StatisticsPlan(self.sums_sigma / root, self.counts_sigma / root, self.threshold)
+
     @property
     def noise_multiplier(self) -> float:
         """The smallest noise multiplier in the release (what a site policy's minimum is checked against)."""

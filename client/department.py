@@ -36,16 +36,18 @@ from shared.evaluation import evaluate_module
 from shared.features import cached_features, labelled_dataset
 from shared.model import TextClassifier, build_classifier, load_backbone, trainable_names
 from shared.params import get_trainable, set_trainable
+from shared.top_layers import CachedTopLayers, top_layer_dataset
 
 
 @functools.lru_cache(maxsize=2)
 def shared_classifier(
-    model: str, num_labels: int, lora_r: int, lora_alpha: int, lora_targets: tuple[str, ...]
+    model: str, num_labels: int, lora_r: int, lora_alpha: int, lora_targets: tuple[str, ...], lora_layers: int = 0,
 ) -> TextClassifier:
     """One classifier per process: all departments served by a process share its frozen backbone."""
     backbone = load_backbone(model)
     return build_classifier(
-        backbone, num_labels=num_labels, lora_r=lora_r, lora_alpha=lora_alpha, lora_targets=lora_targets
+        backbone, num_labels=num_labels, lora_r=lora_r, lora_alpha=lora_alpha, lora_targets=lora_targets,
+        lora_layers=lora_layers,
     )
 
 
@@ -63,6 +65,9 @@ def prepare(settings: DepartmentSettings, config: RunConfig) -> PreparedData:
     backbone = load_backbone(config.model)
 
     def tensors(records) -> TensorDataset:
+        if config.lora_layers:  # stage 2 on the top layers: cached states at their input
+            return top_layer_dataset(backbone, records, labels=config.labels, max_length=config.max_length,
+                                     count=config.lora_layers)
         return labelled_dataset(
             backbone, records, labels=config.labels, max_length=config.max_length,
             head_only=config.head_only, cache_dir=settings.feature_cache,
@@ -99,7 +104,7 @@ class DepartmentClient(NumPyClient):
         self.settings = settings
         self.run_id = run_id
         self.classifier = shared_classifier(
-            config.model, len(config.labels), config.lora_r, config.lora_alpha, config.lora_targets
+            config.model, len(config.labels), config.lora_r, config.lora_alpha, config.lora_targets, config.lora_layers
         )
 
     def _check_request(self, request: dict) -> None:
@@ -113,6 +118,8 @@ class DepartmentClient(NumPyClient):
             raise ConfigError(problems, source=f"request to department {self.settings.name}")
 
     def _trained_module(self) -> torch.nn.Module:
+        if self.config.lora_layers:
+            return CachedTopLayers(self.classifier, count=self.config.lora_layers)
         return self.classifier.head if self.config.head_only else self.classifier
 
     @contextmanager
@@ -124,7 +131,7 @@ class DepartmentClient(NumPyClient):
             return
         rows = [self.config.labels.index(label) for label in scope]
         with scoped_head(self.classifier, rows) as head:
-            yield head if self.config.head_only else self.classifier
+            yield head if self.config.head_only else self._trained_module()
 
     @property
     def run(self) -> str:
@@ -190,6 +197,10 @@ class DepartmentClient(NumPyClient):
         refusals = policy.refusals_of_request(secagg=secagg, aggregate_size=int(config.get(protocol.AGGREGATE_SIZE, 0)))
         scope = self.settings.label_scope
         scope_rows = [cfg.labels.index(label) for label in scope] if scope else None
+        shares, refused = policy.noise_shares(requested=cfg.distributed_noise and cfg.dp, secagg=secagg)
+        refusals += refused
+        if shares > 1 and scope_rows is None:
+            scope_rows = list(range(len(cfg.labels)))  # no count-based selection on a noise share: every row
         features, targets = train_features(self.settings, cfg, data)
         plan, ledger = None, None
         if cfg.dp:
@@ -218,7 +229,8 @@ class DepartmentClient(NumPyClient):
         if refusals:
             return self._declined(parameters, metrics, status=protocol.STATUS_POLICY_REFUSED, reason="; ".join(refusals))
         release = release_statistics(
-            features, targets, num_labels=len(cfg.labels), plan=plan, scope_rows=scope_rows,
+            features, targets, num_labels=len(cfg.labels), plan=plan.shared_by(shares) if plan else None,
+            scope_rows=scope_rows,
             generator=torch.Generator().manual_seed(secrets.randbits(63)),
         )
         metrics.update({protocol.STATUS: protocol.STATUS_TRAINED, protocol.RELEASED_LABELS: release.released_labels})
@@ -226,7 +238,7 @@ class DepartmentClient(NumPyClient):
             names = ([MECHANISM_CLASS_COUNTS] if plan.counts_sigma else []) + [MECHANISM_CLASS_SUMS]
             entries = ledger.record(
                 run=self.run, server_round=server_round, mechanisms=list(zip(names, plan.mechanisms, strict=True)),
-                accountant=cfg.accountant, delta=policy.delta, budget=policy.effective_budget(cfg),
+                accountant=cfg.accountant, delta=policy.delta, budget=policy.effective_budget(cfg), noise_shares=shares,
             )
             metrics.update({
                 protocol.EPSILON: entries[-1].epsilon, protocol.NOISE_MULTIPLIER: plan.sums_sigma,

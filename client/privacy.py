@@ -104,6 +104,11 @@ class LedgerEntry:
     budget: float
     time: float
     mechanism: str = "dp-sgd"  # or "class-counts" / "class-sums": the Gaussian releases of stage 1
+    # distributed noise: the department added noise_multiplier / sqrt(noise_shares), trusting SecAgg+
+    # and noise_shares - 1 other departments for the rest. epsilon is against the aggregate;
+    # own_epsilon is what its release alone would guarantee should it ever be unmasked.
+    noise_shares: int = 1
+    own_epsilon: float | None = None
 
 
 MECHANISM_DP_SGD = "dp-sgd"
@@ -225,17 +230,21 @@ class PrivacyLedger:
 
     def record(
         self, *, run: str, server_round: int, mechanisms: list[tuple[str, Mechanism]], accountant: str,
-        delta: float, budget: float,
+        delta: float, budget: float, noise_shares: int = 1,
     ) -> list[LedgerEntry]:
         """Append one line per mechanism that ran in this round, all in one write."""
         history, entries = list(self.history), []
+        own = [(s / math.sqrt(e.noise_shares), q, n) for e, (s, q, n) in zip(self.entries, history, strict=True)]
+        shared = noise_shares > 1 or any(e.noise_shares > 1 for e in self.entries)
         for name, (sigma, rate, steps) in mechanisms:
             history.append((sigma, rate, steps))
+            own.append((sigma / math.sqrt(noise_shares), rate, steps))
             entries.append(LedgerEntry(
                 index=len(self.entries) + len(entries) + 1, run=run, round=server_round, noise_multiplier=sigma,
                 sample_rate=rate, steps=steps, accountant=accountant, delta=delta,
                 epsilon=epsilon_of(history, delta=delta, accountant=accountant),
-                budget=budget, time=time.time(), mechanism=name,
+                budget=budget, time=time.time(), mechanism=name, noise_shares=noise_shares,
+                own_epsilon=epsilon_of(own, delta=delta, accountant=accountant) if shared else None,
             ))
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # One write(2) with O_APPEND: a process killed mid-round leaves the round's lines whole or absent.

@@ -10,6 +10,9 @@ simulation) may set:
     min-noise-multiplier    refuse a run whose noise multiplier is below this
     require-secagg          refuse to send an update that SecAgg+ does not mask
     min-departments         refuse a round whose aggregate holds fewer departments than this
+    distributed-noise       consent to add only a 1/sqrt(min-departments) share of stage 1's noise,
+                            trusting SecAgg+ and the other departments to add theirs (needs
+                            min-departments >= 2 and SecAgg+)
 
 A refused request is answered with status "policy-refused", weight 0 and a message naming the
 limit; the department never trains for it. ``min-departments`` is checked against the number of
@@ -28,7 +31,8 @@ from client.privacy import PrivacyPlan
 from shared.config import RunConfig
 from shared.errors import ConfigError
 
-POLICY_KEYS = ("epsilon", "delta", "max-epsilon-per-round", "min-noise-multiplier", "require-secagg", "min-departments")
+POLICY_KEYS = ("epsilon", "delta", "max-epsilon-per-round", "min-noise-multiplier", "require-secagg", "min-departments",
+               "distributed-noise")
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,7 @@ class SitePolicy:
     min_noise_multiplier: float | None = None
     require_secagg: bool = False
     min_departments: int | None = None
+    distributed_noise: bool = False
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], *, department: str, run: RunConfig) -> SitePolicy:
@@ -67,12 +72,19 @@ class SitePolicy:
         max_per_round = number("max-epsilon-per-round", float, None)
         min_sigma = number("min-noise-multiplier", float, None)
         min_departments = number("min-departments", int, None)
-        require_secagg = values.get("require-secagg", False)
-        if isinstance(require_secagg, str) and require_secagg.lower() in ("true", "false"):
-            require_secagg = require_secagg.lower() == "true"
-        if not isinstance(require_secagg, bool):
-            problems.append(f"require-secagg: expected true or false, got {require_secagg!r}")
-            require_secagg = False
+        def flag(key: str) -> bool:
+            raw = values.get(key, False)
+            if isinstance(raw, str) and raw.lower() in ("true", "false"):
+                raw = raw.lower() == "true"
+            if not isinstance(raw, bool):
+                problems.append(f"{key}: expected true or false, got {raw!r}")
+                return False
+            return raw
+
+        require_secagg, distributed_noise = flag("require-secagg"), flag("distributed-noise")
+        if distributed_noise and (min_departments is None or min_departments < 2):
+            problems.append("distributed-noise: needs min-departments >= 2 (the fewest departments whose noise "
+                            "shares must add up in the aggregate)")
         if budget is not None and budget <= 0:
             problems.append(f"epsilon: the budget must be > 0 (got {budget})")
         if delta is not None and not 0 < delta <= run.target_delta:
@@ -85,11 +97,21 @@ class SitePolicy:
             problems.append(f"min-departments: must be >= 1 (got {min_departments})")
         if problems:
             raise ConfigError(problems, source=f"site policy of department {department}")
-        return cls(budget, delta, max_per_round, min_sigma, require_secagg, min_departments)
+        return cls(budget, delta, max_per_round, min_sigma, require_secagg, min_departments, distributed_noise)
 
     def effective_budget(self, run: RunConfig) -> float:
         """The tighter of the department's budget and the run's promise."""
         return min(self.budget, run.target_epsilon)
+
+    def noise_shares(self, *, requested: bool, secagg: bool) -> tuple[int, list[str]]:
+        """How many departments' noise shares make up the aggregate's noise (1: local noise), and refusals."""
+        if not requested:
+            return 1, []
+        if not self.distributed_noise:
+            return 1, ["distributed-noise: this department has not consented to add only a share of the noise"]
+        if not secagg:
+            return 1, ["distributed-noise: a noise share protects only inside a SecAgg+ aggregate, and this run has it off"]
+        return int(self.min_departments or 1), []
 
     def refusals_of_request(self, *, secagg: bool, aggregate_size: int) -> list[str]:
         refusals = []

@@ -38,7 +38,7 @@ def run_federation(grid: Grid, context: Context, config: RunConfig, recorder: Ru
         torch.manual_seed(config.seed)
         classifier = build_classifier(
             backbone, num_labels=len(config.labels), lora_r=config.lora_r, lora_alpha=config.lora_alpha,
-            lora_targets=config.lora_targets,
+            lora_targets=config.lora_targets, lora_layers=config.lora_layers,
         )
         torch.nn.init.zeros_(classifier.head.weight)
         torch.nn.init.zeros_(classifier.head.bias)

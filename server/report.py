@@ -70,6 +70,9 @@ def _ledger(run_dir: Path) -> str:
     return _table(["department", "epsilon spent", "budget", "delta", "rounds trained", "status", "server's recomputation"], rows)
 
 
+ROUND_STAGES = {True: "1: class statistics", False: "2: DP-SGD"}
+
+
 def _rounds(metrics: dict[str, Any]) -> str:
     tls, auth = TRANSPORT_WORDS.get(metrics.get("transport", "simulation"), ("?", "?"))
     rows = []
@@ -79,13 +82,17 @@ def _rounds(metrics: dict[str, Any]) -> str:
         declined = sorted(f"{n} ({d['status']})" for n, d in departments.items()
                           if d.get("status") not in (None, "trained"))
         failures = entry.get("failures", [])
+        check = entry.get("aggregate_check")
+        check_cell = {"passed": "<span class='ok'>passed</span>", "rejected": "<span class='bad'>rejected</span>"}.get(
+            check, "-")
         rows.append([
-            str(entry["round"]), _fmt(entry.get("accuracy")), _fmt(entry.get("loss")), _fmt(entry.get("train_loss")),
-            "on" if entry.get("secure_aggregation") else "off", html.escape(tls.split(" ")[0]),
+            str(entry["round"]), html.escape(ROUND_STAGES.get(entry["round"] == metrics.get("statistics_round"), "")),
+            _fmt(entry.get("accuracy")), _fmt(entry.get("loss")), _fmt(entry.get("train_loss")),
+            check_cell, "on" if entry.get("secure_aggregation") else "off", html.escape(tls.split(" ")[0]),
             html.escape(auth.split(" ")[0]), str(trained), html.escape(", ".join(declined)) or "-",
             "<br>".join(f"<span class='bad'>{html.escape(f)}</span>" for f in failures) or "-",
         ])
-    return _table(["round", "accuracy", "loss", "train loss", "SecAgg+", "TLS", "node auth", "departments trained",
+    return _table(["round", "stage", "accuracy", "loss", "train loss", "aggregate check", "SecAgg+", "TLS", "node auth", "departments trained",
                    "declined", "dropouts / failures"], rows)
 
 

@@ -144,6 +144,7 @@ class RunRecorder:
             "dp": self.config.dp,
             "secure_aggregation": self.config.secagg,
             "transport": self.config.transport,
+            "statistics_round": self.config.statistics_round or None,
             "initial": self.rounds.get(0),
             "rounds": finished,
             "privacy": privacy_summary(finished),

@@ -33,7 +33,10 @@ class RunConfig:
     statistics_share: float = 0.8  # of the run's epsilon, for stage 1 when DP-SGD rounds follow it
     statistics_count_share: float = 0.1  # of stage 1's noise precision, for the noisy counts that pick the labels
     statistics_count_threshold: float = 3.0  # a label is released above this many count-noise deviations
-    ncm_logit_scale: float = 30.0  # the nearest-class-mean head's logits: this times the cosine
+    ncm_logit_scale: float = 30.0
+    # Stage 1 with distributed noise: each consenting department adds only its share of the noise,
+    # so the SecAgg+ sum carries one release's worth (client.site_policy, distributed-noise)
+    distributed_noise: bool = False  # the nearest-class-mean head's logits: this times the cosine
     local_epochs: int = 1
     batch_size: int = 256  # expected logical batch under Poisson sampling
     learning_rate: float = 5.0
@@ -46,6 +49,9 @@ class RunConfig:
     model: str = "minilm"  # "minilm", "tiny" or a local Hugging Face model folder
     lora_r: int = 0  # 0: train the classification head only, on frozen features
     lora_alpha: int = 16
+    # > 0 (with lora-r > 0): adapters only in the top lora-layers layers, trained on cached states of
+    # the layers below (shared.top_layers); 0: adapters in every layer, full forward passes
+    lora_layers: int = 0
     lora_targets: tuple[str, ...] = ("query", "value")
     max_length: int = 64
     labels: tuple[str, ...] = ()
@@ -191,6 +197,7 @@ def _validate(cfg: RunConfig) -> list[str]:
          f"statistics-count-share must be in (0, 1) (got {cfg.statistics_count_share})")
     need(cfg.statistics_count_threshold >= 0,
          f"statistics-count-threshold must be >= 0 (got {cfg.statistics_count_threshold})")
+    need(cfg.secagg or not cfg.distributed_noise, "distributed-noise needs SecAgg+ (a noise share alone protects nothing)")
     need(cfg.ncm_logit_scale > 0, f"ncm-logit-scale must be > 0 (got {cfg.ncm_logit_scale})")
     need(cfg.local_epochs >= 1, f"local-epochs must be >= 1 (got {cfg.local_epochs})")
     need(cfg.batch_size >= 1, f"batch-size must be >= 1 (got {cfg.batch_size})")
@@ -202,6 +209,8 @@ def _validate(cfg: RunConfig) -> list[str]:
     need(cfg.accountant in ACCOUNTANTS, f"accountant must be one of {ACCOUNTANTS} (got {cfg.accountant!r})")
     need(bool(cfg.model), "model must name 'minilm', 'tiny' or a local model folder")
     need(cfg.lora_r >= 0, f"lora-r must be >= 0 (got {cfg.lora_r}); 0 trains the head only")
+    need(cfg.lora_layers >= 0, f"lora-layers must be >= 0 (got {cfg.lora_layers})")
+    need(cfg.lora_layers == 0 or cfg.lora_r > 0, "lora-layers > 0 needs lora-r > 0 (the rank of those adapters)")
     need(cfg.lora_alpha >= 1, f"lora-alpha must be >= 1 (got {cfg.lora_alpha})")
     need(cfg.lora_r == 0 or bool(cfg.lora_targets), "lora-targets must name at least one module when lora-r > 0")
     need(8 <= cfg.max_length <= 512, f"max-length must be in [8, 512] (got {cfg.max_length})")

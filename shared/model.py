@@ -126,9 +126,14 @@ class TextClassifier(nn.Module):
 
 
 def build_classifier(
-    backbone: Backbone, *, num_labels: int, lora_r: int, lora_alpha: int, lora_targets: tuple[str, ...]
+    backbone: Backbone, *, num_labels: int, lora_r: int, lora_alpha: int, lora_targets: tuple[str, ...],
+    lora_layers: int = 0,
 ) -> TextClassifier:
-    """A classifier around the shared frozen backbone; with LoRA, a private copy gets the adapters."""
+    """A classifier around the shared frozen backbone; with LoRA, a private copy gets the adapters.
+
+    ``lora_layers`` k > 0 puts adapters in the top k Transformer layers only (the layers below stay
+    the public backbone, so their outputs can be cached: ``shared.top_layers``); 0: every layer.
+    """
     if num_labels < 2:
         raise ModelError(f"a classifier needs at least 2 labels (got {num_labels})")
     encoder = backbone.model
@@ -143,8 +148,13 @@ def build_classifier(
             if isinstance(module, nn.Dropout):
                 module.p = 0.0  # DP-SGD's noise regularises; dropout would only add variance
         try:
+            depth = base.config.num_hidden_layers
+            if lora_layers > depth:
+                raise ModelError(f"lora-layers={lora_layers}: the backbone has only {depth} layers")
+            layers = {"layers_to_transform": list(range(depth - lora_layers, depth)), "layers_pattern": "layer"} if lora_layers else {}
             encoder = get_peft_model(
-                base, LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=list(lora_targets))
+                base, LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=list(lora_targets),
+                                 **layers)
             )
         except ValueError as exc:
             raise ModelError(f"lora-targets {','.join(lora_targets)}: {exc}") from None

@@ -96,7 +96,8 @@ def membership_audit(run_dir: Path, *, seed: int = 0) -> dict[str, Any]:
         raise DataError(f"{run_dir}: no checkpoint: the run trained no round")
     backbone = load_backbone(config.model)
     classifier = build_classifier(backbone, num_labels=len(config.labels), lora_r=config.lora_r,
-                                  lora_alpha=config.lora_alpha, lora_targets=config.lora_targets)
+                                  lora_alpha=config.lora_alpha, lora_targets=config.lora_targets,
+                                  lora_layers=config.lora_layers)
     arrays, _ = load_checkpoint(checkpoints[-1])
     set_trainable(classifier, [arrays[name] for name in trainable_names(classifier)])
     module = classifier.head if config.head_only else classifier

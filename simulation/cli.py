@@ -52,6 +52,7 @@ def simulate(
     accountant: opt.Accountant = DEFAULTS.accountant,
     model: opt.Model = DEFAULTS.model,
     lora_r: opt.LoraR = DEFAULTS.lora_r,
+    lora_layers: opt.LoraLayers = DEFAULTS.lora_layers,
     no_dp: opt.NoDp = False,
     no_secagg: opt.NoSecagg = False,
     secagg_num_shares: opt.SecaggNumShares = DEFAULTS.secagg_num_shares,
@@ -61,6 +62,7 @@ def simulate(
     seed: Annotated[int, typer.Option(help="Seed for partitioning, splits and initialisation (never for DP noise).")] = DEFAULTS.seed,
     budget: Annotated[list[str] | None, typer.Option(help="NAME=EPSILON: that department's own budget, as its local configuration would set it (repeatable). It trains until one more round would cross it.")] = None,
     policy: Annotated[list[str] | None, typer.Option(help="NAME:KEY=VALUE: a department's site policy (repeatable); keys: max-epsilon-per-round, min-noise-multiplier, require-secagg, min-departments, delta.")] = None,
+    distributed_noise: Annotated[bool, typer.Option("--distributed-noise", help="Stage 1 with distributed noise: every simulated department consents to add only its share, so the SecAgg+ sum carries one release's noise (trusts SecAgg+ and the other departments; each ledger records both epsilons). Needs SecAgg+.")] = False,
     no_declared_scopes: Annotated[bool, typer.Option("--no-declared-scopes", help="Ignore the label scopes CLINC150's domains and the demo corpus declare, as a user's own departments would have none: stage 1 finds each department's labels from noisy counts.")] = False,
     label_scope: Annotated[list[str] | None, typer.Option(help="NAME=LABEL[,LABEL...]: the labels that department declares it holds (repeatable); it trains only their rows of the head, so its noise lands only there. CLINC150 by domain and the demo corpus declare theirs.")] = None,
     min_departments: Annotated[int, typer.Option(help="The run ends when fewer departments than this can still train (budgets spent).")] = DEFAULTS.min_departments,
@@ -85,9 +87,9 @@ def simulate(
             data=data, test_data=test_data, partition=partition, departments=departments, alpha=alpha,
             rounds=rounds, head_init=head_init, local_epochs=local_epochs, batch_size=batch_size, learning_rate=learning_rate,
             max_grad_norm=max_grad_norm, epsilon=epsilon, delta=delta, accountant=accountant, model=model,
-            lora_r=lora_r, dp=not no_dp, secagg=not no_secagg, secagg_num_shares=secagg_num_shares, audit_updates=audit_updates, out=out, seed=seed, feature_cache=feature_cache,
+            lora_r=lora_r, lora_layers=lora_layers, dp=not no_dp, secagg=not no_secagg, secagg_num_shares=secagg_num_shares, audit_updates=audit_updates, out=out, seed=seed, feature_cache=feature_cache,
             policies=opt.department_policies(budget or [], policy or [], label_scope or []), min_departments=min_departments,
-            declared_scopes=not no_declared_scopes,
+            declared_scopes=not no_declared_scopes, distributed_noise=distributed_noise,
         )
         status = simulate_federation(request, console=console)
     if status["state"] != "completed":

@@ -114,6 +114,7 @@ def run(
     accountant: opt.Accountant = DEFAULTS.accountant,
     model: opt.Model = DEFAULTS.model,
     lora_r: opt.LoraR = DEFAULTS.lora_r,
+    lora_layers: opt.LoraLayers = DEFAULTS.lora_layers,
     test_data: opt.TestData = None,
     max_weight: Annotated[int, typer.Option(help="SecAgg+ bound on a department's training records.")] = DEFAULTS.secagg_max_weight,
     no_dp: opt.NoDp = False,
@@ -145,7 +146,7 @@ def run(
         config = RunConfig(
             num_server_rounds=rounds, head_init=head_init, local_epochs=local_epochs, target_epsilon=epsilon, target_delta=delta,
             model=model, batch_size=batch_size, learning_rate=learning_rate, max_grad_norm=max_grad_norm,
-            accountant=accountant, lora_r=lora_r, labels=labels, min_departments=departments, dp=not no_dp,
+            accountant=accountant, lora_r=lora_r, lora_layers=lora_layers, labels=labels, min_departments=departments, dp=not no_dp,
             secagg=not no_secagg, secagg_num_shares=secagg_num_shares, secagg_max_weight=max_weight, transport=transport, run_uid=uuid.uuid4().hex[:12],
             test_data=str(test_data.resolve()) if test_data else "", out_dir="pending",
         )

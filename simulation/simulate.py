@@ -7,6 +7,7 @@ budgets, settings, the model path), so a run never dies halfway for a reason kno
 from __future__ import annotations
 
 import json
+import math
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from rich.console import Console
 
 from client.site_policy import SitePolicy
 from server.report import REPORT_FILE
+from server.secure_aggregation import RECONSTRUCTION_THRESHOLD
 from server.run_record import METRICS_FILE, PLOT_FILE
 from shared.config import DEFAULTS, RunConfig, secagg_neighbourhood
 from shared.errors import ConfigError
@@ -43,6 +45,7 @@ class SimulationRequest:
     accountant: str
     model: str
     lora_r: int
+    lora_layers: int
     dp: bool
     secagg: bool
     secagg_num_shares: int
@@ -53,6 +56,7 @@ class SimulationRequest:
     policies: dict[str, dict[str, Any]]  # department -> its own budget and site policy (client.site_policy)
     min_departments: int
     declared_scopes: bool = True
+    distributed_noise: bool = False
 
 
 def simulate_federation(request: SimulationRequest, *, console: Console) -> dict[str, Any]:
@@ -70,6 +74,13 @@ def simulate_federation(request: SimulationRequest, *, console: Console) -> dict
         declared_scopes=request.declared_scopes,
     )
     partitioned = partition_data(data_plan)
+    policies = dict(request.policies)
+    if request.distributed_noise:
+        # The simulated departments are the user's to speak for: each consents, and trusts at least the
+        # smallest aggregate SecAgg+ can unmask (its reconstruction threshold) to add the other shares.
+        smallest = max(2, math.ceil(RECONSTRUCTION_THRESHOLD * len(partitioned.shares)))
+        for name in partitioned.shares:
+            policies[name] = {"distributed-noise": True, "min-departments": smallest, **policies.get(name, {})}
     val_fraction = DEFAULTS.val_fraction
     # Departments keep a test split of their own only when the server has no test set.
     test_fraction = 0.0 if partitioned.test is not None else DEFAULTS.test_fraction
@@ -78,19 +89,19 @@ def simulate_federation(request: SimulationRequest, *, console: Console) -> dict
     out = new_run_dir(request.out)
     federation = write_federation(
         partitioned, out_dir=out, batch_size=batch_size, delta=request.delta, dp=request.dp,
-        policies=request.policies, **fractions
+        policies=policies, **fractions
     )
     config = RunConfig(
         num_server_rounds=request.rounds, head_init=request.head_init, local_epochs=request.local_epochs, batch_size=batch_size,
         learning_rate=request.learning_rate, max_grad_norm=request.max_grad_norm,
         target_epsilon=request.epsilon, target_delta=request.delta, dp=request.dp, accountant=request.accountant,
         model=str(Path(request.model).expanduser().resolve()) if request.model not in (MINILM, TINY) else request.model,
-        lora_r=request.lora_r, labels=federation.labels,
+        lora_r=request.lora_r, lora_layers=request.lora_layers, labels=federation.labels,
         min_departments=min(request.min_departments, len(federation.departments)),
         val_fraction=val_fraction, test_fraction=test_fraction, seed=request.seed, out_dir=str(out),
         partition_dir=str(federation.partition_dir),
         test_data=str(federation.test_file) if federation.test_file else "",
-        secagg=request.secagg, secagg_num_shares=request.secagg_num_shares, audit_updates=request.audit_updates,
+        secagg=request.secagg, distributed_noise=request.distributed_noise, secagg_num_shares=request.secagg_num_shares, audit_updates=request.audit_updates,
         feature_cache=str(request.feature_cache.expanduser().resolve()) if request.feature_cache else "", run_uid=uuid.uuid4().hex[:12],
         # The tightest SecAgg+ weight bound that fits every department: the finest quantization.
         secagg_max_weight=max(d.train_records for d in federation.departments),

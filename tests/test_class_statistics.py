@@ -16,7 +16,7 @@ from server.class_statistics import federation_sums, nearest_class_mean_head
 from shared import protocol, secagg_masks
 from shared.accounting import epsilon_of
 from shared.config import RunConfig
-from shared.errors import DataError
+from shared.errors import ConfigError, DataError
 from shared.params import get_trainable
 from tests.test_department_client import LABELS, department_file
 
@@ -177,3 +177,50 @@ def test_a_department_whose_ledger_lost_lines_the_server_holds_refuses(tmp_path)
     with pytest.raises(DataError, match="lines were removed"):
         client.fit(start, anchored)
     assert len(PrivacyLedger(tmp_path / "state", department="finance").entries) == 1  # nothing spent
+
+
+def test_distributed_noise_needs_the_departments_consent(tmp_path):
+    client, config = make_department(tmp_path, distributed_noise=True)
+    _, weight, metrics = client.fit(get_trainable(client.classifier), statistics_request(config))
+    assert metrics[protocol.STATUS] == protocol.STATUS_POLICY_REFUSED and weight == 0
+    assert "has not consented" in metrics[protocol.REASON]
+    assert not (tmp_path / "state" / "privacy-ledger.jsonl").exists()  # nothing spent
+
+
+def test_distributed_noise_is_refused_without_secagg():
+    with pytest.raises(ConfigError, match="distributed-noise needs SecAgg"):
+        RunConfig(distributed_noise=True, secagg=False)
+    from client.site_policy import SitePolicy
+
+    with pytest.raises(ConfigError, match="min-departments >= 2"):
+        SitePolicy.from_mapping({"distributed-noise": True}, department="hr", run=RunConfig())
+    policy = SitePolicy.from_mapping({"distributed-noise": True, "min-departments": 4}, department="hr", run=RunConfig())
+    assert policy.noise_shares(requested=True, secagg=False)[1]  # refused on a plain round too
+
+
+def test_a_consenting_department_adds_its_share_and_its_ledger_records_both_epsilons(tmp_path):
+    shared_classifier.cache_clear()
+    prepare.cache_clear()
+    config = RunConfig(model="tiny", labels=LABELS, batch_size=16, target_delta=1e-4, secagg_max_weight=200,
+                       out_dir=str(tmp_path / "out"), target_epsilon=3.0, distributed_noise=True)
+    node = {"department": "finance", "data-path": str(department_file(tmp_path)), "state-dir": str(tmp_path / "state"),
+            "distributed-noise": "true", "min-departments": 4}
+    client = DepartmentClient(config=config, settings=resolve_department(config, node), run_id=7)
+    arrays, _, metrics = client.fit(get_trainable(client.classifier), statistics_request(config) | {protocol.AGGREGATE_SIZE: 4})
+    assert metrics[protocol.STATUS] == protocol.STATUS_TRAINED
+    entry = PrivacyLedger(tmp_path / "state", department="finance").entries[-1]
+    assert entry.mechanism == MECHANISM_CLASS_SUMS and entry.noise_shares == 4  # all rows, no counts
+    assert entry.epsilon == pytest.approx(3.0, abs=0.01)  # against the aggregate of >= 4 departments
+    own = epsilon_of([(entry.noise_multiplier / 2, 1.0, 1)], delta=1e-4, accountant="prv")
+    assert entry.own_epsilon == pytest.approx(own) and own > 2 * entry.epsilon
+    # the noise it added is the 1/sqrt(4) share: compare with the exact sums it would release without noise
+    features, targets = client_features(client, config)
+    exact, _ = class_sums(features, targets, num_labels=len(LABELS))
+    noise = arrays[0].astype(np.float64) * config.statistics_scale - exact.numpy()
+    assert float(noise.std()) == pytest.approx(entry.noise_multiplier / 2, rel=0.35)
+
+
+def client_features(client, config):
+    from client.department import train_features
+
+    return train_features(client.settings, config, prepare(client.settings, config))

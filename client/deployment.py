@@ -11,13 +11,18 @@ declared ``label-scope`` (``client.label_scope``) from the top level.
 
 from __future__ import annotations
 
+import re
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
+from client.approved_code import KIT_KEY as APPROVED_KEY
+from client.approved_code import UnapprovedCode, fab_sha256
 from client.label_scope import SCOPE_KEY
-from client.site_policy import POLICY_KEYS
-from shared.flower_env import check_kit, environment, executable, flwr_home, free_port
+from client.site_policy import POLICY_KEYS, SitePolicy
+from shared.config import RunConfig
+from shared.flower_env import check_kit, environment, flwr_home, free_port
 from shared.data import load_records
 from shared.errors import ConfigError
 
@@ -55,6 +60,8 @@ def supernode_command(
     unknown = sorted(set(policy) - set(POLICY_KEYS))
     if unknown:
         raise ConfigError(f"{kit / 'department.toml'}: unknown [policy] keys {unknown}; known: {', '.join(POLICY_KEYS)}")
+    # A mistaken budget or policy (NaN, a negative epsilon) is refused now, not at the first round.
+    SitePolicy.from_mapping(policy, department=name, run=RunConfig(target_epsilon=1e9, target_delta=0.5))
     for key, value in policy.items():
         node_config += f" {key}={str(value).lower() if isinstance(value, bool) else value}"
     if SCOPE_KEY in settings:
@@ -62,7 +69,13 @@ def supernode_command(
         labels = scope if isinstance(scope, list) else str(scope).split(",")
         node_config += f' {SCOPE_KEY}="{",".join(str(label).strip() for label in labels)}"'
     address = superlink or settings["superlink"]
-    command = [executable("flower-supernode"), "--superlink", address, "--node-config", node_config,
+    approved = settings.get(APPROVED_KEY, [])
+    if not isinstance(approved, list) or not approved or not all(isinstance(h, str) and len(h) == 64 for h in approved):
+        raise ConfigError(f"{kit / 'department.toml'}: '{APPROVED_KEY}' must list the SHA-256 of the app code (FAB) "
+                          "this department approved; `fedpriv department approve --kit KIT --app DIR` adds one")
+    pin = [arg for digest in approved for arg in ("--approved-fab-sha256", digest)]
+    # Not flower-supernode itself: the same SuperNode, started so that it runs only approved FABs.
+    command = [sys.executable, "-m", "client.approved_code", *pin, "--superlink", address, "--node-config", node_config,
                "--port", str(free_port()), "--max-retries", str(MAX_RETRIES), "--max-wait-time", str(MAX_WAIT_S)]
     if insecure:
         command.append("--insecure")
@@ -80,3 +93,26 @@ def start_department(
     out = log.open("a") if log else None
     return subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT if out else None,
                             start_new_session=True)
+
+
+def approve(kit: Path, *, app: Path | None, sha256: str | None) -> str:
+    """Add the FAB of ``app`` (or a given SHA-256) to the kit's approved app code; return the hash."""
+    settings = read_kit(kit, insecure=True)
+    if (app is None) == (sha256 is None):
+        raise ConfigError("give exactly one of --app DIR (the reviewed code) or --sha256 HASH", source="approve")
+    digest = fab_sha256(app) if app is not None else str(sha256).lower()
+    if not re.fullmatch(r"[0-9a-f]{64}", digest):
+        raise UnapprovedCode(f"--sha256 {sha256}: not a SHA-256 (64 hex digits)")
+    approved = list(settings.get(APPROVED_KEY, []))
+    if digest not in approved:
+        approved.append(digest)
+    path = kit / "department.toml"
+    line = f"{APPROVED_KEY} = [{', '.join(chr(34) + h + chr(34) for h in approved)}]"
+    text = path.read_text()
+    pattern = re.compile(rf"^{re.escape(APPROVED_KEY)}\s*=.*$", re.MULTILINE)
+    if pattern.search(text):
+        text = pattern.sub(line, text, count=1)
+    else:  # top-level keys come before any [table]
+        text = re.sub(r"^(superlink\s*=.*)$", lambda m: m.group(1) + "\n" + line, text, count=1, flags=re.MULTILINE)
+    path.write_text(text)
+    return digest

@@ -103,7 +103,9 @@ def validate_names(departments: Sequence[str], hosts: Sequence[str]) -> None:
         raise ConfigError(problems, source="provisioning request")
 
 
-def provision(out: Path, *, departments: Sequence[str], hosts: Sequence[str], superlink: str) -> Provisioned:
+def provision(
+    out: Path, *, departments: Sequence[str], hosts: Sequence[str], superlink: str, approved_fab_sha256: str,
+) -> Provisioned:
     validate_names(departments, hosts)
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"--out {out} already holds files; provisioning never overwrites keys")
@@ -136,6 +138,8 @@ def provision(out: Path, *, departments: Sequence[str], hosts: Sequence[str], su
         (kit / "department.toml").write_text(
             f'# fedpriv department kit: give this folder to {name} only.\n'
             f'department = "{name}"\nsuperlink = "{superlink}"\n'
+            f'# the app code (FAB sha256) this department runs; any other stops its SuperNode (README, Approved code)\n'
+            f'approved-fab-sha256 = ["{approved_fab_sha256}"]\n'
             f'# data = "/path/to/{name}.csv"     # or: fedpriv department start --data FILE\n'
             f'# epsilon = 8.0                  # this department\'s own budget (the run\'s applies when lower)\n'
             f'# label-scope = ["refund", "invoice"]  # the labels its records may carry; it trains only those\n'

@@ -47,12 +47,15 @@ def provision(
     hosts: Annotated[str, typer.Option(help="Comma-separated host names / IPs of the SuperLink (certificate SANs).")] = "localhost,127.0.0.1",
     superlink: Annotated[str, typer.Option(help="Address departments connect to (host:port).")] = "127.0.0.1:9093",
 ) -> None:
-    """Create a CA, the server certificate and per-department key pairs and kits."""
+    """Create a CA, the server certificate and per-department key pairs and kits (pinning this checkout's app code)."""
+    from client.approved_code import fab_sha256
+    from simulation.launcher import app_dir
+
     from server.provisioning import provision as run_provision
 
     names = [d.strip() for d in departments.split(",") if d.strip()]
     result = run_provision(out.resolve(), departments=names, hosts=[h.strip() for h in hosts.split(",") if h.strip()],
-                           superlink=superlink)
+                           superlink=superlink, approved_fab_sha256=fab_sha256(app_dir()))
     console.print(f"server kit: {result.server_kit}")
     for name, kit in result.department_kits.items():
         console.print(f"department kit {name}: {kit}  (give to {name} only; its node.key never leaves it)")
@@ -76,6 +79,20 @@ def server_start(
     process = start_superlink(kit.resolve(), host=host, port=port, insecure=insecure, log=log)
     console.print(f"SuperLink up on {host}:{port} ({'INSECURE' if insecure else 'TLS, node authentication'}); log: {log}")
     _serve_until_interrupted(process, "the SuperLink")
+
+
+@department_app.command("approve")
+@friendly
+def department_approve(
+    kit: Annotated[Path, typer.Option(help="This department's kit.")],
+    app: Annotated[Path | None, typer.Option(help="The app folder (reviewed code) whose FAB to approve.")] = None,
+    sha256: Annotated[str | None, typer.Option(help="Or the FAB's SHA-256, as `flwr build` prints it.")] = None,
+) -> None:
+    """Approve a version of the app code: this department's SuperNode runs only approved FABs."""
+    from client.deployment import approve
+
+    digest = approve(kit.resolve(), app=app, sha256=sha256)
+    console.print(f"approved app code {digest} in {kit / 'department.toml'}; restart the department's SuperNode")
 
 
 @department_app.command("start")

@@ -14,12 +14,14 @@ from server.provisioning import provision
 from shared.errors import ConfigError
 
 DEPARTMENTS = ["finance", "hr", "it"]
+APPROVED = "ab" * 32
 
 
 @pytest.fixture(scope="module")
 def kits(tmp_path_factory):
     return provision(tmp_path_factory.mktemp("kits") / "out", departments=DEPARTMENTS,
-                     hosts=["fl.example.com", "127.0.0.1"], superlink="fl.example.com:9093")
+                     hosts=["fl.example.com", "127.0.0.1"], superlink="fl.example.com:9093",
+                     approved_fab_sha256=APPROVED)
 
 
 def load_cert(path):
@@ -63,11 +65,11 @@ def test_private_keys_are_0600(kits):
 
 def test_bad_requests_are_refused(tmp_path, kits):
     with pytest.raises(ConfigError) as info:
-        provision(tmp_path / "x", departments=["Finance Dept", "hr", "hr"], hosts=[], superlink="h:1")
+        provision(tmp_path / "x", departments=["Finance Dept", "hr", "hr"], hosts=[], superlink="h:1", approved_fab_sha256=APPROVED)
     message = str(info.value)
     assert "'Finance Dept'" in message and "repeat" in message and "--hosts" in message
     with pytest.raises(ConfigError, match="never overwrites keys"):
-        provision(kits.root, departments=["ops"], hosts=["h"], superlink="h:1")
+        provision(kits.root, departments=["ops"], hosts=["h"], superlink="h:1", approved_fab_sha256=APPROVED)
 
 
 def test_department_start_names_a_missing_kit_file(tmp_path, kits):
@@ -118,7 +120,8 @@ def test_server_start_refuses_a_mismatched_or_expired_certificate(tmp_path, host
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    kits = provision(tmp_path / "kits", departments=["hr"], hosts=["localhost"], superlink=f"localhost:{port}")
+    kits = provision(tmp_path / "kits", departments=["hr"], hosts=["localhost"], superlink=f"localhost:{port}",
+                     approved_fab_sha256=APPROVED)
     _reissue_server_certificate(kits, hosts=hosts, days_valid=days)
     with pytest.raises(FedprivError, match=reason):
         start_superlink(kits.server_kit, host="127.0.0.1", port=port, insecure=False, log=tmp_path / "superlink.log")
@@ -136,7 +139,8 @@ def test_a_kits_budget_policy_and_label_scope_reach_the_department(tmp_path, kit
     for name in ("ca.crt", "node.key"):
         (kit / name).write_bytes((kits.department_kits["hr"] / name).read_bytes())
     (kit / "department.toml").write_text(
-        'department = "hr"\nsuperlink = "fl.example.com:9093"\nepsilon = 4.0\nlabel-scope = ["leave", "payroll"]\n'
+        f'department = "hr"\nsuperlink = "fl.example.com:9093"\nepsilon = 4.0\nlabel-scope = ["leave", "payroll"]\n'
+        f'approved-fab-sha256 = ["{APPROVED}"]\n'
         "[policy]\nrequire-secagg = true\n")
     data = tmp_path / "hr.csv"
     data.write_text("text,label\nmy leave request,leave\n")
@@ -145,3 +149,64 @@ def test_a_kits_budget_policy_and_label_scope_reach_the_department(tmp_path, kit
     settings = resolve_department(RunConfig(labels=("leave", "payroll", "vpn")), node_config)
     assert settings.name == "hr" and settings.label_scope == ("leave", "payroll")
     assert settings.policy.budget == 4.0 and settings.policy.require_secagg is True
+
+
+def test_a_department_runs_only_the_app_code_it_approved(tmp_path, kits):
+    from types import SimpleNamespace
+
+    from client.approved_code import UnapprovedCode, approved_only, fab_sha256, install
+    from client.deployment import approve, supernode_command
+    from simulation.launcher import app_dir
+
+    # the kit pins a hash, and the SuperNode is started through the pin
+    data = tmp_path / "hr.csv"
+    data.write_text("text,label\nmy leave request,leave\n")
+    command, _ = supernode_command(kits.department_kits["hr"], data=data, superlink=None, state_dir=tmp_path / "s",
+                                   insecure=False, epsilon=None)
+    assert command[1:3] == ["-m", "client.approved_code"] and command[command.index("--approved-fab-sha256") + 1] == APPROVED
+
+    # the attack: the server ships modified client code; its FAB hash differs, the SuperNode refuses it
+    genuine, modified = b"fab of the reviewed code", b"fab with a client/site_policy.py that ignores budgets"
+    fabs = {"genuine": SimpleNamespace(content=genuine), "modified": SimpleNamespace(content=modified)}
+    import hashlib
+
+    fetch = approved_only(lambda name, run_id: fabs[name], {hashlib.sha256(genuine).hexdigest()})
+    assert fetch("genuine", 1) is fabs["genuine"]
+    with pytest.raises(UnapprovedCode, match="has not approved"):
+        fetch("modified", 2)
+
+    # the wrapper is what Flower's SuperNode loop calls
+    from flwr.supernode import start_client_internal
+
+    original = start_client_internal._pull_and_store_message
+    try:
+        install({"a" * 64})
+        assert start_client_internal._pull_and_store_message is not original
+    finally:
+        start_client_internal._pull_and_store_message = original
+    with pytest.raises(UnapprovedCode, match="no approved app code"):
+        install(set())
+
+    # approving a new version adds its hash (the FAB `flwr run .` would build from the reviewed folder)
+    kit = tmp_path / "kit"
+    kit.mkdir()
+    (kit / "department.toml").write_text('department = "hr"\nsuperlink = "h:1"\n[policy]\nrequire-secagg = true\n')
+    digest = approve(kit, app=app_dir(), sha256=None)
+    assert digest == fab_sha256(app_dir()) and f'approved-fab-sha256 = ["{digest}"]' in (kit / "department.toml").read_text()
+    import tomllib
+
+    assert tomllib.loads((kit / "department.toml").read_text())["policy"] == {"require-secagg": True}
+    (kit / "department.toml").write_text('department = "hr"\nsuperlink = "h:1"\n')
+    with pytest.raises(ConfigError, match="approved-fab-sha256"):
+        supernode_command(kit, data=data, superlink=None, state_dir=tmp_path / "s2", insecure=True, epsilon=None)
+
+
+@pytest.mark.parametrize("epsilon", [-1.0, float("nan")])
+def test_department_start_refuses_a_bad_budget_at_once(tmp_path, kits, epsilon):
+    from client.deployment import supernode_command
+
+    data = tmp_path / "hr.csv"
+    data.write_text("text,label\nmy leave request,leave\n")
+    with pytest.raises(ConfigError, match="epsilon"):
+        supernode_command(kits.department_kits["hr"], data=data, superlink=None, state_dir=tmp_path / "s",
+                          insecure=False, epsilon=epsilon)

@@ -36,6 +36,7 @@ from shared.evaluation import evaluate_module
 from shared.features import cached_features, labelled_dataset
 from shared.model import TextClassifier, build_classifier, load_backbone, trainable_names
 from shared.params import get_trainable, set_trainable
+from shared.reply_signature import reply_message, sign
 from shared.top_layers import CachedTopLayers, top_layer_dataset
 
 
@@ -138,7 +139,17 @@ class DepartmentClient(NumPyClient):
         return self.config.run_uid or str(self.run_id)
 
     def fit(self, parameters: list[np.ndarray], config: dict) -> tuple[list[np.ndarray], int, dict]:
-        """Train one round; return the update as a delta from the received parameters."""
+        """One round's release (class statistics or a DP-SGD delta), signed in deployment."""
+        arrays, weight, metrics = self._fit(parameters, config)
+        if self.settings.signing_key is not None:
+            message = reply_message(
+                run=self.run, server_round=int(config.get(protocol.SERVER_ROUND, 0)), department=self.settings.name,
+                status=str(metrics.get(protocol.STATUS)), ledger=str(metrics.get(protocol.LEDGER_ENTRY, "")),
+            )
+            metrics = metrics | {protocol.SIGNATURE: sign(message, private_key=self.settings.signing_key)}
+        return arrays, weight, metrics
+
+    def _fit(self, parameters: list[np.ndarray], config: dict) -> tuple[list[np.ndarray], int, dict]:
         self._check_request(config)
         server_round = int(config.get(protocol.SERVER_ROUND, 0))
         key = request_key(run=self.run, server_round=server_round, parameters=parameters)

@@ -35,6 +35,7 @@ class DepartmentSettings:
     policy: SitePolicy
     label_scope: tuple[str, ...] | None = None  # the labels it declares (client.label_scope); None: all
     shared_feature_cache: Path | None = None  # simulation's --feature-cache; else its own state folder
+    signing_key: Path | None = None  # deployment: the kit's private key, which signs every reply
 
     @property
     def feature_cache(self) -> Path:
@@ -84,7 +85,8 @@ def resolve_department(config: RunConfig, node_config: Mapping[str, Any]) -> Dep
     scope = parse_label_scope(own_policy.get(SCOPE_KEY), department=name, labels=config.labels)
     # Only a simulation shares a cache: a deployed department's paths are its own, never the server's to set.
     shared_cache = Path(config.feature_cache) if config.feature_cache and "department" not in node_config else None
-    return DepartmentSettings(name, data_path, state_dir, policy, scope, shared_cache)
+    signing_key = Path(str(node_config["signing-key"])) if node_config.get("signing-key") else None
+    return DepartmentSettings(name, data_path, state_dir, policy, scope, shared_cache, signing_key)
 
 
 def load_department(settings: DepartmentSettings, config: RunConfig, *, min_train: int | None = None) -> DepartmentData:

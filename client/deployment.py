@@ -52,6 +52,8 @@ def supernode_command(
     state = (state_dir or kit / "state").resolve()
     state.mkdir(parents=True, exist_ok=True)
     node_config = f'department="{name}" data-path="{data.resolve()}" state-dir="{state}"'
+    if not insecure:  # the ClientApp signs every reply with the kit's key (shared.reply_signature)
+        node_config += f' signing-key="{(kit / "node.key").resolve()}"'
     policy = dict(settings.get("policy", {}))
     if "epsilon" in settings:
         policy.setdefault("epsilon", settings["epsilon"])

@@ -40,6 +40,7 @@ from server.run_record import RunRecorder, ledger_indexes
 from shared import protocol, secagg_masks
 from shared.checkpoint import save_checkpoint
 from shared.config import RunConfig
+from shared.reply_signature import reply_message, verify
 
 EvaluateFn = Callable[[int, list, dict[str, Scalar]], tuple[float, dict[str, Scalar]] | None]
 
@@ -165,6 +166,17 @@ class FedprivStrategy(FedAvg):
             if m.get(protocol.STATUS) == protocol.STATUS_TRAINED and res.num_examples > 0:
                 trained.append((proxy, res))
         failure_notes = [_describe_failure(f) for f in failures]
+        impostors = self._impostors(results, server_round)
+        if impostors and self.run_config.secagg:  # their releases are inside the masked sum: none of it is used
+            self.pending_round = None
+            self.recorder.record_fit(server_round, departments=departments, train_loss=None)
+            self.recorder.record_failures(server_round, failure_notes + impostors + [
+                "rejected aggregate: it holds replies not signed by their department's key; the global model is unchanged"])
+            self.recorder.record_aggregate_check(server_round, passed=False)
+            return None, {}
+        if impostors:
+            failure_notes += impostors
+            trained = [(p, r) for p, r in trained if self._signed(r, server_round)]
         if not self.run_config.secagg:  # each update is visible: leave out the ones no honest department sends
             trained, refused = check_updates(trained, departments=departments, config=self.run_config)
             failure_notes += refused
@@ -209,6 +221,23 @@ class FedprivStrategy(FedAvg):
             )
             return parameters, metrics
         return None, metrics
+
+    def _signed(self, res: FitRes, server_round: int) -> bool:
+        keys = json.loads(self.run_config.department_keys)
+        name = str(res.metrics.get(protocol.DEPARTMENT, ""))
+        message = reply_message(
+            run=self.run_config.run_uid or str(self.recorder.run_id), server_round=server_round, department=name,
+            status=str(res.metrics.get(protocol.STATUS)), ledger=str(res.metrics.get(protocol.LEDGER_ENTRY, "")),
+        )
+        signature = res.metrics.get(protocol.SIGNATURE)
+        return name in keys and isinstance(signature, str) and verify(message, signature, public_key=keys[name])
+
+    def _impostors(self, results: list[tuple[ClientProxy, FitRes]], server_round: int) -> list[str]:
+        """Deployment: a note for every reply whose name is not its signer's (refused, and logged)."""
+        if not self.run_config.department_keys:
+            return []
+        return [f"node {proxy.cid}: reply as department {res.metrics.get(protocol.DEPARTMENT)!r} is not signed by that "
+                "department's provisioned key: refused" for proxy, res in results if not self._signed(res, server_round)]
 
     def _aggregate_bound(self, trained: list[tuple[ClientProxy, FitRes]]) -> float:
         """The largest magnitude an average of honest updates can reach.

@@ -75,6 +75,9 @@ class RunConfig:
     audit_updates: bool = False  # save raw deltas (department side) and masked inputs (server side)
     partition_dir: str = ""  # simulation only: folder with manifest.json and department files
     test_data: str = ""  # CSV/JSONL for server-side evaluation; empty: federated evaluation
+    # deployment: JSON {department: OpenSSH public key} from provisioning; replies must be signed by
+    # their department's key (shared.reply_signature). Empty: names are not checked (simulation)
+    department_keys: str = ""
     feature_cache: str = ""  # simulation only: one embedding cache for all departments and the server; empty: per folder
 
     def __post_init__(self) -> None:

@@ -41,6 +41,7 @@ RELEASED_LABELS = "released-labels"  # stage 1: how many labels' sums a departme
 NOISE_MULTIPLIER = "noise-multiplier"
 DP_ENABLED = "dp"
 STEPS = "steps"
+SIGNATURE = "signature"  # deployment: the department's signature of its reply (shared.reply_signature)
 ACCURACY = "accuracy"
 EVALUATION_WITHHELD = "evaluation-withheld"  # under DP a department sends no evaluation numbers
 REASON = "reason"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import signal
 import time
 import uuid
@@ -165,6 +166,9 @@ def run(
             model=model, batch_size=batch_size, learning_rate=learning_rate, max_grad_norm=max_grad_norm,
             accountant=accountant, lora_r=lora_r, lora_layers=lora_layers, labels=labels, min_departments=departments, dp=not no_dp,
             secagg=not no_secagg, secagg_num_shares=secagg_num_shares, secagg_max_weight=max_weight, transport=transport, run_uid=uuid.uuid4().hex[:12],
+            # the provisioned key of every department: each reply must be signed by its department's
+            department_keys=json.dumps(json.loads((kit / "departments.json").read_text())["departments"])
+            if transport == "tls+node-auth" else "",
             test_data=str(test_data.resolve()) if test_data else "", out_dir="pending",
         )
         run_dir = new_run_dir(out)  # only once every setting has been validated above

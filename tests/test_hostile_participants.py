@@ -138,3 +138,41 @@ def test_a_department_writes_its_state_for_its_user_only(tmp_path):
     assert any(p.name.startswith("features-") for p in written) and any(p.suffix == ".jsonl" for p in written)
     for path in [client.settings.state_dir, *written]:
         assert path.stat().st_mode & 0o077 == 0, path  # embeddings of private records, the ledger, updates
+
+
+def signed_reply(tmp_path, *, key_of: str, claims: str, status: str = protocol.STATUS_TRAINED):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from shared.reply_signature import reply_message, sign
+
+    keys = {}
+    for name in ("hr", "it"):
+        private = ec.generate_private_key(ec.SECP384R1())
+        (tmp_path / f"{name}.key").write_bytes(private.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
+        keys[name] = private.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                       serialization.PublicFormat.OpenSSH).decode()
+    proxy, res = reply(claims, honest(0.1), 100)
+    message = reply_message(run="run-1", server_round=1, department=claims, status=status, ledger="")
+    res.metrics[protocol.SIGNATURE] = sign(message, private_key=tmp_path / f"{key_of}.key")
+    return keys, (proxy, res)
+
+
+@pytest.mark.parametrize("secagg", [False, True])
+def test_a_node_with_one_departments_key_cannot_reply_as_another(tmp_path, secagg):
+    import json
+
+    keys, impostor = signed_reply(tmp_path, key_of="it", claims="hr")
+    fed = strategy(tmp_path, secagg=secagg, dp=True, head_init="zeros", num_server_rounds=2, run_uid="run-1",
+                   department_keys=json.dumps(keys))
+    parameters, _ = fed.aggregate_fit(1, [impostor], [])
+    assert parameters is None  # nothing of the impostor's reached the model
+    assert any("'hr' is not signed by that department's provisioned key" in n for n in fed.recorder.rounds[1]["failures"])
+
+    (tmp_path / "g").mkdir()
+    keys, honest_reply = signed_reply(tmp_path / "g", key_of="hr", claims="hr")
+    fed = strategy(tmp_path / "g", secagg=secagg, dp=True, head_init="zeros", num_server_rounds=2, run_uid="run-1",
+                   department_keys=json.dumps(keys))
+    parameters, _ = fed.aggregate_fit(1, [honest_reply], [])
+    assert parameters is not None and fed.recorder.rounds[1]["aggregate_check"] == "passed"

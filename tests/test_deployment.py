@@ -85,7 +85,10 @@ def test_tls_authenticated_federation_and_refusals(tmp_path, processes):
     assert metrics["transport"] == "tls+node-auth"
     assert "on (gRPC over TLS)" in (tmp_path / "run" / "report.html").read_text()
     for name in DEPARTMENTS:  # each department's ledger lives in its own kit's state folder
-        assert len((kits / name / "state" / "privacy-ledger.jsonl").read_text().splitlines()) == 2
+        lines = [json.loads(line) for line in (kits / name / "state" / "privacy-ledger.jsonl").read_text().splitlines()]
+        assert [e["mechanism"] for e in lines] == ["class-counts", "class-sums", "dp-sgd"]  # stage 1, then one DP-SGD round
+    # every reply was signed by its department's kit key and verified: no round was refused for its names
+    assert not any("not signed" in f for r in metrics["rounds"] for f in r["failures"])
 
     # A second run, stopped (SIGTERM) after its first round and resumed by the deployed server. Its
     # epsilon is 16: the departments already spent 8 on these records, and they compose both runs.
@@ -107,9 +110,9 @@ def test_tls_authenticated_federation_and_refusals(tmp_path, processes):
     assert f"after round {completed_before}" in resumed.stdout
     metrics = json.loads((second / "metrics.json").read_text())
     assert [r["round"] for r in metrics["rounds"]] == [1, 2, 3]
-    for name in DEPARTMENTS:  # 2 + 3 rounds, none trained (or paid for) twice, and within the new budget
+    for name in DEPARTMENTS:  # 3 + 4 mechanisms, none released (or paid for) twice, and within the new budget
         lines = [json.loads(line) for line in (kits / name / "state" / "privacy-ledger.jsonl").read_text().splitlines()]
-        assert len(lines) == 5 and len({(e["run"], e["round"]) for e in lines}) == 5
+        assert len(lines) == 7 and len({(e["run"], e["round"], e["mechanism"]) for e in lines}) == 7
         assert 8.0 < lines[-1]["epsilon"] <= 16.0
 
     # A kit from another provisioning: its key is unregistered, and (as is) its CA is wrong too.

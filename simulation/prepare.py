@@ -75,6 +75,8 @@ def _partition(plan: DataPlan, pool: list[Record], domains: dict | None) -> dict
     scheme = _scheme(plan, domains)
     if scheme not in partition.PARTITIONS:
         raise ConfigError(f"--partition must be one of {', '.join(partition.PARTITIONS)} (got {scheme!r})")
+    if plan.departments is not None and plan.departments < 1:
+        raise ConfigError(f"--departments must be >= 1 (got {plan.departments})")
     if scheme in ("column", "domain") and plan.departments is not None:
         raise ConfigError(f"--departments applies to dirichlet and iid; --partition {scheme} decides the departments itself")
     if scheme == "column":

@@ -176,3 +176,10 @@ def test_a_node_with_one_departments_key_cannot_reply_as_another(tmp_path, secag
                    department_keys=json.dumps(keys))
     parameters, _ = fed.aggregate_fit(1, [honest_reply], [])
     assert parameters is not None and fed.recorder.rounds[1]["aggregate_check"] == "passed"
+
+
+def test_zero_departments_is_refused_not_read_as_the_default():
+    from simulation.prepare import DataPlan, partition_data
+
+    with pytest.raises(ConfigError, match="--departments must be >= 1"):
+        partition_data(DataPlan(data=None, test_data=None, partition="iid", departments=0, alpha=0.5, seed=0))

@@ -47,6 +47,7 @@ EPSILONS = (1.0, 3.0, 8.0, None)
 FULL = BenchPlan(
     tuple(("stage 1", partition, epsilon) for partition in ("domain", "domain-no-scopes", "dirichlet-0.5")
           for epsilon in EPSILONS)
+    + tuple(("stage 1, distributed noise", "dirichlet-0.5", epsilon) for epsilon in (1.0, 3.0, 8.0))
     + (("stage 1 + 2", "domain", 8.0), ("stage 1 + 2", "domain-no-scopes", 8.0), ("stage 1 + 2", "domain", None),
        ("head DP-SGD (old)", "domain", 8.0), ("head DP-SGD (old)", "dirichlet-0.5", 8.0)),
     7, 256, (5, 10), 5, 2, (10, 50, 100), 100, (0, 21), True)

@@ -8,6 +8,7 @@ baselines on the pooled records. Table 5 runs `fedpriv audit` on the by-domain r
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -35,8 +36,8 @@ def accuracy_runs(*, data: Path, out: Path, plan: list[tuple[str, str, float | N
     results = []
     for design, partition, epsilon in plan:
         privacy = ["--no-dp"] if epsilon is None else ["--epsilon", str(epsilon)]
-        name = f"{design.replace(' ', '').replace('(', '-').replace(')', '')}-{partition}-" \
-               f"{'no-dp' if epsilon is None else f'eps{epsilon:g}'}"
+        slug = re.sub(r"[^a-z0-9]+", "-", design.lower()).strip("-")
+        name = f"{slug}-{partition}-{'no-dp' if epsilon is None else f'eps{epsilon:g}'}"
         design_args = list(DESIGNS[design])
         if rounds is not None and "--rounds" in design_args:  # --quick: fewer rounds
             design_args[design_args.index("--rounds") + 1] = str(rounds)

@@ -72,9 +72,16 @@ def flwr_home(folder: Path, address: str, *, ca: Path | None) -> Path:
     return home
 
 
+# The SuperExec polls for a run's tasks every FLWR_SUPEREXEC_TASK_POLL_INTERVAL seconds (Flower's
+# default 1.0; 0.01-60 allowed): each deployed round passes through it several times (SecAgg+ has four
+# message stages), so fedpriv's processes poll at 0.1 s unless the user set it.
+SUPEREXEC_POLL_INTERVAL_S = "0.1"
+
+
 def environment(home: Path) -> dict[str, str]:
-    """This process's environment with the offline switches and the given FLWR_HOME."""
+    """This process's environment with the offline switches, a shorter SuperExec poll and the given FLWR_HOME."""
     env = dict(apply_offline_defaults(dict(os.environ)))
+    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", SUPEREXEC_POLL_INTERVAL_S)
     env["FLWR_HOME"] = str(home)
     return env
 

@@ -45,6 +45,7 @@ def test_simulate_tiny_three_departments_two_rounds(tmp_path):
     out = tmp_path / "run"
     result = fedpriv("simulate", "--data", str(data), "--test-data", str(test), "--model", "tiny", "--rounds", "2",
                      "--batch-size", "16", "--learning-rate", "2.0", "--epsilon", "8", "--delta", "1e-3",
+                     "--lora-r", "4", "--lora-layers", "1",  # stage 2: LoRA in the top layer, on cached states
                      "--no-secagg", "--out", str(out))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "round   2/2" in result.stdout

@@ -44,7 +44,10 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
 def _summary(metrics: dict[str, Any], status: dict[str, Any]) -> str:
     tls, auth = TRANSPORT_WORDS.get(metrics.get("transport", "simulation"), ("?", "?"))
     config = metrics.get("config", {})
-    dp = (f"DP-SGD, run epsilon {config.get('target-epsilon')}, delta {config.get('target-delta')}, "
+    statistics, rounds = config.get("head-init") == "class-statistics", int(config.get("num-server-rounds", 1))
+    mechanisms = ", then DP-SGD" if statistics and rounds > 1 else "" if statistics else "DP-SGD"
+    mechanisms = ("Gaussian class statistics" if statistics else "") + mechanisms
+    dp = (f"{mechanisms}, run epsilon {config.get('target-epsilon')}, delta {config.get('target-delta')}, "
           f"{config.get('accountant')} accountant" if metrics.get("dp")
           else "<span class='bad'>NO differential privacy (--no-dp): no privacy guarantee holds</span>")
     rows = [

@@ -131,6 +131,17 @@ def _run(console: Console, config: RunConfig, *, num_departments: int) -> dict[s
     return status
 
 
+def privacy_mechanisms(config: RunConfig) -> str:
+    """The DP mechanisms of a run, in the order its rounds use them."""
+    stages = []
+    if config.statistics_round:
+        noise = "distributed noise" if config.distributed_noise else "local noise"
+        stages.append(f"round 1 Gaussian class statistics ({noise})")
+    if config.dp_sgd_rounds:
+        stages.append(f"{config.dp_sgd_rounds} round(s) of DP-SGD")
+    return ", then ".join(stages)
+
+
 def _print_header(console: Console, federation: Federation, config: RunConfig) -> None:
     console.print(f"[bold]fedpriv simulate[/]: {federation.description}")
     console.print(
@@ -140,7 +151,7 @@ def _print_header(console: Console, federation: Federation, config: RunConfig) -
     )
     if config.dp:
         console.print(
-            f"Differential privacy: DP-SGD, each department's budget epsilon={config.target_epsilon}, "
+            f"Differential privacy: {privacy_mechanisms(config)}, each department's budget epsilon={config.target_epsilon}, "
             f"delta={config.target_delta} over the whole run ({config.accountant} accountant)"
         )
     else:
@@ -197,7 +208,7 @@ def print_summary(console: Console, out: Path, status: dict[str, Any]) -> None:
     if metrics.get("final_accuracy") is not None:
         console.print(f"final accuracy {metrics['final_accuracy']:.4f} ({metrics['final_accuracy_source']})")
     protections = [
-        "DP-SGD" if metrics.get("dp") else "NO DP",
+        "DP" if metrics.get("dp") else "NO DP",
         "SecAgg+" if metrics.get("secure_aggregation") else "no SecAgg+",
         {"simulation": "in-process simulation", "tls+node-auth": "TLS + node authentication"}.get(
             metrics.get("transport"), "NO TLS, no node authentication"),

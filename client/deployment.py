@@ -12,6 +12,8 @@ declared ``label-scope`` (``client.label_scope``) from the top level.
 from __future__ import annotations
 
 import re
+import socket
+import ssl
 import subprocess
 import sys
 import tomllib
@@ -50,7 +52,6 @@ def supernode_command(
     name = settings["department"]
     load_records(data)  # a broken data file is reported here, before the node joins
     state = (state_dir or kit / "state").resolve()
-    state.mkdir(parents=True, exist_ok=True)
     node_config = f'department="{name}" data-path="{data.resolve()}" state-dir="{state}"'
     if not insecure:  # the ClientApp signs every reply with the kit's key (shared.reply_signature)
         node_config += f' signing-key="{(kit / "node.key").resolve()}"'
@@ -71,10 +72,14 @@ def supernode_command(
         labels = scope if isinstance(scope, list) else str(scope).split(",")
         node_config += f' {SCOPE_KEY}="{",".join(str(label).strip() for label in labels)}"'
     address = superlink or settings["superlink"]
+    if insecure and speaks_tls(address):
+        raise ConfigError(f"--insecure: the SuperLink at {address} speaks TLS, so a plain connection cannot reach it "
+                          "(Flower would only say 'Failed to initialize the connection'); start without --insecure")
     approved = settings.get(APPROVED_KEY, [])
     if not isinstance(approved, list) or not approved or not all(isinstance(h, str) and len(h) == 64 for h in approved):
         raise ConfigError(f"{kit / 'department.toml'}: '{APPROVED_KEY}' must list the SHA-256 of the app code (FAB) "
                           "this department approved; `fedpriv department approve --kit KIT --app DIR` adds one")
+    state.mkdir(parents=True, exist_ok=True)  # only once every setting has been validated
     pin = [arg for digest in approved for arg in ("--approved-fab-sha256", digest)]
     # Not flower-supernode itself: the same SuperNode, started so that it runs only approved FABs.
     command = [sys.executable, "-m", "client.approved_code", *pin, "--superlink", address, "--node-config", node_config,
@@ -84,6 +89,21 @@ def supernode_command(
     else:
         command += ["--root-certificates", str(kit / "ca.crt"), "--auth-supernode-private-key", str(kit / "node.key")]
     return command, environment(flwr_home(kit, address, ca=None if insecure else kit / "ca.crt"))
+
+
+def speaks_tls(address: str, *, timeout_s: float = 5.0) -> bool:
+    """Whether a TLS handshake with ``address`` (host:port) succeeds; False when nothing answers."""
+    host, _, port = address.rpartition(":")
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # only the protocol is probed here; Flower verifies the certificate
+    context.set_alpn_protocols(["h2"])
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s) as raw:
+            with context.wrap_socket(raw, server_hostname=host.strip("[]") or None):
+                return True
+    except (OSError, ValueError):  # ssl.SSLError is an OSError: a plain server, or none
+        return False
 
 
 def start_department(

@@ -36,8 +36,9 @@ def _serve_until_interrupted(process, what: str) -> None:
     if process.returncode not in (0, -signal.SIGTERM, None):
         err_console.print(
             f"[bold red]error:[/] {what} stopped with exit code {process.returncode}. If the log above shows "
-            "CERTIFICATE_VERIFY_FAILED, this kit's ca.crt is not the SuperLink's CA; [code: 2004] means this node's "
-            "key is not registered at the SuperLink (the server log names the key)."
+            "CERTIFICATE_VERIFY_FAILED, this kit's ca.crt is not the SuperLink's CA; \\[code: 2004] means this node's "
+            "key is not registered at the SuperLink (the server log names the key); 'Failed to initialize the "
+            "connection' means nothing answered at the kit's address, or the SuperLink runs with --insecure."
         )
         raise typer.Exit(code=1)
 

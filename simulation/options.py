@@ -30,11 +30,17 @@ Out = Annotated[Path | None, typer.Option(help="Run folder on this host (default
 NO_DP_WARNING = "[bold red]WARNING: --no-dp: NO differential privacy. No privacy guarantee holds for this run.[/]"
 
 
-def new_run_dir(out: Path | None) -> Path:
-    """The run folder, created; an existing folder that already holds files is refused."""
+def run_dir_path(out: Path | None) -> Path:
+    """The run folder, not yet created; an existing folder that already holds files is refused."""
     run_dir = (out or Path("fedpriv-runs") / time.strftime("%Y%m%d-%H%M%S")).expanduser().resolve()
-    if run_dir.exists() and any(run_dir.iterdir()):
+    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
         raise ConfigError(f"--out {run_dir} already holds files; choose a new run folder")
+    return run_dir
+
+
+def new_run_dir(out: Path | None) -> Path:
+    """The run folder, created (call it once every setting has been validated)."""
+    run_dir = run_dir_path(out)
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 

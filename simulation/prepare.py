@@ -41,6 +41,7 @@ class Department:
     train_records: int
     labels: int
     scoped: bool  # trains only the head rows of its declared label scope
+    policy: Mapping[str, Any]  # its budget, site policy and label scope, as the manifest records them
 
 
 @dataclass(frozen=True)
@@ -138,11 +139,11 @@ def partition_data(plan: DataPlan) -> Partitioned:
     return Partitioned(description, labels, shares, test, scopes)
 
 
-def write_federation(
+def plan_federation(
     data: Partitioned, *, out_dir: Path, val_fraction: float, test_fraction: float, batch_size: int, delta: float,
     dp: bool, seed: int, policies: Mapping[str, Mapping[str, Any]],
 ) -> Federation:
-    """Check every department against the training settings, then write one file per department."""
+    """Check every department against the training settings; the federation's files, not yet written."""
     problems = [
         f"--budget/--policy/--label-scope name a department '{name}' that this partition does not have "
         f"(departments: {', '.join(sorted(data.shares))})"
@@ -172,25 +173,27 @@ def write_federation(
             problems.append(f"department {name}: delta={delta} must be below 1/records = 1/{train}")
         departments.append(
             Department(name, f"departments/{safe_name(name)}.jsonl", len(records), train, len({r.label for r in records}),
-                       scoped=SCOPE_KEY in settings[name])
+                       scoped=SCOPE_KEY in settings[name], policy=settings[name])
         )
     if problems:
         raise DataError("cannot train these departments:\n" + "\n".join(f"  - {p}" for p in problems))
-
     partition_dir = out_dir / "federation"
-    for department in departments:
-        write_jsonl(data.shares[department.name], partition_dir / department.file)
-    test_file = None
-    if data.test is not None:
-        test_file = partition_dir / "test.jsonl"
-        write_jsonl(data.test, test_file)
+    test_file = partition_dir / "test.jsonl" if data.test is not None else None
+    return Federation(partition_dir, data.description, data.labels, tuple(departments), test_file)
+
+
+def write_federation(data: Partitioned, federation: Federation) -> None:
+    """Write one file per department, the test split and the manifest of a planned federation."""
+    for department in federation.departments:
+        write_jsonl(data.shares[department.name], federation.partition_dir / department.file)
+    if federation.test_file is not None and data.test is not None:
+        write_jsonl(data.test, federation.test_file)
     manifest = {
         "description": data.description,
         "labels": list(data.labels),
         "departments": [
-            {"name": d.name, "file": d.file, "records": d.records, "policy": settings[d.name]}
-            for d in departments
+            {"name": d.name, "file": d.file, "records": d.records, "policy": dict(d.policy)}
+            for d in federation.departments
         ],
     }
-    (partition_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    return Federation(partition_dir, data.description, data.labels, tuple(departments), test_file)
+    (federation.partition_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))

@@ -22,8 +22,8 @@ from server.run_record import METRICS_FILE, PLOT_FILE
 from shared.config import DEFAULTS, RunConfig, secagg_neighbourhood
 from shared.errors import ConfigError
 from simulation.launcher import run_simulation
-from simulation.options import NO_DP_WARNING, new_run_dir
-from simulation.prepare import DataPlan, Federation, partition_data, write_federation
+from simulation.options import NO_DP_WARNING, run_dir_path
+from simulation.prepare import DataPlan, Federation, partition_data, plan_federation, write_federation
 from simulation.resume import resume_config
 
 
@@ -86,8 +86,8 @@ def simulate_federation(request: SimulationRequest, *, console: Console) -> dict
     test_fraction = 0.0 if partitioned.test is not None else DEFAULTS.test_fraction
     fractions = {"val_fraction": val_fraction, "test_fraction": test_fraction, "seed": request.seed}
     batch_size = request.batch_size or max(1, min(DEFAULTS.batch_size, partitioned.smallest_train_split(**fractions) // 4))
-    out = new_run_dir(request.out)
-    federation = write_federation(
+    out = run_dir_path(request.out)
+    federation = plan_federation(
         partitioned, out_dir=out, batch_size=batch_size, delta=request.delta, dp=request.dp,
         policies=policies, **fractions
     )
@@ -107,6 +107,8 @@ def simulate_federation(request: SimulationRequest, *, console: Console) -> dict
         secagg_max_weight=max(d.train_records for d in federation.departments),
     )
     load_backbone(config.model)  # a bad model folder fails here, with its reason
+    out.mkdir(parents=True, exist_ok=True)  # nothing is written before every setting and file has been validated
+    write_federation(partitioned, federation)
 
     _print_header(console, federation, config)
     return _run(console, config, num_departments=len(federation.departments))

@@ -55,6 +55,15 @@ def test_bad_options_fail_cleanly(tmp_path, args, expected):
     result = run("simulate", "--data", str(small_federation(tmp_path)), "--model", "tiny", "--out", str(tmp_path / "run"), *args)
     assert result.exit_code == 1, result.output
     assert expected in " ".join(result.output.split())
+    assert not (tmp_path / "run").exists()  # a refused run writes nothing: no folder, no copies of the data
+
+
+def test_a_model_folder_that_holds_no_model_is_refused_before_anything_is_written(tmp_path):
+    (tmp_path / "not-a-model").mkdir()
+    result = run("simulate", "--data", str(small_federation(tmp_path)), "--model", str(tmp_path / "not-a-model"),
+                 "--out", str(tmp_path / "run"))
+    assert result.exit_code == 1, result.output
+    assert "not-a-model" in result.output and not (tmp_path / "run").exists()
 
 
 def test_bad_data_files_fail_cleanly(tmp_path):

@@ -10,14 +10,15 @@ import numpy as np
 
 from shared.config import RunConfig
 from simulation.launcher import run_simulation
-from simulation.prepare import DataPlan, partition_data, write_federation
+from simulation.prepare import DataPlan, partition_data, plan_federation, write_federation
 
 
 def run_with_broken_departments(tmp_path, broken: int) -> tuple[dict, dict, list[str]]:
     out = tmp_path / "run"
     data = partition_data(DataPlan(data=None, test_data=None, partition="iid", departments=5, alpha=0.5, seed=0))
-    federation = write_federation(data, out_dir=out, val_fraction=0.1, test_fraction=0.1, batch_size=32,
-                                  delta=1e-5, dp=True, seed=0, policies={})
+    federation = plan_federation(data, out_dir=out, val_fraction=0.1, test_fraction=0.1, batch_size=32,
+                                 delta=1e-5, dp=True, seed=0, policies={})
+    write_federation(data, federation)
     names = [d.name for d in federation.departments]
     for department in federation.departments[-broken:]:
         (federation.partition_dir / department.file).write_text('{"text": "ok", "label": "vpn_access"}\n{broken\n')

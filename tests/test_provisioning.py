@@ -210,3 +210,46 @@ def test_department_start_refuses_a_bad_budget_at_once(tmp_path, kits, epsilon):
     with pytest.raises(ConfigError, match="epsilon"):
         supernode_command(kits.department_kits["hr"], data=data, superlink=None, state_dir=tmp_path / "s",
                           insecure=False, epsilon=epsilon)
+
+
+def _serve_once(listener, context):
+    connection, _ = listener.accept()
+    try:
+        with context.wrap_socket(connection, server_side=True) if context else connection:
+            pass
+    except OSError:
+        pass
+
+
+@pytest.mark.parametrize("server_tls", [True, False])
+def test_an_insecure_department_is_told_that_the_superlink_speaks_tls(tmp_path, kits, server_tls):
+    import socket
+    import ssl
+    import threading
+
+    from client.deployment import supernode_command
+
+    context = None
+    if server_tls:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(kits.server_kit / "server.pem", kits.server_kit / "server.key")
+        context.set_alpn_protocols(["h2"])
+    listener = socket.create_server(("127.0.0.1", 0))
+    thread = threading.Thread(target=_serve_once, args=(listener, context), daemon=True)
+    thread.start()
+    data = tmp_path / "hr.csv"
+    data.write_text("text,label\nmy leave request,leave\n")
+    address = f"127.0.0.1:{listener.getsockname()[1]}"
+    try:
+        if server_tls:
+            with pytest.raises(ConfigError, match=r"speaks TLS.*start without --insecure"):
+                supernode_command(kits.department_kits["hr"], data=data, superlink=address,
+                                  state_dir=tmp_path / "state", insecure=True, epsilon=None)
+            assert not (tmp_path / "state").exists()  # refused before anything is written
+        else:
+            command, _ = supernode_command(kits.department_kits["hr"], data=data, superlink=address,
+                                           state_dir=tmp_path / "state", insecure=True, epsilon=None)
+            assert "--insecure" in command
+    finally:
+        thread.join(timeout=10)
+        listener.close()

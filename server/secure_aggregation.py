@@ -3,7 +3,15 @@
 With ``audit-updates`` on, the server saves each department's reply in the masked-vector stage
 exactly as it arrives (the masked, quantized vector), so an audit can check that nothing the
 server holds for a single department resembles that department's update. The masking, secret
-sharing and unmasking are Flower's own; nothing here changes them.
+sharing and unmasking are Flower's own, with one correction:
+
+Flower 1.42 treats every department sampled at setup as a participant in the unmask stage, so a
+department that drops out before it has shared its keys (a host that dies, a link that is down:
+it is still sampled until its heartbeat expires) is listed as "dead" to the survivors, who hold no
+share of its key: each survivor's ``_unmask`` raises ``KeyError`` and the round is lost, although
+the threshold holds. Only departments that completed key sharing ever entered anyone's masks
+(``secaggplus_mod`` masks with the sources of the forwarded shares), so after each of the first two
+stages the protocol's participants are narrowed to those that answered (``_forget_dropped``).
 """
 
 from __future__ import annotations
@@ -76,7 +84,20 @@ class AuditedSecAggPlusWorkflow(SecAggPlusWorkflow):
         if self.neighbourhood:
             departments = context.strategy.planned_sample_size(context.client_manager)
             self.num_shares = self.neighbourhood if self.neighbourhood < departments else 1.0
-        return super().setup_stage(grid, context, state)
+        return super().setup_stage(grid, context, state) and self._forget_dropped(state)
+
+    def share_keys_stage(self, grid: Any, context: Any, state: Any) -> bool:
+        return super().share_keys_stage(grid, context, state) and self._forget_dropped(state)
+
+    def _forget_dropped(self, state: Any) -> bool:
+        """Departments that did not answer this stage left the protocol before any mask used their
+        keys: no longer participants (or anyone's neighbours); then the threshold is rechecked."""
+        answered = set(state.active_node_ids)
+        state.sampled_node_ids = answered
+        state.nid_to_neighbours = {
+            node: neighbours & answered for node, neighbours in state.nid_to_neighbours.items() if node in answered
+        }
+        return self._check_threshold(state)
 
     def collect_masked_vectors_stage(self, grid: Any, context: Any, state: Any) -> bool:
         if self.audit_dir is None:

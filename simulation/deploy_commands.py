@@ -139,6 +139,7 @@ def run(
     no_dp: opt.NoDp = False,
     no_secagg: opt.NoSecagg = False,
     secagg_num_shares: opt.SecaggNumShares = DEFAULTS.secagg_num_shares,
+    secagg_timeout: Annotated[float, typer.Option(help="Seconds a SecAgg+ stage waits for a department before dropping it (the round goes on while the reconstruction threshold holds).")] = DEFAULTS.secagg_timeout_s,
     out: opt.Out = None,
     resume: Annotated[Path | None, typer.Option(help="Continue this stopped run folder from its last completed round (its own settings; only --kit is used).")] = None,
 ) -> None:
@@ -166,7 +167,7 @@ def run(
             num_server_rounds=rounds, head_init=head_init, local_epochs=local_epochs, target_epsilon=epsilon, target_delta=delta,
             model=model, batch_size=batch_size, learning_rate=learning_rate, max_grad_norm=max_grad_norm,
             accountant=accountant, lora_r=lora_r, lora_layers=lora_layers, labels=labels, min_departments=departments, dp=not no_dp,
-            secagg=not no_secagg, secagg_num_shares=secagg_num_shares, secagg_max_weight=max_weight, transport=transport, run_uid=uuid.uuid4().hex[:12],
+            secagg=not no_secagg, secagg_num_shares=secagg_num_shares, secagg_timeout_s=secagg_timeout, secagg_max_weight=max_weight, transport=transport, run_uid=uuid.uuid4().hex[:12],
             # the provisioned key of every department: each reply must be signed by its department's
             department_keys=json.dumps(json.loads((kit / "departments.json").read_text())["departments"])
             if transport == "tls+node-auth" else "",

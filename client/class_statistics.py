@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from shared.accounting import Mechanism, epsilon_of
+from shared.config import RunConfig
 from shared.errors import BudgetExhausted
 
 MAX_SIGMA = 1e4
@@ -87,6 +88,23 @@ def plan_statistics(
         mid = (low + high) / 2
         low, high = (mid, high) if cost(mid) > target_epsilon else (low, mid)
     return plan(high)
+
+
+def plan_stage_one(
+    config: RunConfig, *, budget: float, delta: float, prior: list[Mechanism], release_counts: bool
+) -> StatisticsPlan:
+    """A department's stage-1 release in ``config``'s run: one release, so calibrated to what the
+    department may still spend (its own budget when that is below the run's epsilon), of which
+    ``statistics-share`` when DP-SGD rounds follow."""
+    target = min(budget, config.target_epsilon)
+    if config.dp_sgd_rounds:
+        before = epsilon_of(prior, delta=delta, accountant=config.accountant)
+        target = before + config.statistics_share * (target - before)
+    return plan_statistics(
+        target_epsilon=target, delta=delta, prior=prior, accountant=config.accountant,
+        count_share=config.statistics_count_share, threshold=config.statistics_count_threshold,
+        release_counts=release_counts,
+    )
 
 
 @dataclass(frozen=True)

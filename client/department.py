@@ -20,7 +20,7 @@ import torch
 from flwr.client import NumPyClient
 from torch.utils.data import TensorDataset
 
-from client.class_statistics import plan_statistics, release_statistics
+from client.class_statistics import plan_stage_one, release_statistics
 from client.department_data import DepartmentData, DepartmentSettings, load_department
 from client.dp_training import train_plain, train_private
 from client.label_scope import scoped_head
@@ -220,17 +220,9 @@ class DepartmentClient(NumPyClient):
             budget = policy.effective_budget(cfg)
             before = ledger.spent(delta=policy.delta, accountant=cfg.accountant)
             metrics.update({protocol.DELTA: policy.delta, protocol.BUDGET: budget, protocol.EPSILON: before})
-            # Stage 1 is one release, so it is calibrated to what this department may spend: its own
-            # budget when that is below the run's epsilon.
-            target = min(budget, cfg.target_epsilon)
-            if cfg.dp_sgd_rounds:
-                target = before + cfg.statistics_share * (target - before)
             try:
-                plan = plan_statistics(
-                    target_epsilon=target, delta=policy.delta, prior=ledger.history, accountant=cfg.accountant,
-                    count_share=cfg.statistics_count_share, threshold=cfg.statistics_count_threshold,
-                    release_counts=scope_rows is None,
-                )
+                plan = plan_stage_one(cfg, budget=budget, delta=policy.delta, prior=ledger.history,
+                                      release_counts=scope_rows is None)
             except BudgetExhausted as exhausted:
                 return self._declined(parameters, metrics, status=protocol.STATUS_BUDGET_EXHAUSTED, reason=str(exhausted))
             after = epsilon_of(ledger.history + plan.mechanisms, delta=policy.delta, accountant=cfg.accountant)

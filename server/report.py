@@ -102,17 +102,27 @@ def _rounds(metrics: dict[str, Any]) -> str:
 def _audit(run_dir: Path) -> str:
     path = run_dir / AUDIT_FILE
     if not path.is_file():
-        return "<p>No audit was run. <code>fedpriv audit RUN_DIR</code> runs a membership-inference audit.</p>"
+        return ("<p>No audit was run. <code>fedpriv audit RUN_DIR --canaries M</code> runs a canary audit of the "
+                "departments' releases and a membership-inference attack.</p>")
     audit = json.loads(path.read_text())
-    verdict = ("<span class='bad'>EMPIRICAL EPSILON ABOVE THE CLAIMED EPSILON: a privacy bug</span>"
+    verdict = ("<span class='bad'>AN AUDIT BOUND IS ABOVE THE CLAIMED EPSILON: a privacy bug</span>"
                if audit.get("violation") else "<span class='ok'>consistent with the claimed guarantee</span>")
-    rows = [
-        ["attack", html.escape(audit["attack"])],
+    rows = []
+    if canary := audit.get("canary_audit"):
+        claimed = canary.get("claimed_epsilon")
+        rows += [
+            ["canary audit", html.escape(canary["audited"])],
+            ["canaries / guesses / right", f"{canary['canaries']} / {canary['guesses']} / {canary['correct_guesses']}"],
+            [f"epsilon lower bound ({canary['confidence']:.0%} confidence)", _fmt(canary["epsilon_lower_bound"])],
+            ["epsilon the audited release claims", _fmt(claimed) if claimed is not None else "none (no DP)"],
+        ]
+    rows += [
+        ["membership attack", html.escape(audit["attack"])],
         ["members / non-members", f"{audit['members']} / {audit['non_members']}"],
         ["AUC", _fmt(audit["auc"])],
         ["TPR at 1% FPR", _fmt(audit["tpr_at_1pct_fpr"])], ["TPR at 0.1% FPR", _fmt(audit["tpr_at_0_1pct_fpr"])],
-        ["empirical epsilon (95% lower bound)", _fmt(audit["empirical_epsilon"])],
-        ["claimed epsilon", _fmt(audit.get("claimed_epsilon"), "g") if audit.get("claimed_epsilon") else "none (no DP)"],
+        ["empirical epsilon of the attack (95% lower bound)", _fmt(audit["empirical_epsilon"])],
+        ["claimed epsilon of the run", _fmt(audit.get("claimed_epsilon"), "g") if audit.get("claimed_epsilon") else "none (no DP)"],
         ["verdict", verdict],
     ]
     return _table(["", ""], rows)
@@ -128,7 +138,7 @@ def write_report(run_dir: Path) -> Path:
         "<h2>Privacy ledger per department</h2>", _ledger(run_dir),
         "<h2>Accuracy, loss and epsilon per round</h2>", run_svg(metrics),
         "<h2>Rounds</h2>", _rounds(metrics),
-        "<h2>Membership-inference audit</h2>", _audit(run_dir),
+        "<h2>Privacy audit</h2>", _audit(run_dir),
     ]
     path = run_dir / REPORT_FILE
     path.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>fedpriv report</title>"

@@ -35,31 +35,44 @@ def ledger(run_dir: RunDir) -> None:
 
 def audit(
     run_dir: RunDir,
-    seed: Annotated[int, typer.Option(help="Seed for splitting the records into threshold-picking and testing halves.")] = 0,
+    canaries: Annotated[int, typer.Option(min=10, help="Canaries in the one-run audit of the stage-1 release (each included with probability 1/2).")] = 1000,
+    seed: Annotated[int, typer.Option(help="Seed for the canaries and for splitting records into threshold-picking and testing halves.")] = 0,
 ) -> None:
-    """Membership-inference audit of a simulation run's final model: AUC, TPR at low FPR, empirical epsilon."""
-    from server.report import write_report
+    """Audit a simulation run: a canary audit in one run (Steinke et al. 2023) of what the departments
+    release, and a membership-inference attack on the final model. Exits 2 on a privacy bug."""
+    import json
+
+    from server.report import AUDIT_FILE, write_report
     from shared.logs import quiet_libraries
     from simulation.audit import membership_audit
+    from simulation.canary_audit import canary_audit
 
     quiet_libraries()
     run_dir = run_dir.resolve()
-    result = membership_audit(run_dir, seed=seed)
+    with console.status("canary audit: the departments' releases with canaries in them"):
+        canary = canary_audit(run_dir, canaries=canaries, seed=seed)
+    with console.status("membership-inference attack on the final model"):
+        result = membership_audit(run_dir, seed=seed)
+    result["canary_audit"] = canary
+    result["violation"] = bool(result["violation"] or canary["violation"])
+    (run_dir / AUDIT_FILE).write_text(json.dumps(result, indent=2))
 
     def show(value: float | None) -> str:
         return f"{value:.4f}" if value is not None else "n/a (too few non-members)"
 
-    console.print(f"membership-inference audit of {run_dir} ({result['members']} members, "
-                  f"{result['non_members']} non-members; {result['attack']})")
-    console.print(f"AUC {result['auc']:.4f}  TPR@1%FPR {show(result['tpr_at_1pct_fpr'])}  "
-                  f"TPR@0.1%FPR {show(result['tpr_at_0_1pct_fpr'])}")
-    claimed = result["claimed_epsilon"]
-    console.print(f"empirical epsilon (95% lower bound) {result['empirical_epsilon']:.4f}; claimed "
-                  f"{claimed if claimed is not None else 'none (no DP)'}")
+    claimed = canary["claimed_epsilon"]
+    console.print(f"canary audit of {run_dir} ({canary['audited']}): {canary['canaries']} canaries, "
+                  f"{canary['correct_guesses']} of {canary['guesses']} guesses right")
+    console.print(f"epsilon lower bound {canary['epsilon_lower_bound']:.4f} at {canary['confidence']:.0%} confidence; "
+                  f"claimed {f'{claimed:.4f}' if claimed is not None else 'none (no DP)'}")
+    console.print(f"membership-inference attack ({result['members']} members, {result['non_members']} non-members; "
+                  f"{result['attack']}): AUC {result['auc']:.4f}  TPR@1%FPR {show(result['tpr_at_1pct_fpr'])}  "
+                  f"TPR@0.1%FPR {show(result['tpr_at_0_1pct_fpr'])}  empirical epsilon {result['empirical_epsilon']:.4f}")
+    report = write_report(run_dir)
     if result["violation"]:
-        console.print("[bold red]The empirical epsilon exceeds the claimed epsilon: this is a privacy bug.[/]")
+        console.print("[bold red]An audit bound exceeds the claimed epsilon: this is a privacy bug.[/]")
         raise typer.Exit(code=2)
-    console.print(f"report: {write_report(run_dir)}")
+    console.print(f"report: {report}")
 
 
 def report(run_dir: RunDir) -> None:

@@ -77,10 +77,9 @@ def empirical_epsilon(
 
 
 def membership_audit(run_dir: Path, *, seed: int = 0) -> dict[str, Any]:
-    """Run the loss attack on the run's final model; write and return ``audit.json``."""
+    """Run the loss attack on the run's final model; its part of ``audit.json``."""
     import torch
 
-    from server.report import AUDIT_FILE
     from shared.checkpoint import load_checkpoint
     from shared.evaluation import per_example_losses
     from shared.features import labelled_dataset
@@ -135,5 +134,4 @@ def membership_audit(run_dir: Path, *, seed: int = 0) -> dict[str, Any]:
         "claimed_epsilon": claimed, "delta": config.target_delta,
         "violation": bool(claimed is not None and empirical > claimed),
     }
-    (run_dir / AUDIT_FILE).write_text(json.dumps(result, indent=2))
     return result

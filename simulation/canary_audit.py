@@ -1,0 +1,131 @@
+"""A canary audit of the stage-1 release in one run (`fedpriv audit RUN_DIR --canaries M`).
+
+The audit makes its own copy of each department's release with canaries in it; the run, its
+model and its ledgers are never touched. White-box and in the department's place: the auditor
+knows the department's records and sees exactly what the department would release.
+
+- A canary is a feature vector (unit length, the most a record may contribute) joined to one of
+  the labels the department holds the most records of, so that its row is released. Canaries
+  sharing a row get orthogonal directions: the row's sum separates them exactly.
+- Each canary is included with probability 1/2; the department then runs its own stage-1
+  calibration (``plan_stage_one``: the run's epsilon, the department's budget and policy) and its
+  own mechanism (``release_statistics``, fresh noise).
+- A canary's score is the released row minus the exact sum of the department's real records
+  there, projected on the canary's direction: 1 plus the row's noise when included, the noise
+  alone when not. Guesses come from the public midpoint 1/2; the bound is
+  ``shared.one_run_audit``'s, against the largest epsilon any audited department claims.
+
+Without DP the release is exact and every guess is right (the bound is as high as m canaries
+allow); with DP the noise hides the canaries; a release that adds less noise than its ledger
+charges shows as a bound above the claim: a privacy bug.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from client.class_statistics import class_sums, plan_stage_one, release_statistics
+from shared.accounting import epsilon_of
+from shared.config import RunConfig
+from shared.one_run_audit import bound_from_scores
+
+CONFIDENCE = 0.95
+
+
+def canary_rows(targets: torch.Tensor, *, num_labels: int, canaries: int, width: int, rows: list[int] | None) -> list[int]:
+    """The row of each canary: the department's largest labels first (within ``rows`` when it
+    declares a scope), at most ``width`` canaries a row (one orthogonal direction each)."""
+    counts = torch.bincount(targets, minlength=num_labels)
+    candidates = [int(r) for r in torch.argsort(counts, descending=True) if counts[r] > 0 and (rows is None or int(r) in rows)]
+    if canaries > width * len(candidates):
+        raise ValueError(f"{canaries} canaries do not fit in {len(candidates)} labels of {width} directions")
+    per_row = -(-canaries // len(candidates))  # spread evenly: ceil
+    return [candidates[i // per_row] for i in range(canaries)]
+
+
+def audit_department_release(
+    features: torch.Tensor, targets: torch.Tensor, *, config: RunConfig, budget: float, delta: float,
+    scope_rows: list[int] | None, canaries: int, rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray, float | None]:
+    """Canary scores, which canaries were included, and the epsilon the release claims (None: no DP)."""
+    num_labels, width = len(config.labels), features.shape[1]
+    rows = canary_rows(targets, num_labels=num_labels, canaries=canaries, width=width, rows=scope_rows)
+    directions = np.zeros((canaries, width))
+    for row in set(rows):
+        members = [i for i, r in enumerate(rows) if r == row]
+        basis, _ = np.linalg.qr(rng.normal(size=(width, len(members))))  # orthonormal columns
+        directions[members] = basis.T
+    included = rng.random(canaries) < 0.5
+    canary_features = torch.tensor(directions[included], dtype=features.dtype)
+    canary_targets = torch.tensor(np.asarray(rows)[included], dtype=targets.dtype)
+    plan = claimed = None
+    if config.dp:
+        plan = plan_stage_one(config, budget=budget, delta=delta, prior=[], release_counts=scope_rows is None)
+        claimed = epsilon_of(plan.mechanisms, delta=delta, accountant=config.accountant)
+    release = release_statistics(
+        torch.cat([features, canary_features]), torch.cat([targets, canary_targets]), num_labels=num_labels,
+        plan=plan, scope_rows=scope_rows, generator=torch.Generator().manual_seed(secrets.randbits(63)),
+    )
+    exact, _ = class_sums(features, targets, num_labels=num_labels)  # the department's own records
+    released = release.sums.any(dim=1).numpy()
+    residual = (release.sums - exact).numpy()[rows]
+    scores = np.einsum("ij,ij->i", residual, directions)
+    scores[~released[rows]] = 0.5  # a row the release withheld says nothing: least confident, last guessed
+    return scores, included, claimed
+
+
+def canary_audit(run_dir: Path, *, canaries: int, seed: int = 0) -> dict[str, Any]:
+    """The stage-1 canary audit of a simulation run: its departments' releases, m canaries in all."""
+    from client.department_data import load_department, resolve_department
+    from shared.errors import DataError
+    from shared.features import cached_features
+    from shared.model import load_backbone
+    from simulation.resume import read_run_config
+
+    if canaries < 10:
+        raise DataError(f"--canaries must be at least 10 (got {canaries}): fewer guesses cannot bound epsilon")
+    config = read_run_config(run_dir)
+    if not config.partition_dir:
+        raise DataError(f"{run_dir}: not a simulation run; the audit needs the departments' records")
+    backbone = load_backbone(config.model)
+    rng = np.random.default_rng(seed)
+    departments = []
+    manifest = json.loads((Path(config.partition_dir) / "manifest.json").read_text())
+    for index in range(len(manifest["departments"])):
+        settings = resolve_department(config, {"partition-id": index})
+        departments.append((settings, load_department(settings, config)))
+    shares = np.array_split(np.arange(canaries), len(departments))
+    all_scores, all_included, claims = [], [], {}
+    for (settings, data), share in zip(departments, shares, strict=True):
+        label_index = {label: i for i, label in enumerate(config.labels)}
+        features = cached_features(backbone, [r.text for r in data.train], max_length=config.max_length,
+                                   cache_dir=settings.feature_cache)
+        targets = torch.tensor([label_index[r.label] for r in data.train])
+        scope = [label_index[label] for label in settings.label_scope] if settings.label_scope else None
+        room = features.shape[1] * len(set(targets.tolist()) & set(scope if scope is not None else targets.tolist()))
+        if len(share) > room:
+            raise DataError(f"--canaries {canaries}: department {settings.name} can hold {room} canaries (its "
+                            f"labels x {features.shape[1]} orthogonal directions), not {len(share)}; use at most "
+                            f"{room * len(departments)} canaries")
+        scores, included, claimed = audit_department_release(
+            features, targets, config=config, budget=settings.policy.effective_budget(config),
+            delta=settings.policy.delta, scope_rows=scope, canaries=len(share), rng=rng)
+        all_scores.append(scores)
+        all_included.append(included)
+        claims[settings.name] = claimed
+    bound = bound_from_scores(np.concatenate(all_scores), np.concatenate(all_included), threshold=0.5,
+                              delta=max(s.policy.delta for s, _ in departments), confidence=CONFIDENCE)
+    claimed = max(claims.values()) if config.dp else None
+    return {
+        "audited": "stage 1: each department's class-statistics release (white-box, canaries at the release)",
+        "canaries": bound.canaries, "guesses": bound.guesses, "correct_guesses": bound.correct,
+        "tries": bound.tries, "epsilon_lower_bound": bound.epsilon, "confidence": bound.confidence,
+        "claimed_epsilon": claimed, "claimed_by_department": claims,
+        "violation": bool(claimed is not None and bound.epsilon > claimed),
+    }

@@ -29,8 +29,9 @@ from shared.data import load_records
 from shared.errors import ConfigError
 
 DEPARTMENT_KIT_FILES = ("ca.crt", "node.key", "department.toml")
-MAX_RETRIES = 3
-MAX_WAIT_S = 30
+# A department's SuperNode rides out a network outage or a server restart of up to an hour (it
+# reconnects by itself); a kit that cannot work at all (another CA) is refused before it starts.
+MAX_WAIT_S = 3600
 
 
 def read_kit(kit: Path, *, insecure: bool) -> dict:
@@ -75,6 +76,10 @@ def supernode_command(
     if insecure and speaks_tls(address):
         raise ConfigError(f"--insecure: the SuperLink at {address} speaks TLS, so a plain connection cannot reach it "
                           "(Flower would only say 'Failed to initialize the connection'); start without --insecure")
+    if not insecure and (problem := certificate_problem(address, ca=kit / "ca.crt")):
+        raise ConfigError(f"the SuperLink at {address} presents a certificate that {kit / 'ca.crt'} does not verify "
+                          f"(CERTIFICATE_VERIFY_FAILED: {problem}): this kit is from another provisioning, or "
+                          "--superlink names another server")
     approved = settings.get(APPROVED_KEY, [])
     if not isinstance(approved, list) or not approved or not all(isinstance(h, str) and len(h) == 64 for h in approved):
         raise ConfigError(f"{kit / 'department.toml'}: '{APPROVED_KEY}' must list the SHA-256 of the app code (FAB) "
@@ -83,12 +88,28 @@ def supernode_command(
     pin = [arg for digest in approved for arg in ("--approved-fab-sha256", digest)]
     # Not flower-supernode itself: the same SuperNode, started so that it runs only approved FABs.
     command = [sys.executable, "-m", "client.approved_code", *pin, "--superlink", address, "--node-config", node_config,
-               "--port", str(free_port()), "--max-retries", str(MAX_RETRIES), "--max-wait-time", str(MAX_WAIT_S)]
+               "--port", str(free_port()), "--max-wait-time", str(MAX_WAIT_S)]
     if insecure:
         command.append("--insecure")
     else:
         command += ["--root-certificates", str(kit / "ca.crt"), "--auth-supernode-private-key", str(kit / "node.key")]
     return command, environment(flwr_home(kit, address, ca=None if insecure else kit / "ca.crt"))
+
+
+def certificate_problem(address: str, *, ca: Path, timeout_s: float = 5.0) -> str | None:
+    """Why the TLS server at ``address`` fails verification against ``ca``; None when it passes or
+    when nothing answers (the SuperNode then waits for the SuperLink to come up)."""
+    host, _, port = address.rpartition(":")
+    context = ssl.create_default_context(cafile=str(ca))
+    context.set_alpn_protocols(["h2"])
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s) as raw:
+            with context.wrap_socket(raw, server_hostname=host.strip("[]")):
+                return None
+    except ssl.SSLCertVerificationError as exc:
+        return exc.verify_message or str(exc)
+    except (OSError, ValueError):  # unreachable, or not TLS: Flower reports what follows
+        return None
 
 
 def speaks_tls(address: str, *, timeout_s: float = 5.0) -> bool:

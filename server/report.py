@@ -108,13 +108,13 @@ def _audit(run_dir: Path) -> str:
     verdict = ("<span class='bad'>AN AUDIT BOUND IS ABOVE THE CLAIMED EPSILON: a privacy bug</span>"
                if audit.get("violation") else "<span class='ok'>consistent with the claimed guarantee</span>")
     rows = []
-    if canary := audit.get("canary_audit"):
-        claimed = canary.get("claimed_epsilon")
+    for stage in audit.get("canary_audit", {}).get("stages", []):
+        claimed = stage.get("claimed_epsilon")
         rows += [
-            ["canary audit", html.escape(canary["audited"])],
-            ["canaries / guesses / right", f"{canary['canaries']} / {canary['guesses']} / {canary['correct_guesses']}"],
-            [f"epsilon lower bound ({canary['confidence']:.0%} confidence)", _fmt(canary["epsilon_lower_bound"])],
-            ["epsilon the audited release claims", _fmt(claimed) if claimed is not None else "none (no DP)"],
+            ["canary audit", html.escape(stage["audited"])],
+            ["canaries / guesses / right", f"{stage['canaries']} / {stage['guesses']} / {stage['correct_guesses']}"],
+            [f"epsilon lower bound ({stage['confidence']:.1%} confidence)", _fmt(stage["epsilon_lower_bound"])],
+            ["epsilon the audited stage claims", _fmt(claimed) if claimed is not None else "none (no DP)"],
         ]
     rows += [
         ["membership attack", html.escape(audit["attack"])],

@@ -35,7 +35,7 @@ def ledger(run_dir: RunDir) -> None:
 
 def audit(
     run_dir: RunDir,
-    canaries: Annotated[int, typer.Option(min=10, help="Canaries in the one-run audit of the stage-1 release (each included with probability 1/2).")] = 1000,
+    canaries: Annotated[int, typer.Option(min=10, help="Canaries per audited stage (class statistics, DP-SGD), each included with probability 1/2.")] = 1000,
     seed: Annotated[int, typer.Option(help="Seed for the canaries and for splitting records into threshold-picking and testing halves.")] = 0,
 ) -> None:
     """Audit a simulation run: a canary audit in one run (Steinke et al. 2023) of what the departments
@@ -49,8 +49,7 @@ def audit(
 
     quiet_libraries()
     run_dir = run_dir.resolve()
-    with console.status("canary audit: the departments' releases with canaries in them"):
-        canary = canary_audit(run_dir, canaries=canaries, seed=seed)
+    canary = canary_audit(run_dir, canaries=canaries, seed=seed)
     with console.status("membership-inference attack on the final model"):
         result = membership_audit(run_dir, seed=seed)
     result["canary_audit"] = canary
@@ -60,11 +59,12 @@ def audit(
     def show(value: float | None) -> str:
         return f"{value:.4f}" if value is not None else "n/a (too few non-members)"
 
-    claimed = canary["claimed_epsilon"]
-    console.print(f"canary audit of {run_dir} ({canary['audited']}): {canary['canaries']} canaries, "
-                  f"{canary['correct_guesses']} of {canary['guesses']} guesses right")
-    console.print(f"epsilon lower bound {canary['epsilon_lower_bound']:.4f} at {canary['confidence']:.0%} confidence; "
-                  f"claimed {f'{claimed:.4f}' if claimed is not None else 'none (no DP)'}")
+    for stage in canary["stages"]:
+        claimed = stage["claimed_epsilon"]
+        console.print(f"canary audit, {stage['audited']}: {stage['canaries']} canaries, {stage['correct_guesses']} of "
+                      f"{stage['guesses']} guesses right; epsilon lower bound {stage['epsilon_lower_bound']:.4f} "
+                      f"({stage['confidence']:.1%} confidence), claimed "
+                      f"{f'{claimed:.4f}' if claimed is not None else 'none (no DP)'}")
     console.print(f"membership-inference attack ({result['members']} members, {result['non_members']} non-members; "
                   f"{result['attack']}): AUC {result['auc']:.4f}  TPR@1%FPR {show(result['tpr_at_1pct_fpr'])}  "
                   f"TPR@0.1%FPR {show(result['tpr_at_0_1pct_fpr'])}  empirical epsilon {result['empirical_epsilon']:.4f}")

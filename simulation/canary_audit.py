@@ -1,5 +1,8 @@
-"""A canary audit of the stage-1 release in one run (`fedpriv audit RUN_DIR --canaries M`).
+"""A canary audit in one run of what the departments release (`fedpriv audit RUN_DIR --canaries M`):
+the stage-1 release here, the DP-SGD rounds in ``simulation.canary_training``; each stage gets its
+own M canaries and its own bound, at a confidence split between the stages.
 
+Stage 1:
 The audit makes its own copy of each department's release with canaries in it; the run, its
 model and its ledgers are never touched. White-box and in the department's place: the auditor
 knows the department's records and sees exactly what the department would release.
@@ -80,11 +83,49 @@ def audit_department_release(
     return scores, included, claimed
 
 
-def canary_audit(run_dir: Path, *, canaries: int, seed: int = 0) -> dict[str, Any]:
-    """The stage-1 canary audit of a simulation run: its departments' releases, m canaries in all."""
-    from client.department_data import load_department, resolve_department
+def _stage_one_scores(backbone, settings, data, config: RunConfig, *, canaries: int, total: int, departments: int,
+                      rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, float | None]:
     from shared.errors import DataError
     from shared.features import cached_features
+
+    label_index = {label: i for i, label in enumerate(config.labels)}
+    features = cached_features(backbone, [r.text for r in data.train], max_length=config.max_length,
+                               cache_dir=settings.feature_cache)
+    targets = torch.tensor([label_index[r.label] for r in data.train])
+    scope = [label_index[label] for label in settings.label_scope] if settings.label_scope else None
+    room = features.shape[1] * len(set(targets.tolist()) & set(scope if scope is not None else targets.tolist()))
+    if canaries > room:
+        raise DataError(f"--canaries {total}: department {settings.name} can hold {room} canaries (its labels x "
+                        f"{features.shape[1]} orthogonal directions), not {canaries}; use at most {room * departments}")
+    scores, included, claimed = audit_department_release(
+        features, targets, config=config, budget=settings.policy.effective_budget(config),
+        delta=settings.policy.delta, scope_rows=scope, canaries=canaries, rng=rng)
+    return scores - 0.5, included, claimed  # 1/2: the midpoint between an included canary's score and none
+
+
+def _dp_sgd_scores(backbone, settings, data, config: RunConfig, *, canaries: int, total: int, departments: int,
+                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, float | None]:
+    from simulation.canary_training import audit_department_training
+
+    scores, included, threshold, claimed = audit_department_training(
+        backbone=backbone, settings=settings, data=data, config=config, canaries=canaries, rng=rng)
+    return scores - threshold, included, claimed
+
+
+STAGES = {
+    "class-statistics": ("stage 1: each department's class-statistics release (white-box: canary features at the "
+                         "release, scored against the department's exact sums)", _stage_one_scores),
+    "dp-sgd": ("stage 2: each department's DP-SGD rounds (canary records with labels of their own, scored by how much "
+               "training raised their own logit)", _dp_sgd_scores),
+}
+
+
+def canary_audit(run_dir: Path, *, canaries: int, seed: int = 0) -> dict[str, Any]:
+    """The canary audit of a simulation run: every stage it ran, m canaries per stage, in copies."""
+    from rich.progress import track
+
+    from client.department_data import load_department, resolve_department
+    from shared.errors import DataError
     from shared.model import load_backbone
     from simulation.resume import read_run_config
 
@@ -95,37 +136,33 @@ def canary_audit(run_dir: Path, *, canaries: int, seed: int = 0) -> dict[str, An
         raise DataError(f"{run_dir}: not a simulation run; the audit needs the departments' records")
     backbone = load_backbone(config.model)
     rng = np.random.default_rng(seed)
-    departments = []
     manifest = json.loads((Path(config.partition_dir) / "manifest.json").read_text())
+    departments = []
     for index in range(len(manifest["departments"])):
         settings = resolve_department(config, {"partition-id": index})
         departments.append((settings, load_department(settings, config)))
-    shares = np.array_split(np.arange(canaries), len(departments))
-    all_scores, all_included, claims = [], [], {}
-    for (settings, data), share in zip(departments, shares, strict=True):
-        label_index = {label: i for i, label in enumerate(config.labels)}
-        features = cached_features(backbone, [r.text for r in data.train], max_length=config.max_length,
-                                   cache_dir=settings.feature_cache)
-        targets = torch.tensor([label_index[r.label] for r in data.train])
-        scope = [label_index[label] for label in settings.label_scope] if settings.label_scope else None
-        room = features.shape[1] * len(set(targets.tolist()) & set(scope if scope is not None else targets.tolist()))
-        if len(share) > room:
-            raise DataError(f"--canaries {canaries}: department {settings.name} can hold {room} canaries (its "
-                            f"labels x {features.shape[1]} orthogonal directions), not {len(share)}; use at most "
-                            f"{room * len(departments)} canaries")
-        scores, included, claimed = audit_department_release(
-            features, targets, config=config, budget=settings.policy.effective_budget(config),
-            delta=settings.policy.delta, scope_rows=scope, canaries=len(share), rng=rng)
-        all_scores.append(scores)
-        all_included.append(included)
-        claims[settings.name] = claimed
-    bound = bound_from_scores(np.concatenate(all_scores), np.concatenate(all_included), threshold=0.5,
-                              delta=max(s.policy.delta for s, _ in departments), confidence=CONFIDENCE)
-    claimed = max(claims.values()) if config.dp else None
-    return {
-        "audited": "stage 1: each department's class-statistics release (white-box, canaries at the release)",
-        "canaries": bound.canaries, "guesses": bound.guesses, "correct_guesses": bound.correct,
-        "tries": bound.tries, "epsilon_lower_bound": bound.epsilon, "confidence": bound.confidence,
-        "claimed_epsilon": claimed, "claimed_by_department": claims,
-        "violation": bool(claimed is not None and bound.epsilon > claimed),
-    }
+    stages = [name for name, ran in (("class-statistics", config.statistics_round), ("dp-sgd", config.dp_sgd_rounds)) if ran]
+    confidence = 1 - (1 - CONFIDENCE) / len(stages)  # every stage's bound holds together at CONFIDENCE
+    results = []
+    for stage in stages:
+        audited, department_scores = STAGES[stage]
+        shares = np.array_split(np.arange(canaries), len(departments))
+        scores, included, claims = [], [], {}
+        for (settings, data), share in track(list(zip(departments, shares, strict=True)), description=f"canary audit, {stage}",
+                                             transient=True):
+            s, i, claimed = department_scores(backbone, settings, data, config, canaries=len(share), total=canaries,
+                                              departments=len(departments), rng=rng)
+            scores.append(s)
+            included.append(i)
+            claims[settings.name] = claimed
+        bound = bound_from_scores(np.concatenate(scores), np.concatenate(included), threshold=0.0,
+                                  delta=max(s.policy.delta for s, _ in departments), confidence=confidence)
+        claimed = max(claims.values()) if config.dp else None
+        results.append({
+            "stage": stage, "audited": audited,
+            "canaries": bound.canaries, "guesses": bound.guesses, "correct_guesses": bound.correct,
+            "tries": bound.tries, "epsilon_lower_bound": bound.epsilon, "confidence": bound.confidence,
+            "claimed_epsilon": claimed, "claimed_by_department": claims,
+            "violation": bool(claimed is not None and bound.epsilon > claimed),
+        })
+    return {"stages": results, "confidence": CONFIDENCE, "violation": any(r["violation"] for r in results)}

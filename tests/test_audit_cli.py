@@ -42,7 +42,7 @@ def test_the_canary_audit_sees_a_leak_bounds_a_private_run_and_catches_a_broken_
     leaked = subprocess.run([FEDPRIV, "audit", str(exact), "--canaries", "400"], capture_output=True, text=True,
                             env=dict(os.environ))
     assert leaked.returncode == 0, leaked.stdout + leaked.stderr
-    result = json.loads((exact / "audit.json").read_text())["canary_audit"]
+    [result] = json.loads((exact / "audit.json").read_text())["canary_audit"]["stages"]  # one round: stage 1 only
     assert result["claimed_epsilon"] is None and result["correct_guesses"] == result["guesses"] == 400
     assert result["epsilon_lower_bound"] >= 2.0
 
@@ -51,7 +51,8 @@ def test_the_canary_audit_sees_a_leak_bounds_a_private_run_and_catches_a_broken_
                              env=dict(os.environ))
     assert bounded.returncode == 0, bounded.stdout + bounded.stderr
     result = json.loads((private / "audit.json").read_text())
-    assert result["canary_audit"]["epsilon_lower_bound"] <= result["canary_audit"]["claimed_epsilon"] <= 1.0 + 1e-3
+    [stage] = result["canary_audit"]["stages"]
+    assert stage["epsilon_lower_bound"] <= stage["claimed_epsilon"] <= 1.0 + 1e-3
     assert not result["violation"] and "canary audit" in (private / "report.html").read_text()
     assert digests(private) == before  # the audit's canaries never reach the run's model, ledgers or checkpoints
 

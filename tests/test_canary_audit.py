@@ -3,6 +3,8 @@ of a correct release, and it catches a release that adds less noise than its led
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -64,3 +66,51 @@ def test_canaries_go_to_the_departments_largest_labels_and_never_past_their_dire
     assert set(canary_audit.canary_rows(targets, num_labels=4, canaries=4, width=8, rows=[0, 3])) == {0, 3}
     with pytest.raises(ValueError, match="do not fit"):
         canary_audit.canary_rows(targets, num_labels=4, canaries=30, width=8, rows=None)
+
+
+def audited_training(config: RunConfig, *, canaries: int = 200, seed: int = 0):
+    from client.department_data import DepartmentData, DepartmentSettings
+    from client.site_policy import SitePolicy
+    from shared.demo_corpus import demo_records
+    from shared.model import load_backbone
+    from simulation.canary_training import audit_department_training
+
+    records = [r for r in demo_records() if r.department == "it"]
+    settings = DepartmentSettings("it", Path("it.jsonl"), Path("unused-state"),
+                                  SitePolicy.from_mapping({}, department="it", run=config))
+    scores, included, threshold, claimed = audit_department_training(
+        backbone=load_backbone("tiny"), settings=settings, data=DepartmentData("it", records, [], []), config=config,
+        canaries=canaries, rng=np.random.default_rng(seed))
+    return bound_from_scores(scores, included, threshold=threshold, delta=config.target_delta, confidence=0.95), claimed
+
+
+def training_config(**overrides) -> RunConfig:
+    from shared.demo_corpus import demo_records
+
+    labels = tuple(sorted({r.label for r in demo_records()}))
+    return RunConfig(model="tiny", labels=labels, num_server_rounds=4, batch_size=32, learning_rate=0.5, **overrides)
+
+
+@pytest.mark.parametrize("lora", [(0, 0), (8, 1)], ids=["head", "lora-top-layer"])
+def test_dp_sgd_rounds_without_noise_give_their_canaries_away(lora):
+    bound, claimed = audited_training(training_config(dp=False, lora_r=lora[0], lora_layers=lora[1]))
+    assert claimed is None and bound.epsilon > 2.0, bound
+
+
+def test_dp_sgd_rounds_stay_below_their_claim_and_a_hundredth_of_the_noise_is_caught(monkeypatch):
+    config = training_config(target_epsilon=1.0)
+    bound, claimed = audited_training(config)
+    assert 0 < claimed < 1.0 and bound.epsilon <= claimed  # the DP-SGD rounds' share of the run's epsilon
+
+    import dataclasses
+
+    import simulation.canary_training as canary_training
+
+    real = canary_training.train_private
+
+    def broken(*, plan, **kwargs):  # the ledger records the plan's noise; Opacus gets 1% of it
+        return real(plan=dataclasses.replace(plan, noise_multiplier=plan.noise_multiplier / 100), **kwargs)
+
+    monkeypatch.setattr(canary_training, "train_private", broken)
+    bound, claimed = audited_training(config)
+    assert bound.epsilon > claimed, (bound, claimed)

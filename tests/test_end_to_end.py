@@ -122,8 +122,9 @@ def test_budgets_ledger_report_audit_and_resume_through_the_cli(tmp_path):
     audit = fedpriv("audit", str(whole), "--canaries", "400")
     assert audit.returncode == 0, audit.stdout + audit.stderr
     result_json = json.loads((whole / "audit.json").read_text())
-    canaries = result_json["canary_audit"]
-    assert canaries["canaries"] == 400 and canaries["epsilon_lower_bound"] <= canaries["claimed_epsilon"] <= 8.0
+    stages = result_json["canary_audit"]["stages"]  # stage 1 and three DP-SGD rounds, each audited
+    assert [s["stage"] for s in stages] == ["class-statistics", "dp-sgd"]
+    assert all(s["canaries"] == 400 and s["epsilon_lower_bound"] <= s["claimed_epsilon"] <= 8.0 for s in stages)
     assert 0 <= result_json["auc"] <= 1 and result_json["members"] > result_json["non_members"] > 0
     assert result_json["empirical_epsilon"] <= result_json["claimed_epsilon"] and not result_json["violation"]
     assert "TPR at 1% FPR" in (whole / "report.html").read_text()

@@ -253,3 +253,40 @@ def test_an_insecure_department_is_told_that_the_superlink_speaks_tls(tmp_path, 
     finally:
         thread.join(timeout=10)
         listener.close()
+
+
+@pytest.mark.parametrize("same_provisioning", [True, False])
+def test_a_kit_from_another_provisioning_is_refused_before_its_supernode_starts(tmp_path, kits, same_provisioning):
+    """SuperNodes reconnect for an hour (outages, server restarts), so a kit that can never connect
+    (another CA) is refused at once, by name, instead of retrying."""
+    import socket
+    import ssl
+    import threading
+
+    from client.deployment import supernode_command
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(kits.server_kit / "server.pem", kits.server_kit / "server.key")
+    context.set_alpn_protocols(["h2"])
+    listener = socket.create_server(("127.0.0.1", 0))
+    thread = threading.Thread(target=_serve_once, args=(listener, context), daemon=True)
+    thread.start()
+    kit = kits.department_kits["hr"] if same_provisioning else provision(
+        tmp_path / "rogue", departments=["hr"], hosts=["127.0.0.1"], superlink="127.0.0.1:1",
+        approved_fab_sha256=APPROVED).department_kits["hr"]
+    data = tmp_path / "hr.csv"
+    data.write_text("text,label\nmy leave request,leave\n")
+    address = f"127.0.0.1:{listener.getsockname()[1]}"
+    try:
+        if same_provisioning:
+            command, _ = supernode_command(kit, data=data, superlink=address, state_dir=tmp_path / "state",
+                                           insecure=False, epsilon=None)
+            assert "--max-retries" not in command and command[command.index("--max-wait-time") + 1] == "3600"
+        else:
+            with pytest.raises(ConfigError, match="CERTIFICATE_VERIFY_FAILED.*another provisioning"):
+                supernode_command(kit, data=data, superlink=address, state_dir=tmp_path / "state",
+                                  insecure=False, epsilon=None)
+            assert not (tmp_path / "state").exists()
+    finally:
+        thread.join(timeout=10)
+        listener.close()

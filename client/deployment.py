@@ -46,16 +46,10 @@ def read_kit(kit: Path, *, insecure: bool) -> dict:
     return settings
 
 
-def supernode_command(
-    kit: Path, *, data: Path, superlink: str | None, state_dir: Path | None, insecure: bool, epsilon: float | None
-) -> tuple[list[str], dict[str, str]]:
-    settings = read_kit(kit, insecure=insecure)
+def department_own_settings(kit: Path, settings: dict, *, epsilon: float | None) -> dict:
+    """The department's budget, site policy and label scope from its kit (``--epsilon`` overrides the
+    kit's budget), validated: what its ClientApp enforces, whatever the server asks."""
     name = settings["department"]
-    load_records(data)  # a broken data file is reported here, before the node joins
-    state = (state_dir or kit / "state").resolve()
-    node_config = f'department="{name}" data-path="{data.resolve()}" state-dir="{state}"'
-    if not insecure:  # the ClientApp signs every reply with the kit's key (shared.reply_signature)
-        node_config += f' signing-key="{(kit / "node.key").resolve()}"'
     policy = dict(settings.get("policy", {}))
     if "epsilon" in settings:
         policy.setdefault("epsilon", settings["epsilon"])
@@ -66,12 +60,29 @@ def supernode_command(
         raise ConfigError(f"{kit / 'department.toml'}: unknown [policy] keys {unknown}; known: {', '.join(POLICY_KEYS)}")
     # A mistaken budget or policy (NaN, a negative epsilon) is refused now, not at the first round.
     SitePolicy.from_mapping(policy, department=name, run=RunConfig(target_epsilon=1e9, target_delta=0.5))
-    for key, value in policy.items():
-        node_config += f" {key}={str(value).lower() if isinstance(value, bool) else value}"
     if SCOPE_KEY in settings:
         scope = settings[SCOPE_KEY]
         labels = scope if isinstance(scope, list) else str(scope).split(",")
-        node_config += f' {SCOPE_KEY}="{",".join(str(label).strip() for label in labels)}"'
+        policy[SCOPE_KEY] = ",".join(str(label).strip() for label in labels)
+    return policy
+
+
+def supernode_command(
+    kit: Path, *, data: Path, superlink: str | None, state_dir: Path | None, insecure: bool, epsilon: float | None
+) -> tuple[list[str], dict[str, str]]:
+    settings = read_kit(kit, insecure=insecure)
+    name = settings["department"]
+    load_records(data)  # a broken data file is reported here, before the node joins
+    state = (state_dir or kit / "state").resolve()
+    node_config = f'department="{name}" data-path="{data.resolve()}" state-dir="{state}"'
+    if not insecure:  # the ClientApp signs every reply with the kit's key (shared.reply_signature)
+        node_config += f' signing-key="{(kit / "node.key").resolve()}"'
+    own = department_own_settings(kit, settings, epsilon=epsilon)
+    for key, value in own.items():
+        if key == SCOPE_KEY:
+            node_config += f' {key}="{value}"'
+        else:
+            node_config += f" {key}={str(value).lower() if isinstance(value, bool) else value}"
     address = superlink or settings["superlink"]
     if insecure and speaks_tls(address):
         raise ConfigError(f"--insecure: the SuperLink at {address} speaks TLS, so a plain connection cannot reach it "

@@ -42,7 +42,7 @@ def run_federation(grid: Grid, context: Context, config: RunConfig, recorder: Ru
         )
         torch.nn.init.zeros_(classifier.head.weight)
         torch.nn.init.zeros_(classifier.head.bias)
-    if config.resume_after_round:
+    if resumes_a_trained_model(config, recorder):
         set_trainable(classifier, resume_parameters(config, backbone_fingerprint=backbone.fingerprint,
                                                     names=trainable_names(classifier)))
     audit_dir = Path(config.out_dir) / "audit" if config.audit_updates else None
@@ -79,6 +79,14 @@ def run_federation(grid: Grid, context: Context, config: RunConfig, recorder: Ru
                  "secure_aggregation": config.secagg, "privacy": metrics["privacy"]},
     )
     return metrics
+
+
+def resumes_a_trained_model(config: RunConfig, recorder: RunRecorder) -> bool:
+    """Whether a round before the resume point changed the model; if none did (each failed, e.g. a
+    first round that SecAgg+ had to halt), the resumed run starts from the initial model, as the
+    stopped run itself went on."""
+    return any(0 < r["round"] <= config.resume_after_round and r.get("aggregate_check") == "passed"
+               for r in recorder.rounds.values())
 
 
 def resume_parameters(config: RunConfig, *, backbone_fingerprint: str, names: list[str]) -> list:

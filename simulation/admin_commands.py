@@ -59,12 +59,7 @@ def audit(
     def show(value: float | None) -> str:
         return f"{value:.4f}" if value is not None else "n/a (too few non-members)"
 
-    for stage in canary["stages"]:
-        claimed = stage["claimed_epsilon"]
-        console.print(f"canary audit, {stage['audited']}: {stage['canaries']} canaries, {stage['correct_guesses']} of "
-                      f"{stage['guesses']} guesses right; epsilon lower bound {stage['epsilon_lower_bound']:.4f} "
-                      f"({stage['confidence']:.1%} confidence), claimed "
-                      f"{f'{claimed:.4f}' if claimed is not None else 'none (no DP)'}")
+    print_canary_audit(canary)
     console.print(f"membership-inference attack ({result['members']} members, {result['non_members']} non-members; "
                   f"{result['attack']}): AUC {result['auc']:.4f}  TPR@1%FPR {show(result['tpr_at_1pct_fpr'])}  "
                   f"TPR@0.1%FPR {show(result['tpr_at_0_1pct_fpr'])}  empirical epsilon {result['empirical_epsilon']:.4f}")
@@ -73,6 +68,15 @@ def audit(
         console.print("[bold red]An audit bound exceeds the claimed epsilon: this is a privacy bug.[/]")
         raise typer.Exit(code=2)
     console.print(f"report: {report}")
+
+
+def print_canary_audit(canary: dict) -> None:
+    for stage in canary["stages"]:
+        claimed = stage["claimed_epsilon"]
+        console.print(f"canary audit, {stage['audited']}: {stage['canaries']} canaries, {stage['correct_guesses']} of "
+                      f"{stage['guesses']} guesses right; epsilon lower bound {stage['epsilon_lower_bound']:.4f} "
+                      f"({stage['confidence']:.1%} confidence), claimed "
+                      f"{f'{claimed:.4f}' if claimed is not None else 'none (no DP)'}")
 
 
 def report(run_dir: RunDir) -> None:

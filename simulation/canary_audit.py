@@ -122,25 +122,56 @@ STAGES = {
 
 def canary_audit(run_dir: Path, *, canaries: int, seed: int = 0) -> dict[str, Any]:
     """The canary audit of a simulation run: every stage it ran, m canaries per stage, in copies."""
-    from rich.progress import track
-
     from client.department_data import load_department, resolve_department
     from shared.errors import DataError
-    from shared.model import load_backbone
     from simulation.resume import read_run_config
 
-    if canaries < 10:
-        raise DataError(f"--canaries must be at least 10 (got {canaries}): fewer guesses cannot bound epsilon")
     config = read_run_config(run_dir)
     if not config.partition_dir:
-        raise DataError(f"{run_dir}: not a simulation run; the audit needs the departments' records")
-    backbone = load_backbone(config.model)
-    rng = np.random.default_rng(seed)
+        raise DataError(f"{run_dir}: not a simulation run; its departments audit themselves "
+                        "(`fedpriv department audit` on each department's host)")
     manifest = json.loads((Path(config.partition_dir) / "manifest.json").read_text())
     departments = []
     for index in range(len(manifest["departments"])):
         settings = resolve_department(config, {"partition-id": index})
         departments.append((settings, load_department(settings, config)))
+    return audit_departments(config, departments, canaries=canaries, seed=seed)
+
+
+def department_canary_audit(kit: Path, *, data: Path, run_config: Path, canaries: int, seed: int = 0) -> dict[str, Any]:
+    """One deployed department audits itself on its own host, with its kit's budget, policy and
+    scope and a run's settings (the run folder's ``run_config.toml``); its records never leave it,
+    and its real ledger and state are not touched (the audit's state lives in a scratch folder)."""
+    import tempfile
+    import tomllib
+
+    from client.department_data import load_department, resolve_department
+    from client.deployment import department_own_settings, read_kit
+    from shared.errors import ConfigError
+
+    kit_settings = read_kit(kit, insecure=True)
+    try:
+        config = RunConfig.from_run_config(tomllib.loads(run_config.read_text()))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"--run-config {run_config}: {exc}") from None
+    with tempfile.TemporaryDirectory(prefix="fedpriv-department-audit-") as scratch:
+        node_config = {"department": kit_settings["department"], "data-path": str(data.resolve()),
+                       "state-dir": scratch, **department_own_settings(kit, kit_settings, epsilon=None)}
+        settings = resolve_department(config, node_config)
+        return audit_departments(config, [(settings, load_department(settings, config))], canaries=canaries, seed=seed)
+
+
+def audit_departments(config: RunConfig, departments: list, *, canaries: int, seed: int) -> dict[str, Any]:
+    """Every stage the run plans, m canaries per stage shared among ``departments``."""
+    from rich.progress import track
+
+    from shared.errors import DataError
+    from shared.model import load_backbone
+
+    if canaries < 10:
+        raise DataError(f"--canaries must be at least 10 (got {canaries}): fewer guesses cannot bound epsilon")
+    backbone = load_backbone(config.model)
+    rng = np.random.default_rng(seed)
     stages = [name for name, ran in (("class-statistics", config.statistics_round), ("dp-sgd", config.dp_sgd_rounds)) if ran]
     confidence = 1 - (1 - CONFIDENCE) / len(stages)  # every stage's bound holds together at CONFIDENCE
     results = []

@@ -97,6 +97,32 @@ def department_approve(
     console.print(f"approved app code {digest} in {kit / 'department.toml'}; restart the department's SuperNode")
 
 
+@department_app.command("audit")
+@friendly
+def department_audit(
+    kit: Annotated[Path, typer.Option(help="This department's kit.")],
+    data: Annotated[Path, typer.Option(help="This department's CSV/JSONL, as it trains on it.")],
+    run_config: Annotated[Path, typer.Option(help="The run's settings: run_config.toml from its run folder (no data in it).")],
+    canaries: Annotated[int, typer.Option(min=10, help="Canaries per audited stage, each included with probability 1/2.")] = 1000,
+    out: Annotated[Path | None, typer.Option(help="Where to write the audit's JSON (default: KIT/state/canary-audit.json).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for the canaries.")] = 0,
+) -> None:
+    """Canary-audit this department's releases on its own host, with the run's settings and its own
+    budget and policy: its records never leave it, its ledger is not touched. Exits 2 on a privacy bug."""
+    from simulation.admin_commands import print_canary_audit
+    from simulation.canary_audit import department_canary_audit
+
+    result = department_canary_audit(kit.resolve(), data=data, run_config=run_config, canaries=canaries, seed=seed)
+    path = out or kit / "state" / "canary-audit.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    print_canary_audit(result)
+    console.print(f"written: {path}")
+    if result["violation"]:
+        console.print("[bold red]An audit bound exceeds the claimed epsilon: this is a privacy bug.[/]")
+        raise typer.Exit(code=2)
+
+
 @department_app.command("start")
 @friendly
 def department_start(

@@ -59,7 +59,7 @@ def simulation_superlink(run_dir: Path) -> Iterator[dict[str, str]]:
         executable("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
         "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(port),
     ]
-    with log_path.open("w") as log:
+    with log_path.open("a") as log:  # a resumed run keeps the log of the attempt before it
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_until_up(process, f"127.0.0.1:{port}", ca=None, log=log_path)
@@ -82,7 +82,7 @@ def submit_run(
     command = [executable("flwr"), "run", str(app_dir()), CONNECTION, "--run-config", str(config_path), "--stream"]
     if federation_config:
         command += ["--federation-config", federation_config]
-    with log_path.open("w") as log:
+    with log_path.open("a") as log:  # a resumed run keeps the log of the attempt before it
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             _follow(run_dir, process, on_round)

@@ -114,3 +114,31 @@ def test_dp_sgd_rounds_stay_below_their_claim_and_a_hundredth_of_the_noise_is_ca
     monkeypatch.setattr(canary_training, "train_private", broken)
     bound, claimed = audited_training(config)
     assert bound.epsilon > claimed, (bound, claimed)
+
+
+def test_a_deployed_department_audits_itself_without_touching_its_state(tmp_path):
+    from typer.testing import CliRunner
+
+    from server.provisioning import provision
+    from shared.data import write_jsonl
+    from shared.demo_corpus import demo_records
+    from simulation.cli import app
+    from simulation.launcher import write_run_config
+
+    kit = provision(tmp_path / "kits", departments=["it", "hr"], hosts=["127.0.0.1"], superlink="127.0.0.1:9093",
+                    approved_fab_sha256="ab" * 32).department_kits["it"]
+    write_jsonl([r for r in demo_records() if r.department == "it"], tmp_path / "it.jsonl")
+    run_config = write_run_config(training_config(target_epsilon=2.0).to_run_config(), tmp_path / "run_config.toml")
+    result = CliRunner().invoke(app, ["department", "audit", "--kit", str(kit), "--data", str(tmp_path / "it.jsonl"),
+                                      "--run-config", str(run_config), "--canaries", "100", "--out", str(tmp_path / "a.json")])
+    assert result.exit_code == 0, result.output
+    import json
+
+    stages = json.loads((tmp_path / "a.json").read_text())["stages"]
+    assert [s["stage"] for s in stages] == ["class-statistics", "dp-sgd"]
+    assert all(s["canaries"] == 100 and s["epsilon_lower_bound"] <= s["claimed_epsilon"] <= 2.0 for s in stages)
+    assert not (kit / "state").exists()  # its ledger and caches are the real run's, never the audit's
+
+    missing = CliRunner().invoke(app, ["department", "audit", "--kit", str(kit), "--data", str(tmp_path / "it.jsonl"),
+                                       "--run-config", str(tmp_path / "nope.toml")])
+    assert missing.exit_code == 1 and "nope.toml" in missing.output and "Traceback" not in missing.output

@@ -106,3 +106,18 @@ def test_a_broken_line_in_the_servers_copy_is_named_not_a_traceback(tmp_path):
     ledger_copy_path(tmp_path, "hr").write_text(ledger_line(1) + "\n{broken\n")
     with pytest.raises(DataError, match=r"hr.jsonl:2: not a ledger line"):
         ledger_rows(tmp_path)
+
+
+def test_a_resumed_run_starts_from_the_initial_model_only_when_no_earlier_round_changed_it():
+    from types import SimpleNamespace
+
+    from server.federation import resumes_a_trained_model
+    from shared.config import RunConfig
+
+    config = RunConfig(num_server_rounds=4, resume_after_round=2)
+    halted = {1: {"round": 1, "aggregate_check": None}, 2: {"round": 2, "aggregate_check": "rejected"}}
+    assert not resumes_a_trained_model(config, SimpleNamespace(rounds=halted))
+    trained = {**halted, 2: {"round": 2, "aggregate_check": "passed"}}
+    assert resumes_a_trained_model(config, SimpleNamespace(rounds=trained))
+    later = {**halted, 3: {"round": 3, "aggregate_check": "passed"}}  # after the resume point: not used
+    assert not resumes_a_trained_model(config, SimpleNamespace(rounds=later))

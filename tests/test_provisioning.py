@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import stat
+from contextlib import contextmanager
 
 import pytest
 from cryptography import x509
@@ -212,6 +213,29 @@ def test_department_start_refuses_a_bad_budget_at_once(tmp_path, kits, epsilon):
                           insecure=False, epsilon=epsilon)
 
 
+@contextmanager
+def one_connection_server(kits, *, tls: bool):
+    """A loopback server that accepts one connection (TLS with the provisioned server certificate,
+    or plain); yields its host:port."""
+    import socket
+    import ssl
+    import threading
+
+    context = None
+    if tls:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(kits.server_kit / "server.pem", kits.server_kit / "server.key")
+        context.set_alpn_protocols(["h2"])
+    listener = socket.create_server(("127.0.0.1", 0))
+    thread = threading.Thread(target=_serve_once, args=(listener, context), daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        thread.join(timeout=10)
+        listener.close()
+
+
 def _serve_once(listener, context):
     connection, _ = listener.accept()
     try:
@@ -223,24 +247,11 @@ def _serve_once(listener, context):
 
 @pytest.mark.parametrize("server_tls", [True, False])
 def test_an_insecure_department_is_told_that_the_superlink_speaks_tls(tmp_path, kits, server_tls):
-    import socket
-    import ssl
-    import threading
-
     from client.deployment import supernode_command
 
-    context = None
-    if server_tls:
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(kits.server_kit / "server.pem", kits.server_kit / "server.key")
-        context.set_alpn_protocols(["h2"])
-    listener = socket.create_server(("127.0.0.1", 0))
-    thread = threading.Thread(target=_serve_once, args=(listener, context), daemon=True)
-    thread.start()
     data = tmp_path / "hr.csv"
     data.write_text("text,label\nmy leave request,leave\n")
-    address = f"127.0.0.1:{listener.getsockname()[1]}"
-    try:
+    with one_connection_server(kits, tls=server_tls) as address:
         if server_tls:
             with pytest.raises(ConfigError, match=r"speaks TLS.*start without --insecure"):
                 supernode_command(kits.department_kits["hr"], data=data, superlink=address,
@@ -250,34 +261,20 @@ def test_an_insecure_department_is_told_that_the_superlink_speaks_tls(tmp_path, 
             command, _ = supernode_command(kits.department_kits["hr"], data=data, superlink=address,
                                            state_dir=tmp_path / "state", insecure=True, epsilon=None)
             assert "--insecure" in command
-    finally:
-        thread.join(timeout=10)
-        listener.close()
 
 
 @pytest.mark.parametrize("same_provisioning", [True, False])
 def test_a_kit_from_another_provisioning_is_refused_before_its_supernode_starts(tmp_path, kits, same_provisioning):
     """SuperNodes reconnect for an hour (outages, server restarts), so a kit that can never connect
     (another CA) is refused at once, by name, instead of retrying."""
-    import socket
-    import ssl
-    import threading
-
     from client.deployment import supernode_command
 
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(kits.server_kit / "server.pem", kits.server_kit / "server.key")
-    context.set_alpn_protocols(["h2"])
-    listener = socket.create_server(("127.0.0.1", 0))
-    thread = threading.Thread(target=_serve_once, args=(listener, context), daemon=True)
-    thread.start()
     kit = kits.department_kits["hr"] if same_provisioning else provision(
         tmp_path / "rogue", departments=["hr"], hosts=["127.0.0.1"], superlink="127.0.0.1:1",
         approved_fab_sha256=APPROVED).department_kits["hr"]
     data = tmp_path / "hr.csv"
     data.write_text("text,label\nmy leave request,leave\n")
-    address = f"127.0.0.1:{listener.getsockname()[1]}"
-    try:
+    with one_connection_server(kits, tls=True) as address:
         if same_provisioning:
             command, _ = supernode_command(kit, data=data, superlink=address, state_dir=tmp_path / "state",
                                            insecure=False, epsilon=None)
@@ -287,6 +284,3 @@ def test_a_kit_from_another_provisioning_is_refused_before_its_supernode_starts(
                 supernode_command(kit, data=data, superlink=address, state_dir=tmp_path / "state",
                                   insecure=False, epsilon=None)
             assert not (tmp_path / "state").exists()
-    finally:
-        thread.join(timeout=10)
-        listener.close()

@@ -9,7 +9,7 @@ import numpy as np
 from server.strategy import EvaluateFn
 from shared import protocol
 from shared.config import RunConfig
-from shared.data import check_labels, load_records
+from shared.data import DEFAULT_COLUMNS, check_labels, load_records
 from shared.evaluation import evaluate_module
 from shared.features import labelled_dataset
 from shared.model import Backbone, TextClassifier
@@ -22,7 +22,7 @@ def make_server_evaluator(
     """An ``evaluate_fn`` for FedAvg when the run has ``test-data``; None for federated evaluation only."""
     if not config.test_data:
         return None
-    records = load_records(config.test_data)
+    records = load_records(config.test_data, columns=DEFAULT_COLUMNS.without_department())  # a test set's departments play no part
     check_labels(records, config.labels)
     dataset = labelled_dataset(
         backbone, records, labels=config.labels, max_length=config.max_length,

@@ -3,6 +3,9 @@
 Accepted formats (chosen by file suffix):
 - CSV with a header row holding ``text`` and ``label`` and optionally ``department``;
 - JSONL, one object per line with the same keys.
+A file whose columns have other names is read as it is, with ``Columns`` naming them
+(``--text-column``, ``--label-column``, ``--department-column``); a file that only evaluates
+(a test set) is read with ``department=None``: its department column, empty or not, is ignored.
 Every problem names the file, the line and the column, and up to ``MAX_REPORTED`` problems
 are reported together so that a user can fix a file in one pass.
 """
@@ -17,10 +20,35 @@ from pathlib import Path
 
 from shared.errors import DataError
 
-REQUIRED_COLUMNS = ("text", "label")
-OPTIONAL_COLUMNS = ("department",)
 SUFFIXES = (".csv", ".jsonl", ".json")
 MAX_REPORTED = 10
+
+
+@dataclass(frozen=True)
+class Columns:
+    """The names of a file's text, label and (optional) department columns; department None: ignore it."""
+
+    text: str = "text"
+    label: str = "label"
+    department: str | None = "department"
+
+    def __post_init__(self) -> None:
+        names = [n for n in (self.text, self.label, self.department) if n is not None]
+        problems = [f"a column name must not be empty (got {n!r})" for n in names if not n.strip()]
+        if len(set(names)) != len(names):
+            problems.append(f"text, label and department columns must differ (got {', '.join(names)})")
+        if problems:
+            raise DataError("; ".join(problems))
+
+    @property
+    def required(self) -> tuple[str, str]:
+        return self.text, self.label
+
+    def without_department(self) -> Columns:
+        return Columns(self.text, self.label, None)
+
+
+DEFAULT_COLUMNS = Columns()
 
 
 @dataclass(frozen=True)
@@ -31,7 +59,7 @@ class Record:
     source: str = ""  # "file:line", for error messages
 
 
-def load_records(path: str | Path) -> list[Record]:
+def load_records(path: str | Path, *, columns: Columns = DEFAULT_COLUMNS) -> list[Record]:
     """Read every record of a CSV or JSONL file; raise ``DataError`` naming each bad line."""
     path = Path(path)
     if not path.exists():
@@ -47,17 +75,17 @@ def load_records(path: str | Path) -> list[Record]:
         raise DataError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     if not text.strip():
         raise DataError(f"{path}: file is empty")
-    rows = _csv_rows(path, text) if suffix == ".csv" else _jsonl_rows(path, text)
-    return _to_records(path, rows)
+    rows = _csv_rows(path, text, columns) if suffix == ".csv" else _jsonl_rows(path, text)
+    return _to_records(path, rows, columns)
 
 
-def _csv_rows(path: Path, text: str) -> Iterable[tuple[int, dict[str, object] | str]]:
+def _csv_rows(path: Path, text: str, columns: Columns) -> Iterable[tuple[int, dict[str, object] | str]]:
     reader = csv.reader(text.splitlines())
     try:
         header = [h.strip() for h in next(reader)]
     except csv.Error as exc:
         raise DataError(f"{path}:1: malformed CSV header ({exc})") from None
-    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+    missing = [c for c in columns.required if c not in header]
     if missing:
         raise DataError(
             f"{path}:1: missing column(s) {', '.join(missing)}; the header has {', '.join(header) or 'nothing'}"
@@ -93,7 +121,7 @@ def _jsonl_rows(path: Path, text: str) -> Iterable[tuple[int, dict[str, object] 
         yield line_number, row
 
 
-def _to_records(path: Path, rows: Iterable[tuple[int, dict[str, object] | str]]) -> list[Record]:
+def _to_records(path: Path, rows: Iterable[tuple[int, dict[str, object] | str]], columns: Columns) -> list[Record]:
     records: list[Record] = []
     problems: list[str] = []
     for line_number, row in rows:
@@ -102,22 +130,24 @@ def _to_records(path: Path, rows: Iterable[tuple[int, dict[str, object] | str]])
             problems.append(f"{where}: {row}")
             continue
         row_problems = []
-        values: dict[str, str | None] = {}
-        for column in REQUIRED_COLUMNS + OPTIONAL_COLUMNS:
-            value = row.get(column)
-            if value is None and column in OPTIONAL_COLUMNS:
-                values[column] = None
+        values: dict[str, str | None] = {"department": None}
+        wanted = (("text", columns.text), ("label", columns.label), ("department", columns.department))
+        for field, column in wanted:
+            if column is None:
                 continue
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and column == "label":
+            value = row.get(column)
+            if value is None and field == "department":
+                continue
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and field == "label":
                 value = str(value)
             if not isinstance(value, str) or not value.strip():
                 row_problems.append(f"column '{column}' is missing or empty")
                 continue
-            values[column] = value.strip()
+            values[field] = value.strip()
         if row_problems:
             problems.append(f"{where}: {'; '.join(row_problems)}")
             continue
-        records.append(Record(values["text"], values["label"], values["department"] or None, where))  # type: ignore[arg-type]
+        records.append(Record(values["text"], values["label"], values["department"], where))  # type: ignore[arg-type]
     if problems:
         raise DataError(_summarise(path, problems))
     if not records:

@@ -1,4 +1,5 @@
-"""`fedpriv ledger`, `fedpriv audit`, `fedpriv report`: what the central admin reads from a run folder."""
+"""`fedpriv ledger`, `fedpriv audit`, `fedpriv report`: what the central admin reads from a run folder;
+`fedpriv labels`: the label set a deployed run needs."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from simulation import options as opt
 from simulation.console import console
 
 RunDir = Annotated[Path, typer.Argument(help="A run folder (fedpriv-runs/...).", exists=True, file_okay=False)]
@@ -84,3 +86,26 @@ def report(run_dir: RunDir) -> None:
     from server.report import write_report
 
     console.print(f"report: {write_report(run_dir.resolve())}")
+
+
+def labels(
+    data: Annotated[list[Path], typer.Argument(help="CSV/JSONL files whose labels make the federation's label set (every department's, or one file of them all).")],
+    out: Annotated[Path, typer.Option(help="The labels file to write, one label per line (what `fedpriv run --labels-file` reads).")] = Path("labels.txt"),
+    text_column: opt.TextColumn = "text",
+    label_column: opt.LabelColumn = "label",
+) -> None:
+    """Write the federation's label set: every label in the given files, sorted, one per line.
+
+    The labels are the only thing the central admin needs to know of the departments' data before a
+    deployed run; they are not protected by differential privacy, so list labels that are public
+    (a product catalogue, an intent taxonomy), not ones that only some records reveal."""
+    from shared.data import Columns, derive_labels, load_records
+    from shared.errors import ConfigError
+
+    if out.exists() and out.is_dir():
+        raise ConfigError(f"--out {out}: is a folder; give a file name")
+    columns = Columns(text_column, label_column, None)
+    found = derive_labels(record for path in data for record in load_records(path, columns=columns))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(f"{label}\n" for label in found))
+    console.print(f"{len(found)} labels from {len(data)} file(s) -> {out}", highlight=False)

@@ -41,6 +41,7 @@ class BenchPlan:
     scale_records: int
     scale_neighbourhoods: tuple[int, ...]  # SecAgg+ num-shares: 0 = full mesh
     deployment: bool
+    audit_canaries: int  # per audited stage
 
 
 EPSILONS = (1.0, 3.0, 8.0, None)
@@ -50,9 +51,9 @@ FULL = BenchPlan(
     + tuple(("stage 1, distributed noise", "dirichlet-0.5", epsilon) for epsilon in (1.0, 3.0, 8.0))
     + (("stage 1 + 2", "domain", 8.0), ("stage 1 + 2", "domain-no-scopes", 8.0), ("stage 1 + 2", "domain", None),
        ("head DP-SGD (old)", "domain", 8.0), ("head DP-SGD (old)", "dirichlet-0.5", 8.0)),
-    7, 256, (5, 10), 5, 2, (10, 50, 100), 100, (0, 21), True)
+    7, 256, (5, 10), 5, 2, (10, 50, 100), 100, (0, 21), True, 5000)
 QUICK = BenchPlan((("stage 1", "domain", 8.0), ("stage 1", "domain", None), ("stage 1 + 2", "domain", 8.0)),
-                  3, 64, (5,), 3, 1, (10, 20), 60, (0, 11), False)
+                  3, 64, (5,), 3, 1, (10, 20), 60, (0, 11), False, 1000)
 
 
 def machine() -> dict[str, Any]:
@@ -165,13 +166,13 @@ def bench(
         if audited:
             from simulation.bench_accuracy import audit_markdown, audits
 
-            console.print("[bold]membership-inference audit[/]")
-            audit = audits(audited)
+            console.print("[bold]audit[/]")
+            audit = audits(audited, canaries=plan.audit_canaries)
             save("audit", audit)
-            sections += ["## 5. Membership-inference audit (loss attack on the by-domain runs)", "",
+            sections += ["## 5. Audit of the by-domain runs (canaries, then the loss attack)", "",
                          *audit_markdown(audit), ""]
         else:
-            skipped("5. Membership-inference audit")
+            skipped("5. Audit of the by-domain runs")
 
     header = _header(results["machine"], command)
     (out / "BENCHMARKS.md").write_text("\n".join([*header, *sections]))

@@ -10,10 +10,11 @@ import click
 import typer
 
 from shared.config import DEFAULTS
+from shared.data import Columns
 from shared.errors import ConfigError
 from simulation import options as opt
 from simulation.console import console, friendly, user_errors
-from simulation.admin_commands import audit, ledger, report
+from simulation.admin_commands import audit, labels, ledger, report
 from simulation.bench import bench
 from simulation.deploy_commands import department_app, provision, run, server_app
 
@@ -28,8 +29,24 @@ app.command()(friendly(run))
 app.command()(friendly(ledger))
 app.command()(friendly(audit))
 app.command()(friendly(report))
+app.command()(friendly(labels))
 app.command()(friendly(bench))
 app.add_typer(server_app, name="server")
+
+
+def _version(show: bool) -> None:
+    if show:
+        from importlib.metadata import version
+
+        console.print(f"fedpriv {version('fedpriv')}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print fedpriv's version and exit.")] = False,
+) -> None:
+    """fedpriv: federated fine-tuning of a text classifier across departments, with differential privacy."""
 app.add_typer(department_app, name="department")
 
 
@@ -38,6 +55,9 @@ def simulate(
     ctx: typer.Context,
     data: Annotated[Path | None, typer.Option(help="CSV/JSONL file (text,label[,department]) or the CLINC150 folder. Default: the built-in synthetic demo corpus.")] = None,
     test_data: opt.TestData = None,
+    text_column: opt.TextColumn = "text",
+    label_column: opt.LabelColumn = "label",
+    department_column: opt.DepartmentColumn = "department",
     partition: Annotated[str | None, typer.Option(help="column | domain | dirichlet | iid. Default: domain for CLINC150, else column.")] = None,
     departments: Annotated[int | None, typer.Option(help="Number of departments for dirichlet / iid (default 4).")] = None,
     alpha: Annotated[float, typer.Option(help="Dirichlet concentration for --partition dirichlet.")] = 0.5,
@@ -46,6 +66,8 @@ def simulate(
     local_epochs: opt.LocalEpochs = DEFAULTS.local_epochs,
     batch_size: Annotated[int | None, typer.Option(help=f"Expected batch size (Poisson sampling). Default: {DEFAULTS.batch_size}, at most a quarter of the smallest department.")] = None,
     learning_rate: opt.LearningRate = DEFAULTS.learning_rate,
+    momentum: opt.Momentum = DEFAULTS.momentum,
+    statistics_share: opt.StatisticsShare = DEFAULTS.statistics_share,
     max_grad_norm: opt.MaxGradNorm = DEFAULTS.max_grad_norm,
     epsilon: opt.Epsilon = DEFAULTS.target_epsilon,
     delta: opt.Delta = DEFAULTS.target_delta,
@@ -84,9 +106,9 @@ def simulate(
         if batch_size is not None and batch_size < 1:
             raise typer.BadParameter(f"must be >= 1 (got {batch_size})", param_hint="--batch-size")
         request = SimulationRequest(
-            data=data, test_data=test_data, partition=partition, departments=departments, alpha=alpha,
+            data=data, test_data=test_data, columns=Columns(text_column, label_column, department_column), partition=partition, departments=departments, alpha=alpha,
             rounds=rounds, head_init=head_init, local_epochs=local_epochs, batch_size=batch_size, learning_rate=learning_rate,
-            max_grad_norm=max_grad_norm, epsilon=epsilon, delta=delta, accountant=accountant, model=model,
+            momentum=momentum, statistics_share=statistics_share, max_grad_norm=max_grad_norm, epsilon=epsilon, delta=delta, accountant=accountant, model=model,
             lora_r=lora_r, lora_layers=lora_layers, dp=not no_dp, secagg=not no_secagg, secagg_num_shares=secagg_num_shares, audit_updates=audit_updates, out=out, seed=seed, feature_cache=feature_cache,
             policies=opt.department_policies(budget or [], policy or [], label_scope or []), min_departments=min_departments,
             declared_scopes=not no_declared_scopes, distributed_noise=distributed_noise,

@@ -14,6 +14,8 @@ Rounds = Annotated[int, typer.Option(help="Federated rounds: round 1 releases DP
 HeadInit = Annotated[str, typer.Option(help="class-statistics: round 1 builds the head from each department's DP class statistics (default); zeros: every round is DP-SGD from a zero head (the earlier design).")]
 LocalEpochs = Annotated[int, typer.Option(help="Local epochs per round.")]
 LearningRate = Annotated[float, typer.Option(help="Local SGD learning rate.")]
+StatisticsShare = Annotated[float, typer.Option(help="When DP-SGD rounds follow stage 1: the share of each department's epsilon that stage 1's class statistics spend (the rest is DP-SGD's).")]
+Momentum = Annotated[float, typer.Option(help="SGD momentum of the DP-SGD rounds.")]
 MaxGradNorm = Annotated[float, typer.Option(help="Per-sample clipping bound.")]
 Epsilon = Annotated[float, typer.Option(help="Each department's privacy budget epsilon over the whole run (a department may set a lower one).")]
 Delta = Annotated[float, typer.Option(help="Each department's delta; must be below 1/records.")]
@@ -25,6 +27,9 @@ TestData = Annotated[Path | None, typer.Option(help="Held-out CSV/JSONL for serv
 NoDp = Annotated[bool, typer.Option("--no-dp", help="Baseline WITHOUT differential privacy: no guarantee holds.")]
 NoSecagg = Annotated[bool, typer.Option("--no-secagg", help="Baseline without SecAgg+: the server sees each department's update.")]
 SecaggNumShares = Annotated[int, typer.Option(help="SecAgg+ neighbourhood: 0 = every department with every other (default, strongest); an odd k >= 3 = k - 1 random neighbours per round, for large federations (a server colluding with all of a department's neighbours could unmask it).")]
+TextColumn = Annotated[str, typer.Option(help="The column (CSV header or JSONL key) that holds each record's text.")]
+LabelColumn = Annotated[str, typer.Option(help="The column that holds each record's label.")]
+DepartmentColumn = Annotated[str, typer.Option(help="The column that names each record's department (--partition column).")]
 Out = Annotated[Path | None, typer.Option(help="Run folder on this host (default: fedpriv-runs/<time>).")]
 
 NO_DP_WARNING = "[bold red]WARNING: --no-dp: NO differential privacy. No privacy guarantee holds for this run.[/]"

@@ -16,7 +16,7 @@ from typing import Any
 
 from client.label_scope import SCOPE_KEY, parse_label_scope
 from shared import clinc150, partition
-from shared.data import Record, check_labels, derive_labels, load_records, safe_name, write_jsonl
+from shared.data import DEFAULT_COLUMNS, Columns, Record, check_labels, derive_labels, load_records, safe_name, write_jsonl
 from shared.demo_corpus import DESCRIPTION as DEMO_DESCRIPTION
 from shared.demo_corpus import demo_label_scopes, demo_records
 from shared.errors import ConfigError, DataError
@@ -31,6 +31,7 @@ class DataPlan:
     alpha: float
     seed: int
     declared_scopes: bool = True  # the label scopes CLINC150's domains.json / the demo's design declare
+    columns: Columns = DEFAULT_COLUMNS  # the names of the user's text, label and department columns
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,7 @@ def _source_records(plan: DataPlan) -> tuple[list[Record], list[Record] | None, 
         return data.pool, data.test, f"CLINC150 in-scope ({plan.data})", data.domains
     if plan.data.is_dir():
         raise DataError(f"{plan.data}: a folder that is not CLINC150; give a .csv or .jsonl file")
-    return load_records(plan.data), None, str(plan.data), None
+    return load_records(plan.data, columns=plan.columns), None, str(plan.data), None
 
 
 def _scheme(plan: DataPlan, domains: dict | None) -> str:
@@ -83,7 +84,8 @@ def _partition(plan: DataPlan, pool: list[Record], domains: dict | None) -> dict
     if scheme == "column":
         if not any(r.department for r in pool):
             raise DataError(
-                f"{plan.data}: no 'department' column; add one or choose --partition dirichlet/iid with --departments N"
+                f"{plan.data}: no '{plan.columns.department}' column; add one, name yours with --department-column, "
+                "or choose --partition dirichlet/iid with --departments N"
             )
         return partition.by_column(pool)
     if scheme == "domain":
@@ -120,7 +122,7 @@ def partition_data(plan: DataPlan) -> Partitioned:
     if len(labels) < 2:
         raise DataError(f"{description}: needs at least 2 distinct labels, found {len(labels)}")
     if plan.test_data is not None:
-        test = load_records(plan.test_data)
+        test = load_records(plan.test_data, columns=plan.columns.without_department())  # its departments play no part
     if test is None:
         # Under DP departments send no evaluation numbers (client.department), so a simulation's
         # server holds a test split of its own, carved from the pool before it is partitioned.

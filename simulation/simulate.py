@@ -20,6 +20,7 @@ from server.report import REPORT_FILE
 from server.secure_aggregation import RECONSTRUCTION_THRESHOLD
 from server.run_record import METRICS_FILE, PLOT_FILE
 from shared.config import DEFAULTS, RunConfig, secagg_neighbourhood
+from shared.data import Columns
 from shared.errors import ConfigError
 from simulation.launcher import run_simulation
 from simulation.options import NO_DP_WARNING, run_dir_path
@@ -31,6 +32,7 @@ from simulation.resume import resume_config
 class SimulationRequest:
     data: Path | None
     test_data: Path | None
+    columns: Columns
     partition: str | None
     departments: int | None
     alpha: float
@@ -40,6 +42,8 @@ class SimulationRequest:
     batch_size: int | None
     learning_rate: float
     max_grad_norm: float
+    momentum: float
+    statistics_share: float
     epsilon: float
     delta: float
     accountant: str
@@ -69,7 +73,7 @@ def simulate_federation(request: SimulationRequest, *, console: Console) -> dict
         for name, policy in request.policies.items():
             SitePolicy.from_mapping(policy, department=name, run=promised)
     data_plan = DataPlan(
-        data=request.data, test_data=request.test_data, partition=request.partition,
+        data=request.data, test_data=request.test_data, columns=request.columns, partition=request.partition,
         departments=request.departments, alpha=request.alpha, seed=request.seed,
         declared_scopes=request.declared_scopes,
     )
@@ -93,7 +97,8 @@ def simulate_federation(request: SimulationRequest, *, console: Console) -> dict
     )
     config = RunConfig(
         num_server_rounds=request.rounds, head_init=request.head_init, local_epochs=request.local_epochs, batch_size=batch_size,
-        learning_rate=request.learning_rate, max_grad_norm=request.max_grad_norm,
+        learning_rate=request.learning_rate, max_grad_norm=request.max_grad_norm, momentum=request.momentum,
+        statistics_share=request.statistics_share,
         target_epsilon=request.epsilon, target_delta=request.delta, dp=request.dp, accountant=request.accountant,
         model=str(Path(request.model).expanduser().resolve()) if request.model not in (MINILM, TINY) else request.model,
         lora_r=request.lora_r, lora_layers=request.lora_layers, labels=federation.labels,

@@ -68,7 +68,7 @@ def test_canaries_go_to_the_departments_largest_labels_and_never_past_their_dire
         canary_audit.canary_rows(targets, num_labels=4, canaries=30, width=8, rows=None)
 
 
-def audited_training(config: RunConfig, *, canaries: int = 200, seed: int = 0):
+def audited_training(config: RunConfig, *, state: Path, canaries: int = 200, seed: int = 0):
     from client.department_data import DepartmentData, DepartmentSettings
     from client.site_policy import SitePolicy
     from shared.demo_corpus import demo_records
@@ -76,7 +76,7 @@ def audited_training(config: RunConfig, *, canaries: int = 200, seed: int = 0):
     from simulation.canary_training import audit_department_training
 
     records = [r for r in demo_records() if r.department == "it"]
-    settings = DepartmentSettings("it", Path("it.jsonl"), Path("unused-state"),
+    settings = DepartmentSettings("it", Path("it.jsonl"), state,
                                   SitePolicy.from_mapping({}, department="it", run=config))
     scores, included, threshold, claimed = audit_department_training(
         backbone=load_backbone("tiny"), settings=settings, data=DepartmentData("it", records, [], []), config=config,
@@ -92,14 +92,14 @@ def training_config(**overrides) -> RunConfig:
 
 
 @pytest.mark.parametrize("lora", [(0, 0), (8, 1)], ids=["head", "lora-top-layer"])
-def test_dp_sgd_rounds_without_noise_give_their_canaries_away(lora):
-    bound, claimed = audited_training(training_config(dp=False, lora_r=lora[0], lora_layers=lora[1]))
+def test_dp_sgd_rounds_without_noise_give_their_canaries_away(lora, tmp_path):
+    bound, claimed = audited_training(training_config(dp=False, lora_r=lora[0], lora_layers=lora[1]), state=tmp_path)
     assert claimed is None and bound.epsilon > 2.0, bound
 
 
-def test_dp_sgd_rounds_stay_below_their_claim_and_a_hundredth_of_the_noise_is_caught(monkeypatch):
+def test_dp_sgd_rounds_stay_below_their_claim_and_a_hundredth_of_the_noise_is_caught(monkeypatch, tmp_path):
     config = training_config(target_epsilon=1.0)
-    bound, claimed = audited_training(config)
+    bound, claimed = audited_training(config, state=tmp_path)
     assert 0 < claimed < 1.0 and bound.epsilon <= claimed  # the DP-SGD rounds' share of the run's epsilon
 
     import dataclasses
@@ -112,7 +112,7 @@ def test_dp_sgd_rounds_stay_below_their_claim_and_a_hundredth_of_the_noise_is_ca
         return real(plan=dataclasses.replace(plan, noise_multiplier=plan.noise_multiplier / 100), **kwargs)
 
     monkeypatch.setattr(canary_training, "train_private", broken)
-    bound, claimed = audited_training(config)
+    bound, claimed = audited_training(config, state=tmp_path)
     assert bound.epsilon > claimed, (bound, claimed)
 
 

@@ -109,3 +109,28 @@ def test_admin_commands_on_folders_that_are_not_runs(tmp_path):
 def test_predict_on_a_missing_model(tmp_path):
     result = run("predict", "--model", str(tmp_path), "hello")
     assert result.exit_code == 1 and "not an exported fedpriv model" in result.output
+
+
+def test_version_and_the_labels_file_a_deployed_run_needs(tmp_path):
+    result = run("--version")
+    assert result.exit_code == 0 and result.output.startswith("fedpriv ")
+    first = csv(tmp_path, "utterance,intent\nhi,greet\nbye,leave\n", "a.csv")
+    second = csv(tmp_path, "utterance,intent\nrefund please,refund\nhello,greet\n", "b.csv")
+    out = tmp_path / "labels.txt"
+    result = run("labels", str(first), str(second), "--out", str(out), "--text-column", "utterance", "--label-column", "intent")
+    assert result.exit_code == 0, result.output
+    assert out.read_text() == "greet\nleave\nrefund\n"
+    result = run("labels", str(first), "--out", str(tmp_path / "x.txt"))
+    assert result.exit_code == 1 and "missing column(s) text, label" in result.output
+    assert not (tmp_path / "x.txt").exists()
+
+
+def test_simulate_reads_the_users_column_names_and_refuses_a_missing_one(tmp_path):
+    data = csv(tmp_path, "body,tag,unit\n" + "".join(f"message {i},{'ab'[i % 2]},{('it', 'hr')[i % 2]}\n" for i in range(4)))
+    result = run("simulate", "--data", str(data), "--model", "tiny", "--out", str(tmp_path / "r"),
+                 "--text-column", "body", "--label-column", "tag", "--department-column", "unit", "--batch-size", "500")
+    assert result.exit_code == 1 and "needs at least batch-size=500" in " ".join(result.output.split())  # read, then refused
+    result = run("simulate", "--data", str(data), "--model", "tiny", "--out", str(tmp_path / "r"),
+                 "--text-column", "body", "--label-column", "tag")
+    assert result.exit_code == 1 and "no 'department' column" in " ".join(result.output.split())
+    assert not (tmp_path / "r").exists()

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from shared.data import Record, check_labels, derive_labels, load_records, write_jsonl
+from shared.data import Columns, Record, check_labels, derive_labels, load_records, write_jsonl
 from shared.errors import DataError
 
 
@@ -85,3 +85,28 @@ def test_unknown_label_names_file_line_and_label(tmp_path):
 
 def test_derive_labels_is_sorted_and_unique():
     assert derive_labels([Record("a", "z"), Record("b", "a"), Record("c", "z")]) == ("a", "z")
+
+
+def test_a_file_is_read_with_the_users_own_column_names(tmp_path):
+    path = write(tmp_path, "u.csv", "utterance,intent,unit\nreset my password,pw,it\n")
+    records = load_records(path, columns=Columns("utterance", "intent", "unit"))
+    assert [(r.text, r.label, r.department) for r in records] == [("reset my password", "pw", "it")]
+    with pytest.raises(DataError, match="missing column\\(s\\) text, label; the header has utterance, intent, unit"):
+        load_records(path)
+    jsonl = write(tmp_path, "u.jsonl", json.dumps({"body": "x", "tag": "y"}) + "\n")
+    assert load_records(jsonl, columns=Columns("body", "tag"))[0].label == "y"
+
+
+def test_a_test_sets_department_column_is_ignored_even_when_empty(tmp_path):
+    path = write(tmp_path, "t.csv", "text,label,department\nhello,greet,\nbye,leave,hr\n")
+    with pytest.raises(DataError, match=":2: column 'department' is missing or empty"):
+        load_records(path)  # a training file needs its departments
+    records = load_records(path, columns=Columns().without_department())
+    assert [(r.label, r.department) for r in records] == [("greet", None), ("leave", None)]
+
+
+def test_column_names_must_be_distinct_and_non_empty():
+    with pytest.raises(DataError, match="must differ"):
+        Columns("text", "text")
+    with pytest.raises(DataError, match="must not be empty"):
+        Columns(" ", "label")

@@ -78,6 +78,7 @@ def supernode_command(
     if not insecure:  # the ClientApp signs every reply with the kit's key (shared.reply_signature)
         node_config += f' signing-key="{(kit / "node.key").resolve()}"'
     own = department_own_settings(kit, settings, epsilon=epsilon)
+    refuse_a_spent_budget(name, state=state, budget=own.get("epsilon"), kit=kit)
     for key, value in own.items():
         if key == SCOPE_KEY:
             node_config += f' {key}="{value}"'
@@ -105,6 +106,24 @@ def supernode_command(
     else:
         command += ["--root-certificates", str(kit / "ca.crt"), "--auth-supernode-private-key", str(kit / "node.key")]
     return command, environment(flwr_home(kit, address, ca=None if insecure else kit / "ca.crt"))
+
+
+def refuse_a_spent_budget(name: str, *, state: Path, budget: float | None, kit: Path) -> None:
+    """A department whose own budget its ledger has already spent would decline every round: say so
+    now, with what to do, instead of joining runs that wait for it and then fail. The ledger is read
+    (and checked: a broken one is refused here, naming the line) only where it exists."""
+    from client.privacy import LEDGER_FILE, EPSILON_TOLERANCE, PrivacyLedger
+
+    if budget is None or not (state / LEDGER_FILE).exists():
+        return
+    ledger = PrivacyLedger(state, department=name)
+    spent = ledger.entries[-1].epsilon if ledger.entries else 0.0
+    if spent >= float(budget) - EPSILON_TOLERANCE:
+        raise ConfigError(
+            f"department {name}: its budget epsilon={budget} is spent (epsilon {spent:.3f} in earlier runs, "
+            f"{state / LEDGER_FILE}), so it would decline every round. Its records have been released at that "
+            f"epsilon for good: to train more, raise its budget knowingly (--epsilon, or 'epsilon' in "
+            f"{kit / 'department.toml'}; the total grows past the old one), or train on new records with a new state folder")
 
 
 def certificate_problem(address: str, *, ca: Path, timeout_s: float = 5.0) -> str | None:

@@ -6,11 +6,12 @@ the DP-SGD mechanism that ran (noise multiplier, sampling rate, steps) and the e
 The accountant is rebuilt from those mechanisms on every round, so nothing is forgotten when the
 ClientApp process, the Ray actor or the SuperNode restarts.
 
-Noise is calibrated once per run, from the run's epsilon (the server's request) and the planned
-rounds, local epochs and sampling rate, composed with whatever earlier runs already spent on the
-same records. The department's own budget is enforced separately: before every round it computes
-what the round would cost and refuses a round that would cross the budget. A department whose
-budget is below the run's epsilon therefore trains the rounds that fit, then stops. Every line
+Noise is calibrated once per run, from the tighter of the run's epsilon (the server's request) and
+the department's own budget, over the planned rounds, local epochs and sampling rate, composed
+with whatever earlier runs already spent on the same records: a department whose budget is below
+the run's epsilon takes part in every round, with more noise. The budget is also enforced
+separately: before every round the department computes what the round would cost and refuses a
+round that would cross the budget (a budget lowered mid-run stops it at the last round that fits). Every line
 carries a running index and the epsilon after it, which is recomputed on start: a broken line,
 a gap, a falling epsilon or a number that does not follow from the recorded rounds is refused.
 """
@@ -36,9 +37,9 @@ EPSILON_TOLERANCE = 0.01
 class PrivacyPlan:
     """One run's DP-SGD mechanism at this department, and the budget it may not cross.
 
-    The noise is calibrated so that the run's planned rounds end at ``run_epsilon`` (the server's
-    request, composed with the department's earlier spending); ``budget`` is the department's own
-    limit, which may be lower: then the department stops early, at the last round that fits.
+    The noise is calibrated so that the run's planned rounds end at the tighter of ``run_epsilon``
+    (the server's request) and ``budget`` (the department's own limit), composed with the
+    department's earlier spending; ``budget`` is checked again before every round.
     """
 
     noise_multiplier: float
@@ -202,7 +203,7 @@ class PrivacyLedger:
             sigma = this_run[0].noise_multiplier
         else:
             sigma = calibrate_noise(
-                target_epsilon=run_epsilon, delta=delta, sample_rate=sample_rate,
+                target_epsilon=min(run_epsilon, budget), delta=delta, sample_rate=sample_rate,
                 steps=steps * planned_rounds, prior=self.history, accountant=accountant,
             )
         return PrivacyPlan(sigma, sample_rate, steps, planned_rounds, run_epsilon, budget, delta, accountant)

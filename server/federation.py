@@ -70,7 +70,9 @@ def run_federation(grid: Grid, context: Context, config: RunConfig, recorder: Ru
     set_trainable(classifier, parameters_to_ndarrays(strategy.latest_parameters))
     trained_rounds = [r for r in recorder.rounds.values() if r["round"] > 0 and r.get("aggregate_check") == "passed"]
     if not trained_rounds:
-        return recorder.finish(state="failed", message="no round produced an update: see failures in metrics.json")
+        causes = list(dict.fromkeys(f for r in recorder.rounds.values() for f in r.get("failures", [])))
+        shown = "; ".join(causes[:5]) + (f"; and {len(causes) - 5} more in metrics.json" if len(causes) > 5 else "")
+        return recorder.finish(state="failed", message=f"no round produced an update: {shown or recorder.ended_early or 'no department answered'}")
     metrics = recorder.finish(state="completed", message=recorder.ended_early)
     export_model(
         Path(config.out_dir) / "model", classifier=classifier, backbone=backbone, labels=config.labels,

@@ -165,7 +165,10 @@ class FedprivStrategy(FedAvg):
                 self.exhausted[proxy.cid] = name
             if m.get(protocol.STATUS) == protocol.STATUS_TRAINED and res.num_examples > 0:
                 trained.append((proxy, res))
-        failure_notes = [_describe_failure(f) for f in failures]
+        failure_notes = [_describe_failure(f) for f in failures] + [
+            f"department {name} declined ({d['status']}): {d['reason'] or 'no reason given'}"
+            for name, d in departments.items()
+            if d["status"] in (protocol.STATUS_BUDGET_EXHAUSTED, protocol.STATUS_POLICY_REFUSED)]
         impostors = self._impostors(results, server_round)
         if impostors and self.run_config.secagg:  # their releases are inside the masked sum: none of it is used
             self.pending_round = None

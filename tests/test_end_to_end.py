@@ -106,8 +106,8 @@ def test_budgets_ledger_report_audit_and_resume_through_the_cli(tmp_path):
     result = fedpriv(*args, "--out", str(whole))
     assert result.returncode == 0, result.stdout + result.stderr
     privacy = _final_privacy(whole)
-    # finance's own budget (5) holds one round of a plan made for epsilon 8 over 4 rounds; the others go on
-    assert privacy["finance"][1:] == (1, "budget-exhausted") and privacy["finance"][0] <= 5.0
+    # finance's own budget (5) is below the run's 8: it takes part in every round, its noise calibrated to 5
+    assert privacy["finance"][1] == 4 and 4.95 <= privacy["finance"][0] <= 5.0
     assert all(p[1] == 4 and 7.9 <= p[0] <= 8.0 for name, p in privacy.items() if name != "finance")
     report = (whole / "report.html").read_text()
     assert all(f"<td>{name}</td>" in report for name in privacy)
@@ -116,7 +116,7 @@ def test_budgets_ledger_report_audit_and_resume_through_the_cli(tmp_path):
     assert set(scopes) == set(privacy) and all(len(labels) == 4 for labels in scopes.values())  # the demo's own
 
     ledger = fedpriv("ledger", str(whole))
-    assert ledger.returncode == 0 and "budget" in ledger.stdout and "exhausted" in ledger.stdout
+    assert ledger.returncode == 0 and "budget" in ledger.stdout
     assert ledger.stdout.count("agrees") == 4  # the server's copy recomputes to every department's epsilon
 
     audit = fedpriv("audit", str(whole), "--canaries", "400")

@@ -213,6 +213,29 @@ def test_department_start_refuses_a_bad_budget_at_once(tmp_path, kits, epsilon):
                           insecure=False, epsilon=epsilon)
 
 
+def test_department_start_refuses_a_budget_its_ledger_has_spent_and_says_what_to_do(tmp_path, kits):
+    from client.deployment import supernode_command
+    from client.privacy import PrivacyLedger
+
+    data = tmp_path / "hr.csv"
+    data.write_text("text,label\nmy leave request,leave\n")
+    state = tmp_path / "state"
+    ledger = PrivacyLedger(state, department="hr")
+    plan = ledger.plan(run="earlier", num_records=1000, batch_size=100, local_epochs=1, planned_rounds=2,
+                       run_epsilon=4.0, budget=4.0, delta=1e-5, accountant="prv")
+    for server_round in (1, 2):
+        ledger.record_round(run="earlier", server_round=server_round, plan=plan, steps=plan.steps_per_round)
+    kit = kits.department_kits["hr"]
+    with pytest.raises(ConfigError) as refused:
+        supernode_command(kit, data=data, superlink="127.0.0.1:1", state_dir=state, insecure=True, epsilon=4.0)
+    message = str(refused.value)
+    assert "department hr: its budget epsilon=4.0 is spent" in message and "raise its budget knowingly" in message
+    # a raised budget (the department's own decision) starts, as does a fresh department
+    command, _ = supernode_command(kit, data=data, superlink="127.0.0.1:1", state_dir=state, insecure=True, epsilon=6.0)
+    assert "client.approved_code" in command
+    supernode_command(kit, data=data, superlink="127.0.0.1:1", state_dir=tmp_path / "fresh", insecure=True, epsilon=4.0)
+
+
 @contextmanager
 def one_connection_server(kits, *, tls: bool):
     """A loopback server that accepts one connection (TLS with the provisioned server certificate,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from types import SimpleNamespace
 
 import pytest
 
@@ -121,3 +122,24 @@ def test_a_resumed_run_starts_from_the_initial_model_only_when_no_earlier_round_
     assert resumes_a_trained_model(config, SimpleNamespace(rounds=trained))
     later = {**halted, 3: {"round": 3, "aggregate_check": "passed"}}  # after the resume point: not used
     assert not resumes_a_trained_model(config, SimpleNamespace(rounds=later))
+
+
+def test_every_decline_is_a_named_failure_of_its_round(tmp_path):
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+
+    from shared import protocol
+    from tests.test_hostile_participants import honest, strategy
+
+    def declined(name, status, reason):
+        metrics = {protocol.DEPARTMENT: name, protocol.STATUS: status, protocol.REASON: reason}
+        return SimpleNamespace(cid=name), FitRes(Status(Code.OK, ""), ndarrays_to_parameters(honest(0.0)), 0, metrics)
+
+    fed = strategy(tmp_path, secagg=False, dp=True, head_init="zeros", num_server_rounds=2)
+    parameters, _ = fed.aggregate_fit(1, [
+        declined("hr", protocol.STATUS_BUDGET_EXHAUSTED, "one more round would spend epsilon 8.2 > its budget 8.0"),
+        declined("it", protocol.STATUS_POLICY_REFUSED, "require-secagg: this round runs without SecAgg+"),
+    ], [])
+    assert parameters is None
+    failures = fed.recorder.rounds[1]["failures"]
+    assert "department hr declined (budget-exhausted): one more round would spend epsilon 8.2 > its budget 8.0" in failures
+    assert "department it declined (policy-refused): require-secagg: this round runs without SecAgg+" in failures

@@ -61,6 +61,28 @@ class Record:
 
 def load_records(path: str | Path, *, columns: Columns = DEFAULT_COLUMNS) -> list[Record]:
     """Read every record of a CSV or JSONL file; raise ``DataError`` naming each bad line."""
+    path, rows = _rows(path, required=columns.required)
+    return _to_records(path, rows, columns)
+
+
+def load_texts(path: str | Path, *, column: str = "text") -> list[str]:
+    """The texts of a CSV or JSONL file to classify (no labels needed); every bad line named."""
+    path, rows = _rows(path, required=(column,))
+    texts, problems = [], []
+    for line_number, row in rows:
+        value = row if isinstance(row, str) else row.get(column)
+        if isinstance(row, str) or not isinstance(value, str) or not value.strip():
+            problems.append(f"{path}:{line_number}: {row if isinstance(row, str) else f'column {column!r} is missing or empty'}")
+            continue
+        texts.append(value.strip())
+    if problems:
+        raise DataError(_summarise(path, problems))
+    if not texts:
+        raise DataError(f"{path}: no texts (the file has a header or blank lines only)")
+    return texts
+
+
+def _rows(path: str | Path, *, required: tuple[str, ...]) -> tuple[Path, Iterable[tuple[int, dict[str, object] | str]]]:
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: file not found")
@@ -75,17 +97,16 @@ def load_records(path: str | Path, *, columns: Columns = DEFAULT_COLUMNS) -> lis
         raise DataError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     if not text.strip():
         raise DataError(f"{path}: file is empty")
-    rows = _csv_rows(path, text, columns) if suffix == ".csv" else _jsonl_rows(path, text)
-    return _to_records(path, rows, columns)
+    return path, (_csv_rows(path, text, required) if suffix == ".csv" else _jsonl_rows(path, text))
 
 
-def _csv_rows(path: Path, text: str, columns: Columns) -> Iterable[tuple[int, dict[str, object] | str]]:
+def _csv_rows(path: Path, text: str, required: tuple[str, ...]) -> Iterable[tuple[int, dict[str, object] | str]]:
     reader = csv.reader(text.splitlines())
     try:
         header = [h.strip() for h in next(reader)]
     except csv.Error as exc:
         raise DataError(f"{path}:1: malformed CSV header ({exc})") from None
-    missing = [c for c in columns.required if c not in header]
+    missing = [c for c in required if c not in header]
     if missing:
         raise DataError(
             f"{path}:1: missing column(s) {', '.join(missing)}; the header has {', '.join(header) or 'nothing'}"

@@ -16,6 +16,7 @@ from simulation import options as opt
 from simulation.console import console, friendly, user_errors
 from simulation.admin_commands import audit, labels, ledger, report
 from simulation.bench import bench
+from simulation.predict import predict
 from simulation.deploy_commands import department_app, provision, run, server_app
 
 app = typer.Typer(
@@ -30,6 +31,7 @@ app.command()(friendly(ledger))
 app.command()(friendly(audit))
 app.command()(friendly(report))
 app.command()(friendly(labels))
+app.command()(friendly(predict))
 app.command()(friendly(bench))
 app.add_typer(server_app, name="server")
 
@@ -116,26 +118,6 @@ def simulate(
         status = simulate_federation(request, console=console)
     if status["state"] != "completed":
         raise typer.Exit(code=1)
-
-
-@app.command()
-def predict(
-    texts: Annotated[list[str], typer.Argument(help="Texts to classify.")],
-    model: Annotated[Path, typer.Option("--model", help="Exported model folder (RUN/model).")],
-    top: Annotated[int, typer.Option(help="How many labels to show per text.")] = 1,
-) -> None:
-    """Classify texts with an exported fedpriv model."""
-    from shared.export import load_exported
-    from shared.logs import quiet_libraries
-
-    quiet_libraries()
-    with user_errors():
-        exported = load_exported(model)
-    probabilities = exported.predict(texts)
-    for text, row in zip(texts, probabilities, strict=True):
-        scores, indices = row.topk(min(top, len(exported.labels)))
-        shown = ", ".join(f"{exported.labels[i]} ({s:.3f})" for s, i in zip(scores.tolist(), indices.tolist(), strict=True))
-        console.print(f"{shown}\t{text}", highlight=False)
 
 
 def _interrupt(*_: object) -> None:

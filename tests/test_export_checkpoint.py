@@ -69,3 +69,37 @@ def test_broken_export_is_named(tmp_path, tiny_backbone):
     (tmp_path / "head.safetensors").write_bytes(b"garbage")
     with pytest.raises(ModelError, match="cannot load the exported model"):
         load_exported(tmp_path)
+
+
+def test_predict_reads_a_file_writes_labels_and_scores_and_answers_unknown_below_the_threshold(tmp_path, tiny_backbone):
+    from typer.testing import CliRunner
+
+    from simulation.cli import app
+
+    torch.manual_seed(0)
+    model = build_classifier(tiny_backbone, num_labels=3, lora_r=0, lora_alpha=4, lora_targets=("query",))
+    with torch.no_grad():
+        model.head.weight.normal_(0, 5.0)
+    export_model(tmp_path / "model", classifier=model, backbone=tiny_backbone, labels=LABELS, max_length=32,
+                 summary={})
+    texts = tmp_path / "requests.csv"
+    texts.write_text('id,body\n1,"reset my password, please"\n2,book a room\n3,what is the weather\n')
+    runner = CliRunner()
+    result = runner.invoke(app, ["predict", "--model", str(tmp_path / "model"), "--input", str(texts), "--text-column",
+                                 "body", "--output", str(tmp_path / "out.jsonl")])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [r["text"] for r in rows] == ["reset my password, please", "book a room", "what is the weather"]
+    assert all(r["label"] in LABELS and 1 / 3 <= r["score"] <= 1 for r in rows)
+    lowest, second = sorted(r["score"] for r in rows)[:2]
+    assert lowest < second
+    cutoff = (lowest + second) / 2  # only the least confident answer falls below it
+    result = runner.invoke(app, ["predict", "--model", str(tmp_path / "model"), "--input", str(texts), "--text-column",
+                                 "body", "--output", str(tmp_path / "out.csv"), "--threshold", str(cutoff)])
+    assert result.exit_code == 0, result.output
+    labelled = (tmp_path / "out.csv").read_text().splitlines()
+    assert labelled[0] == "text,label,score" and sum(",unknown," in line for line in labelled) == 1
+    result = runner.invoke(app, ["predict", "--model", str(tmp_path / "model"), "--input", str(texts)])
+    assert result.exit_code == 1 and "missing column(s) text" in result.output
+    result = runner.invoke(app, ["predict", "--model", str(tmp_path / "model"), "hello", "--input", str(texts)])
+    assert result.exit_code == 1 and "not both" in result.output

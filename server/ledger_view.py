@@ -18,6 +18,21 @@ from shared.accounting import epsilon_of
 from shared.errors import DataError
 
 STATUS_WORDS = {"trained": "active", "budget-exhausted": "budget exhausted", "policy-refused": "refused by policy"}
+NEAR_SHARE = 0.9  # a budget spent to this share or more is "near"
+SPENT_TOLERANCE = 0.01  # the calibration lands within this of the budget: that budget is spent
+
+
+def budget_state(row: LedgerRow) -> str:
+    """spent / refused / near / within / no DP: how a department's budget stands, for colour and verdicts."""
+    if row.epsilon is None:
+        return "no DP"
+    if row.status.startswith(STATUS_WORDS["policy-refused"]):
+        return "refused"
+    if row.status == STATUS_WORDS["budget-exhausted"] or (row.budget is not None and row.epsilon >= row.budget - SPENT_TOLERANCE):
+        return "spent"
+    if row.budget is not None and row.epsilon >= NEAR_SHARE * row.budget:
+        return "near"
+    return "within"
 
 
 @dataclass(frozen=True)
@@ -56,8 +71,11 @@ def ledger_rows(run_dir: Path) -> list[LedgerRow]:
         if check == "agrees" and reported is not None and not math.isclose(reported, epsilon, rel_tol=1e-6, abs_tol=1e-9):
             # the department reported spending the copy does not hold: its last lines are missing
             check = f"MISMATCH: the department last reported epsilon {reported:.4f}, the copy ends at {epsilon:.4f}"
+        budget = summary.get("budget")
+        if summary.get("status") == "trained" and budget is not None and epsilon >= budget - SPENT_TOLERANCE:
+            status = "budget spent (as planned)"  # trained its last round: nothing is left for another run
         rows.append(LedgerRow(
-            name, epsilon, summary.get("budget"), summary.get("delta"), summary["rounds_trained"],
+            name, epsilon, budget, summary.get("delta"), summary["rounds_trained"],
             status if summary.get("status") != "policy-refused" else f"{status}: {summary.get('reason')}",
             check,
         ))

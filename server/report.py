@@ -13,36 +13,81 @@ import time
 from pathlib import Path
 from typing import Any
 
-from server.ledger_view import ledger_rows, read_metrics
+from server.ledger_view import LedgerRow, budget_state, ledger_rows, read_metrics
 from server.plots import run_svg
 from shared.config import secagg_neighbourhood
 
 REPORT_FILE = "report.html"
 AUDIT_FILE = "audit.json"
+# transport -> ((state, words) of TLS, (state, words) of node authentication)
 TRANSPORT_WORDS = {
-    "simulation": ("n/a: in-process simulation, no network", "n/a: simulation"),
-    "tls+node-auth": ("on (gRPC over TLS)", "on (registered department keys)"),
-    "insecure": ("OFF (--insecure)", "OFF (--insecure)"),
+    "simulation": (("n/a", "n/a: in-process simulation, no network"), ("n/a", "n/a: simulation")),
+    "tls+node-auth": (("on", "on (gRPC over TLS)"), ("on", "on (registered department keys)")),
+    "insecure": (("off", "OFF (--insecure)"), ("off", "OFF (--insecure)")),
 }
+UNKNOWN_TRANSPORT = (("n/a", "?"), ("n/a", "?"))
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}
 th{background:#f3f3f3}.bad{color:#b00;font-weight:bold}.ok{color:#070}svg{max-width:100%;height:auto}
+.verdict{border:2px solid #444;border-radius:8px;padding:0.5em 1em;margin:1em 0}.verdict p{margin:0.4em 0}
+.badge{display:inline-block;padding:3px 9px;border-radius:4px;margin:2px 4px 2px 0;color:#fff;font-weight:600}
+.on,.within{background:#2e7d32}.near{background:#e65100}.off,.spent,.refused{background:#c62828}.na,.no-dp{background:#616161}
 """
+BADGE_CLASS = {"on": "on", "off": "off", "n/a": "na"}
+APPROVED_CODE = {
+    "simulation": ("na", "approved code: n/a (simulation)"),
+    "tls+node-auth": ("on", "approved code: each department's SuperNode runs only the app code its kit pins"),
+    "insecure": ("off", "approved code: not checked (--insecure test bench)"),
+}
 
 
 def _fmt(value: Any, spec: str = ".4f") -> str:
     return format(value, spec) if isinstance(value, (int, float)) and not isinstance(value, bool) else "-"
 
 
-def _table(headers: list[str], rows: list[list[str]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+def _table(headers: list[str] | None, rows: list[list[str]]) -> str:
+    head = "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in headers) + "</tr>" if headers else ""
     body = "".join("<tr>" + "".join(f"<td>{cell}</td>" for cell in row) + "</tr>" for row in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+    return f"<table>{head}{body}</table>"
+
+
+def _badge(state: str, text: str) -> str:
+    return f"<span class='badge {html.escape(state)}'>{html.escape(text)}</span>"
+
+
+def _verdict(metrics: dict[str, Any], status: dict[str, Any], ledger: list[LedgerRow]) -> str:
+    """What a person should take in at a glance: the outcome, the protections, every department's budget."""
+    transport = metrics.get("transport", "simulation")
+    tls, auth = TRANSPORT_WORDS.get(transport, UNKNOWN_TRANSPORT)
+    state = status.get("state", metrics.get("status"))
+    accuracy = metrics.get("final_accuracy")
+    outcome = (f"final accuracy <b>{_fmt(accuracy)}</b> ({html.escape(str(metrics.get('final_accuracy_source')))})"
+               if accuracy is not None else "no accuracy measured")
+    headline = f"<p class='outcome'><b>{html.escape(str(state))}</b>: {outcome}"
+    if status.get("message"):
+        headline += f"<br>{html.escape(status['message'])}"
+    protections = [
+        ("on" if metrics.get("dp") else "off", f"differential privacy: {'on' if metrics.get('dp') else 'OFF (--no-dp)'}"),
+        ("on" if metrics.get("secure_aggregation") else "off",
+         f"secure aggregation: {'on (SecAgg+)' if metrics.get('secure_aggregation') else 'OFF'}"),
+        (BADGE_CLASS[tls[0]], f"TLS: {tls[0]}"),
+        (BADGE_CLASS[auth[0]], f"node authentication: {auth[0]}"),
+        APPROVED_CODE.get(transport, ("na", "approved code: ?")),
+    ]
+    departments = [
+        _badge(budget_state(row).replace(" ", "-"),
+               f"{row.department}: no DP" if row.epsilon is None
+               else f"{row.department}: epsilon {row.epsilon:.2f} of {_fmt(row.budget, 'g')} ({budget_state(row)})")
+        for row in ledger
+    ]
+    return ("<div class='verdict'>" + headline + "</p><p class='protections'>"
+            + "".join(_badge(cls, text) for cls, text in protections) + "</p><p class='budgets'>"
+            + ("".join(departments) or "no department reported") + "</p></div>")
 
 
 def _summary(metrics: dict[str, Any], status: dict[str, Any]) -> str:
-    tls, auth = TRANSPORT_WORDS.get(metrics.get("transport", "simulation"), ("?", "?"))
+    (_, tls), (_, auth) = TRANSPORT_WORDS.get(metrics.get("transport", "simulation"), UNKNOWN_TRANSPORT)
     config = metrics.get("config", {})
     statistics, rounds = config.get("head-init") == "class-statistics", int(config.get("num-server-rounds", 1))
     mechanisms = ", then DP-SGD" if statistics and rounds > 1 else "" if statistics else "DP-SGD"
@@ -61,14 +106,14 @@ def _summary(metrics: dict[str, Any], status: dict[str, Any]) -> str:
         ["model", html.escape(f"{config.get('model')} (lora-r {config.get('lora-r')})")],
         ["wall time", f"{_fmt(metrics.get('wall_time_s'), '.0f')} s"],
     ]
-    return _table(["", ""], rows)
+    return _table(None, rows)
 
 
-def _ledger(run_dir: Path) -> str:
+def _ledger(ledger: list[LedgerRow]) -> str:
     rows = [
         [html.escape(r.department), _fmt(r.epsilon), _fmt(r.budget, "g"), _fmt(r.delta, "g"), str(r.rounds_trained),
-         html.escape(r.status), html.escape(r.check)]
-        for r in ledger_rows(run_dir)
+         _badge(budget_state(r).replace(" ", "-"), budget_state(r)) + " " + html.escape(r.status), html.escape(r.check)]
+        for r in ledger
     ]
     return _table(["department", "epsilon spent", "budget", "delta", "rounds trained", "status", "server's recomputation"], rows)
 
@@ -77,7 +122,6 @@ ROUND_STAGES = {True: "1: class statistics", False: "2: DP-SGD"}
 
 
 def _rounds(metrics: dict[str, Any]) -> str:
-    tls, auth = TRANSPORT_WORDS.get(metrics.get("transport", "simulation"), ("?", "?"))
     rows = []
     for entry in metrics["rounds"]:
         departments = entry.get("departments", {})
@@ -91,11 +135,11 @@ def _rounds(metrics: dict[str, Any]) -> str:
         rows.append([
             str(entry["round"]), html.escape(ROUND_STAGES.get(entry["round"] == metrics.get("statistics_round"), "")),
             _fmt(entry.get("accuracy")), _fmt(entry.get("loss")), _fmt(entry.get("train_loss")),
-            check_cell, "on" if entry.get("secure_aggregation") else "off", html.escape(tls.split(" ")[0]),
-            html.escape(auth.split(" ")[0]), str(trained), html.escape(", ".join(declined)) or "-",
+            check_cell, "on" if entry.get("secure_aggregation") else "off", str(trained),
+            html.escape(", ".join(declined)) or "-",
             "<br>".join(f"<span class='bad'>{html.escape(f)}</span>" for f in failures) or "-",
         ])
-    return _table(["round", "stage", "accuracy", "loss", "train loss", "aggregate check", "SecAgg+", "TLS", "node auth", "departments trained",
+    return _table(["round", "stage", "accuracy", "loss", "train loss", "aggregate check", "SecAgg+", "departments trained",
                    "declined", "dropouts / failures"], rows)
 
 
@@ -125,18 +169,20 @@ def _audit(run_dir: Path) -> str:
         ["claimed epsilon of the run", _fmt(audit.get("claimed_epsilon"), "g") if audit.get("claimed_epsilon") else "none (no DP)"],
         ["verdict", verdict],
     ]
-    return _table(["", ""], rows)
+    return _table(None, rows)
 
 
 def write_report(run_dir: Path) -> Path:
     metrics = read_metrics(run_dir)
     status_path = run_dir / "status.json"
     status = json.loads(status_path.read_text()) if status_path.is_file() else {}
+    ledger = ledger_rows(run_dir)
     sections = [
         f"<h1>fedpriv run report</h1><p>{html.escape(str(run_dir))}<br>written {time.strftime('%Y-%m-%d %H:%M:%S')}</p>",
+        _verdict(metrics, status, ledger),
         "<h2>Summary</h2>", _summary(metrics, status),
-        "<h2>Privacy ledger per department</h2>", _ledger(run_dir),
-        "<h2>Accuracy, loss and epsilon per round</h2>", run_svg(metrics),
+        "<h2>Privacy ledger per department</h2>", _ledger(ledger),
+        "<h2>Accuracy, loss and epsilon per round</h2>", run_svg(metrics, ledger=ledger),
         "<h2>Rounds</h2>", _rounds(metrics),
         "<h2>Privacy audit</h2>", _audit(run_dir),
     ]

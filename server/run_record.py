@@ -158,10 +158,11 @@ class RunRecorder:
         metrics = self._write_metrics(state=state)
         self.set_status(state, message)
         if metrics["rounds"]:
+            from server.ledger_view import ledger_rows
             from server.plots import plot_run
             from server.report import write_report
 
-            plot_run(metrics, self.out_dir / PLOT_FILE)
+            plot_run(metrics, self.out_dir / PLOT_FILE, ledger=ledger_rows(self.out_dir))
             write_report(self.out_dir)
         return metrics
 

@@ -77,6 +77,28 @@ def test_report_has_a_row_per_department_and_the_protections(tmp_path):
     assert "<td>hr</td>" in report and "<td>it</td>" in report
     assert "budget exhausted" in report and "on (Flower SecAgg+, every department with every other)" in report and "<svg" in report
     assert "n/a: in-process simulation" in report and "No audit was run" in report
+    verdict = report.split("<div class='verdict'>", 1)[1].split("</div>", 1)[0]  # first thing after the title
+    assert "<b>completed</b>: final accuracy <b>0.7000</b> (federated validation)" in verdict
+    assert "<span class='badge on'>differential privacy: on</span>" in verdict
+    assert "<span class='badge na'>TLS: n/a</span>" in verdict
+    assert "<span class='badge spent'>it: epsilon 1.00 of 1 (spent)</span>" in verdict  # exhausted: red
+    hr_epsilon = json.loads(ledger_line(2))["epsilon"]
+    state = "near" if hr_epsilon >= 0.9 * 3.0 else "within"
+    assert f"<span class='badge {state}'>hr: epsilon {hr_epsilon:.2f} of 3 ({state})</span>" in verdict
+    assert "<tr><th></th><th></th></tr>" not in report and "n/a:</td>" not in report  # no empty header, no "n/a:" cells
+    assert report.count('id="epsilon-') == 2 and report.count('id="spent-') == 2  # a line and a bar per department
+
+
+def test_budget_states_colour_the_verdict():
+    from server.ledger_view import LedgerRow, budget_state
+
+    def row(epsilon, budget=8.0, status="active"):
+        return LedgerRow("d", epsilon, budget, 1e-5, 1, status, "agrees")
+
+    assert [budget_state(row(e)) for e in (3.0, 7.3, 7.995, 8.0)] == ["within", "near", "spent", "spent"]
+    assert budget_state(row(2.0, status="budget exhausted")) == "spent"
+    assert budget_state(row(2.0, status="refused by policy: require-secagg")) == "refused"
+    assert budget_state(row(None, None, "no DP")) == "no DP"
 
 
 def test_a_resumed_recorder_keeps_the_completed_rounds(tmp_path):

@@ -111,7 +111,7 @@ def deployment_round_times(out: Path, *, rounds: int) -> dict[str, Any]:
                 [fedpriv, "department", "start", "--kit", str(bench / "kits" / name), "--data", str(bench / f"{name}.jsonl")],
                 stdout=(bench / f"{name}.out").open("w"), stderr=subprocess.STDOUT))
         command = [fedpriv, "run", "--kit", str(bench / "kits" / "server"), "--labels-file", str(bench / "labels.txt"),
-                   "--departments", "3", "--rounds", str(rounds), "--batch-size", "32", "--out", str(bench / "run")]
+                   "--min-departments", "3", "--rounds", str(rounds), "--batch-size", "32", "--out", str(bench / "run")]
         subprocess.run(command, check=True, capture_output=True)
     finally:
         for process in started:

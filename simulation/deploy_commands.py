@@ -146,13 +146,15 @@ def department_start(
 
 def run(
     kit: Annotated[Path, typer.Option(help="The server kit (its .flwr connection is written by `server start`).")],
-    labels_file: Annotated[Path | None, typer.Option(help="The federation's labels, one per line.")] = None,
-    departments: Annotated[int | None, typer.Option(help="Departments that must be connected before a round starts; the run ends when fewer can still train.")] = None,
+    labels_file: Annotated[Path | None, typer.Option(help="The federation's labels, one per line (`fedpriv labels DATA...` writes it).")] = None,
+    min_departments: Annotated[int | None, typer.Option(help="Departments a round needs: the run waits until that many are connected, and ends when fewer can still train.")] = None,
     rounds: opt.Rounds = DEFAULTS.num_server_rounds,
     head_init: opt.HeadInit = DEFAULTS.head_init,
     local_epochs: opt.LocalEpochs = DEFAULTS.local_epochs,
     batch_size: Annotated[int, typer.Option(help="Expected batch size (Poisson sampling).")] = DEFAULTS.batch_size,
     learning_rate: opt.LearningRate = DEFAULTS.learning_rate,
+    momentum: opt.Momentum = DEFAULTS.momentum,
+    statistics_share: opt.StatisticsShare = DEFAULTS.statistics_share,
     max_grad_norm: opt.MaxGradNorm = DEFAULTS.max_grad_norm,
     epsilon: opt.Epsilon = DEFAULTS.target_epsilon,
     delta: opt.Delta = DEFAULTS.target_delta,
@@ -161,20 +163,25 @@ def run(
     lora_r: opt.LoraR = DEFAULTS.lora_r,
     lora_layers: opt.LoraLayers = DEFAULTS.lora_layers,
     test_data: opt.TestData = None,
-    max_weight: Annotated[int, typer.Option(help="SecAgg+ bound on a department's training records.")] = DEFAULTS.secagg_max_weight,
+    secagg_max_weight: Annotated[int, typer.Option(help="SecAgg+ bound on a department's training records.")] = DEFAULTS.secagg_max_weight,
     no_dp: opt.NoDp = False,
     no_secagg: opt.NoSecagg = False,
     secagg_num_shares: opt.SecaggNumShares = DEFAULTS.secagg_num_shares,
     secagg_timeout: Annotated[float, typer.Option(help="Seconds a SecAgg+ stage waits for a department before dropping it (the round goes on while the reconstruction threshold holds).")] = DEFAULTS.secagg_timeout_s,
     out: opt.Out = None,
     resume: Annotated[Path | None, typer.Option(help="Continue this stopped run folder from its last completed round (its own settings; only --kit is used).")] = None,
+    budget: opt.DepartmentOwned = None,
+    policy: opt.DepartmentOwned = None,
+    label_scope: opt.DepartmentOwned = None,
 ) -> None:
-    """Run a federation on the deployed SuperLink (`flwr run` underneath)."""
+    """Run a federation on the deployed SuperLink (`flwr run` underneath), with the training options of `simulate`."""
     from simulation.launcher import submit_run
     from simulation.resume import resume_config
     from simulation.simulate import print_round, print_summary
     from shared.flower_env import check_kit, environment
 
+    if budget or policy or label_scope:
+        raise ConfigError(opt.DEPARTMENT_OWNED)
     check_kit(kit, ("departments.json",))
     connection = kit / ".flwr" / "config.toml"
     if not connection.is_file():
@@ -185,15 +192,16 @@ def run(
         run_dir = Path(config.out_dir)
         console.print(f"resuming {run_dir} after round {config.resume_after_round} of {config.num_server_rounds}")
     else:
-        missing = [name for name, value in (("--labels-file", labels_file), ("--departments", departments)) if value is None]
+        missing = [name for name, value in (("--labels-file", labels_file), ("--min-departments", min_departments)) if value is None]
         if missing:
             raise ConfigError([f"{name} is required for a new run" for name in missing], source="fedpriv run options")
         labels = tuple(line.strip() for line in labels_file.read_text().splitlines() if line.strip())
         config = RunConfig(
             num_server_rounds=rounds, head_init=head_init, local_epochs=local_epochs, target_epsilon=epsilon, target_delta=delta,
-            model=model, batch_size=batch_size, learning_rate=learning_rate, max_grad_norm=max_grad_norm,
-            accountant=accountant, lora_r=lora_r, lora_layers=lora_layers, labels=labels, min_departments=departments, dp=not no_dp,
-            secagg=not no_secagg, secagg_num_shares=secagg_num_shares, secagg_timeout_s=secagg_timeout, secagg_max_weight=max_weight, transport=transport, run_uid=uuid.uuid4().hex[:12],
+            model=model, batch_size=batch_size, learning_rate=learning_rate, momentum=momentum,
+            statistics_share=statistics_share, max_grad_norm=max_grad_norm,
+            accountant=accountant, lora_r=lora_r, lora_layers=lora_layers, labels=labels, min_departments=min_departments, dp=not no_dp,
+            secagg=not no_secagg, secagg_num_shares=secagg_num_shares, secagg_timeout_s=secagg_timeout, secagg_max_weight=secagg_max_weight, transport=transport, run_uid=uuid.uuid4().hex[:12],
             # the provisioned key of every department: each reply must be signed by its department's
             department_keys=json.dumps(json.loads((kit / "departments.json").read_text())["departments"])
             if transport == "tls+node-auth" else "",
@@ -201,7 +209,7 @@ def run(
         )
         run_dir = new_run_dir(out)  # only once every setting has been validated above
         config = dataclasses.replace(config, out_dir=str(run_dir))
-        console.print(f"submitting to the SuperLink of {kit}; waiting for {departments} departments; run folder {run_dir}")
+        console.print(f"submitting to the SuperLink of {kit}; waiting for {min_departments} departments; run folder {run_dir}")
     if not config.dp:
         console.print(NO_DP_WARNING)
     status = submit_run(env=environment(kit.resolve() / ".flwr"), run_config=config.to_run_config(), run_dir=run_dir,

@@ -30,7 +30,13 @@ SecaggNumShares = Annotated[int, typer.Option(help="SecAgg+ neighbourhood: 0 = e
 TextColumn = Annotated[str, typer.Option(help="The column (CSV header or JSONL key) that holds each record's text.")]
 LabelColumn = Annotated[str, typer.Option(help="The column that holds each record's label.")]
 DepartmentColumn = Annotated[str, typer.Option(help="The column that names each record's department (--partition column).")]
+MinDepartments = Annotated[int, typer.Option(help="Departments a round needs (a deployed run waits until that many are connected); the run ends when fewer can still train.")]
+DepartmentOwned = Annotated[list[str] | None, typer.Option(hidden=True)]
 Out = Annotated[Path | None, typer.Option(help="Run folder on this host (default: fedpriv-runs/<time>).")]
+
+DEPARTMENT_OWNED = ("--budget, --policy and --label-scope belong to each department in a deployment: set them in its "
+                    "kit's department.toml (epsilon, [policy], label-scope) or with `fedpriv department start --epsilon`; "
+                    "the server cannot set or override them")
 
 NO_DP_WARNING = "[bold red]WARNING: --no-dp: NO differential privacy. No privacy guarantee holds for this run.[/]"
 

@@ -134,3 +134,23 @@ def test_simulate_reads_the_users_column_names_and_refuses_a_missing_one(tmp_pat
                  "--text-column", "body", "--label-column", "tag")
     assert result.exit_code == 1 and "no 'department' column" in " ".join(result.output.split())
     assert not (tmp_path / "r").exists()
+
+
+TRAINING_OPTIONS = {"rounds", "head_init", "local_epochs", "batch_size", "learning_rate", "momentum", "statistics_share",
+                    "max_grad_norm", "epsilon", "delta", "accountant", "model", "lora_r", "lora_layers", "test_data",
+                    "no_dp", "no_secagg", "secagg_num_shares", "min_departments", "out", "resume"}
+
+
+def test_simulate_and_run_take_the_same_training_options():
+    import typer
+
+    commands = typer.main.get_command(app).commands
+    for name in ("simulate", "run"):
+        declared = {p.name for p in commands[name].params}
+        assert TRAINING_OPTIONS <= declared, (name, sorted(TRAINING_OPTIONS - declared))
+
+
+def test_a_deployed_run_refuses_department_settings_and_says_where_they_live(tmp_path):
+    result = run("run", "--kit", str(tmp_path), "--budget", "finance=3")
+    assert result.exit_code == 1 and "belong to each department" in " ".join(result.output.split())
+    assert "department.toml" in result.output

@@ -74,7 +74,7 @@ def test_tls_authenticated_federation_and_refusals(tmp_path, processes):
             stdout=(tmp_path / f"{name}.out").open("w"), stderr=subprocess.STDOUT))
 
     run = fedpriv("run", "--kit", str(kits / "server"), "--labels-file", str(tmp_path / "labels.txt"),
-                  "--departments", "3", "--rounds", "2", "--model", "tiny", "--batch-size", "32",
+                  "--min-departments", "3", "--rounds", "2", "--model", "tiny", "--batch-size", "32",
                   "--out", str(tmp_path / "run"), timeout=540)
     assert run.returncode == 0, run.stdout + run.stderr
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
@@ -94,7 +94,7 @@ def test_tls_authenticated_federation_and_refusals(tmp_path, processes):
     # epsilon is 16: the departments already spent 8 on these records, and they compose both runs.
     second = tmp_path / "run2"
     process = subprocess.Popen(
-        [FEDPRIV, "run", "--kit", str(kits / "server"), "--labels-file", str(tmp_path / "labels.txt"), "--departments",
+        [FEDPRIV, "run", "--kit", str(kits / "server"), "--labels-file", str(tmp_path / "labels.txt"), "--min-departments",
          "3", "--rounds", "3", "--model", "tiny", "--batch-size", "32", "--epsilon", "16", "--out", str(second)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
     deadline = time.monotonic() + 300

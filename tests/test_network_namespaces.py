@@ -158,7 +158,7 @@ def test_hosts_that_die_partitions_and_a_server_restart(tmp_path, hosts):
 
     def new_run(run_dir: Path, rounds: int, *, epsilon: float) -> subprocess.Popen:
         # a run's epsilon is the departments' lifetime cap on these records: the ledgers compose the runs
-        return submit(run_dir, "--labels-file", str(tmp_path / "labels.txt"), "--departments", "2",
+        return submit(run_dir, "--labels-file", str(tmp_path / "labels.txt"), "--min-departments", "2",
                       "--rounds", str(rounds), "--model", "tiny", "--batch-size", "32", "--secagg-timeout", "60",
                       "--epsilon", str(epsilon), "--out", str(run_dir))
 

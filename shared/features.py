@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -32,22 +32,28 @@ def tokenize(backbone: Backbone, texts: Sequence[str], *, max_length: int) -> tu
 
 
 @torch.no_grad()
-def embed_texts(backbone: Backbone, texts: Sequence[str], *, max_length: int) -> torch.Tensor:
-    """Mean-pooled, unit-length embeddings (N, H); batches of similar length to keep padding small."""
+def embed_texts(
+    backbone: Backbone, texts: Sequence[str], *, max_length: int, progress: Callable[[int], None] | None = None
+) -> torch.Tensor:
+    """Mean-pooled, unit-length embeddings (N, H); batches of similar length to keep padding small.
+    ``progress`` is told how many texts each batch embedded."""
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     out = torch.empty(len(texts), backbone.hidden_size)
     for start in range(0, len(order), EMBED_BATCH):
         index = order[start : start + EMBED_BATCH]
         input_ids, attention_mask = tokenize(backbone, [texts[i] for i in index], max_length=max_length)
         out[index] = encode(backbone.model, input_ids, attention_mask)
+        if progress is not None:
+            progress(len(index))
     return out
 
 
 def cached_features(
-    backbone: Backbone, texts: Sequence[str], *, max_length: int, cache_dir: Path | None
+    backbone: Backbone, texts: Sequence[str], *, max_length: int, cache_dir: Path | None,
+    progress: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     if cache_dir is None:
-        return embed_texts(backbone, texts, max_length=max_length)
+        return embed_texts(backbone, texts, max_length=max_length, progress=progress)
     digest = hashlib.sha256(f"{backbone.fingerprint}|{max_length}|last-{POOLED_LAYERS}-layers".encode())
     for text in texts:
         digest.update(text.encode())
@@ -57,10 +63,12 @@ def cached_features(
         try:
             features = torch.load(path, weights_only=True)
             if features.shape == (len(texts), backbone.hidden_size):
+                if progress is not None:
+                    progress(len(texts))
                 return features
         except (RuntimeError, OSError, EOFError):
             pass  # a damaged cache is rebuilt, never trusted
-    features = embed_texts(backbone, texts, max_length=max_length)
+    features = embed_texts(backbone, texts, max_length=max_length, progress=progress)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")  # departments sharing a cache may write the same file at once
     torch.save(features, tmp)

@@ -22,6 +22,7 @@ from server.run_record import METRICS_FILE, PLOT_FILE
 from shared.config import DEFAULTS, RunConfig, secagg_neighbourhood
 from shared.data import Columns
 from shared.errors import ConfigError
+from simulation.embedding import embed_federation
 from simulation.launcher import run_simulation
 from simulation.options import NO_DP_WARNING, run_dir_path
 from simulation.prepare import DataPlan, Federation, partition_data, plan_federation, write_federation
@@ -116,6 +117,8 @@ def simulate_federation(request: SimulationRequest, *, console: Console) -> dict
     write_federation(partitioned, federation)
 
     _print_header(console, federation, config)
+    embed_federation(config, console=console)
+    console.print("starting Flower's simulation engine...")
     return _run(console, config, num_departments=len(federation.departments))
 
 
@@ -172,7 +175,7 @@ def _print_header(console: Console, federation: Federation, config: RunConfig) -
                       f"{secagg_neighbourhood(config.secagg_num_shares)})")
     else:
         console.print("[bold yellow]--no-secagg: the server sees every department's individual update.[/]")
-    console.print(f"Run folder: {config.out_dir}  (starting Flower's simulation engine...)")
+    console.print(f"Run folder: {config.out_dir}")
 
 
 def _fmt(value: Any, spec: str) -> str:

@@ -105,6 +105,7 @@ def test_budgets_ledger_report_audit_and_resume_through_the_cli(tmp_path):
     whole = tmp_path / "whole"
     result = fedpriv(*args, "--out", str(whole))
     assert result.returncode == 0, result.stdout + result.stderr
+    assert "embedding done (cached)" in result.stdout  # the records are embedded in view, before the engine starts
     privacy = _final_privacy(whole)
     # finance's own budget (5) is below the run's 8: it takes part in every round, its noise calibrated to 5
     assert privacy["finance"][1] == 4 and 4.95 <= privacy["finance"][0] <= 5.0

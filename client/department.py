@@ -20,6 +20,7 @@ import torch
 from flwr.client import NumPyClient
 from torch.utils.data import TensorDataset
 
+from client.activity import activity_line, record_activity
 from client.class_statistics import plan_stage_one, release_statistics
 from client.department_data import DepartmentData, DepartmentSettings, load_department
 from client.dp_training import train_plain, train_private
@@ -141,6 +142,10 @@ class DepartmentClient(NumPyClient):
     def fit(self, parameters: list[np.ndarray], config: dict) -> tuple[list[np.ndarray], int, dict]:
         """One round's release (class statistics or a DP-SGD delta), signed in deployment."""
         arrays, weight, metrics = self._fit(parameters, config)
+        record_activity(self.settings.state_dir, activity_line(
+            department=self.settings.name, run=self.run, server_round=int(config.get(protocol.SERVER_ROUND, 0)),
+            stage=str(config.get(protocol.STAGE, protocol.STAGE_DP_SGD)), metrics=metrics,
+            records=len(prepare(self.settings, self.config).department.train)))
         if self.settings.signing_key is not None:
             message = reply_message(
                 run=self.run, server_round=int(config.get(protocol.SERVER_ROUND, 0)), department=self.settings.name,

@@ -23,17 +23,33 @@ department_app = typer.Typer(help="A department's SuperNode.", no_args_is_help=T
 INSECURE_WARNING = "[bold red]--insecure: no TLS and no node authentication. Never outside a test bench.[/]"
 
 
-def _serve_until_interrupted(process, what: str) -> None:
+LOG_TAIL_LINES = 15
+
+
+def _serve_until_interrupted(process, what: str, *, follow: Path | None = None, log: Path | None = None) -> None:
+    """Wait for ``process`` (Ctrl-C stops it); print each new line of ``follow`` as it is written, and
+    the end of ``log`` (where the process's raw output goes) should it fail."""
     from shared.flower_env import stop
 
+    shown = follow.stat().st_size if follow is not None and follow.exists() else 0
     try:
         while process.poll() is None:
             time.sleep(1)
+            if follow is not None and follow.exists() and follow.stat().st_size > shown:
+                with follow.open("rb") as feed:
+                    feed.seek(shown)
+                    fresh = feed.read()
+                shown += len(fresh)
+                for line in fresh.decode("utf-8", errors="replace").splitlines():
+                    console.print(line, highlight=False, markup=False)
     except KeyboardInterrupt:
         console.print(f"stopping {what}")
     finally:
         stop(process)
     if process.returncode not in (0, -signal.SIGTERM, None):
+        if log is not None and log.exists():
+            tail = log.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
+            err_console.print(f"last lines of {log}:\n" + "\n".join(tail), highlight=False, markup=False)
         err_console.print(
             f"[bold red]error:[/] {what} stopped with exit code {process.returncode}. If the log above shows "
             "CERTIFICATE_VERIFY_FAILED, this kit's ca.crt is not the SuperLink's CA; \\[code: 2004] means this node's "
@@ -133,15 +149,20 @@ def department_start(
     epsilon: Annotated[float | None, typer.Option(help="This department's own budget; may only lower the run's.")] = None,
     insecure: Annotated[bool, typer.Option("--insecure", help="No TLS, no node authentication (test benches only).")] = False,
 ) -> None:
-    """Start this department's SuperNode; it trains only when the server runs a federation."""
+    """Start this department's SuperNode (it stays in the foreground; Ctrl-C stops it). It trains only
+    when the server runs a federation, and prints one line per round it serves; Flower's own log
+    goes to KIT/logs/supernode.log."""
+    from client.activity import ACTIVITY_FILE
     from client.deployment import start_department
 
     if insecure:
         console.print(INSECURE_WARNING)
+    log = kit / "logs" / "supernode.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
     process = start_department(kit.resolve(), data=data, superlink=superlink, state_dir=state_dir,
-                               insecure=insecure, epsilon=epsilon)
-    console.print(f"department SuperNode started from {kit}")
-    _serve_until_interrupted(process, "the SuperNode")
+                               insecure=insecure, epsilon=epsilon, log=log)
+    console.print(f"department SuperNode started from {kit}; waiting for the server's rounds (Flower's log: {log})")
+    _serve_until_interrupted(process, "the SuperNode", follow=(state_dir or kit / "state") / ACTIVITY_FILE, log=log)
 
 
 def run(

@@ -194,3 +194,19 @@ def test_only_a_simulation_shares_a_feature_cache(tmp_path):
     assert simulated.feature_cache == tmp_path / "shared-cache"
     deployed = resolve_department(config, {"department": "finance", "data-path": "x.csv", "state-dir": str(tmp_path / "s")})
     assert deployed.feature_cache == tmp_path / "s" / "feature-cache"  # the server cannot point it elsewhere
+
+
+def test_each_round_a_department_serves_is_one_line_of_its_activity_log(tmp_path):
+    from client.activity import ACTIVITY_FILE
+
+    client, config = make_client(tmp_path, node_extra={"epsilon": 4.0})
+    client.fit(get_trainable(client.classifier), request(config, 1))
+    line = (tmp_path / "state" / ACTIVITY_FILE).read_text().splitlines()[-1]
+    assert "finance: trained round 1 (DP-SGD, run " in line and "epsilon" in line and "of 4" in line
+    assert f"{len(client_records(client)):,} records" in line
+
+
+def client_records(client):
+    from client.department import prepare
+
+    return prepare(client.settings, client.config).department.train

@@ -89,6 +89,13 @@ def test_tls_authenticated_federation_and_refusals(tmp_path, processes):
         assert [e["mechanism"] for e in lines] == ["class-counts", "class-sums", "dp-sgd"]  # stage 1, then one DP-SGD round
     # every reply was signed by its department's kit key and verified: no round was refused for its names
     assert not any("not signed" in f for r in metrics["rounds"] for f in r["failures"])
+    for name in DEPARTMENTS:  # each department's terminal: one fedpriv line per round it served, not Flower's log
+        deadline = time.monotonic() + 10
+        while "trained round 2" not in (tmp_path / f"{name}.out").read_text() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        shown = (tmp_path / f"{name}.out").read_text()
+        assert f"{name}: released round 1 (class statistics" in shown and f"{name}: trained round 2 (DP-SGD" in shown, shown
+        assert (kits / name / "logs" / "supernode.log").stat().st_size > 0
 
     # A second run, stopped (SIGTERM) after its first round and resumed by the deployed server. Its
     # epsilon is 16: the departments already spent 8 on these records, and they compose both runs.

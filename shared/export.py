@@ -11,6 +11,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,8 +60,9 @@ def export_model(
     summary: Mapping[str, Any],
 ) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    backbone.model.save_pretrained(folder / "backbone")
-    backbone.tokenizer.save_pretrained(folder / "backbone")
+    if not _link_backbone(Path(backbone.source), folder / "backbone"):
+        backbone.model.save_pretrained(folder / "backbone")
+        backbone.tokenizer.save_pretrained(folder / "backbone")
     lora = classifier.encoder is not backbone.model
     if lora:
         classifier.encoder.save_pretrained(folder / "adapter")
@@ -75,6 +78,25 @@ def export_model(
     (folder / "README.md").write_text(_LOADING_README)
 
 
+def _link_backbone(source: Path, target: Path) -> bool:
+    """Hard-link a frozen backbone loaded from a folder (the packaged MiniLM, or the user's model
+    folder) instead of writing another 88 MB copy per run; False where that is not possible (the
+    tiny test model, a folder on another file system), and the caller saves a copy instead. The
+    exported weights are the source's, byte for byte (the backbone is frozen)."""
+    if not (source / "config.json").is_file():
+        return False
+    files = [p for p in source.rglob("*") if p.is_file()]
+    try:
+        for path in files:
+            link = target / path.relative_to(source)
+            link.parent.mkdir(parents=True, exist_ok=True)
+            os.link(path, link)
+    except OSError:
+        shutil.rmtree(target, ignore_errors=True)
+        return False
+    return True
+
+
 @dataclass
 class ExportedModel:
     encoder: torch.nn.Module
@@ -82,6 +104,7 @@ class ExportedModel:
     head: torch.nn.Linear
     labels: list[str]
     max_length: int
+    manifest: dict[str, Any]  # fedpriv_model.json: labels, pooling, the run's privacy summary
 
     @torch.no_grad()
     def predict(self, texts: Sequence[str]) -> torch.Tensor:
@@ -113,4 +136,4 @@ def load_exported(folder: Path) -> ExportedModel:
     if head.out_features != len(labels):
         raise ModelError(f"{folder}: head has {head.out_features} outputs but {MANIFEST} lists {len(labels)} labels")
     encoder.eval()
-    return ExportedModel(encoder, tokenizer, head, labels, max_length)
+    return ExportedModel(encoder, tokenizer, head, labels, max_length, manifest)

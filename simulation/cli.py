@@ -17,6 +17,7 @@ from simulation.console import console, friendly, user_errors
 from simulation.admin_commands import audit, labels, ledger, report
 from simulation.bench import bench
 from simulation.predict import predict
+from simulation.serve import serve
 from simulation.deploy_commands import department_app, provision, run, server_app
 
 app = typer.Typer(
@@ -32,6 +33,7 @@ app.command()(friendly(audit))
 app.command()(friendly(report))
 app.command()(friendly(labels))
 app.command()(friendly(predict))
+app.command()(friendly(serve))
 app.command()(friendly(bench))
 app.add_typer(server_app, name="server")
 

@@ -56,6 +56,13 @@ def test_export_loads_with_fedpriv_and_with_plain_transformers(tmp_path, tiny_ba
     monkeypatch.chdir(tmp_path)
     namespace = runpy.run_path(str(tmp_path / "snippet.py"))
     torch.testing.assert_close(namespace["probabilities"], expected[:1], rtol=1e-4, atol=1e-5)
+    # ... and in a fresh Python process that has never imported fedpriv
+    import subprocess
+    import sys
+
+    fresh = subprocess.run([sys.executable, "-I", "snippet.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert fresh.returncode == 0, fresh.stderr
+    assert fresh.stdout.strip().splitlines()[-1] == LABELS[int(expected[0].argmax())]
 
 
 def test_broken_export_is_named(tmp_path, tiny_backbone):
@@ -103,3 +110,74 @@ def test_predict_reads_a_file_writes_labels_and_scores_and_answers_unknown_below
     assert result.exit_code == 1 and "missing column(s) text" in result.output
     result = runner.invoke(app, ["predict", "--model", str(tmp_path / "model"), "hello", "--input", str(texts)])
     assert result.exit_code == 1 and "not both" in result.output
+
+
+def test_serve_answers_a_real_http_client_and_refuses_bad_requests(tmp_path, tiny_backbone):
+    import socket
+    import threading
+    import time
+
+    import httpx
+    import uvicorn
+
+    from simulation.serve import MAX_TEXTS, build_app
+
+    model = build_classifier(tiny_backbone, num_labels=3, lora_r=0, lora_alpha=4, lora_targets=("query",))
+    export_model(tmp_path / "model", classifier=model, backbone=tiny_backbone, labels=LABELS, max_length=32,
+                 summary={"dp": True, "final_accuracy": 0.5})
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(build_app(tmp_path / "model", threshold=0.99), host="127.0.0.1", port=port,
+                                           log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive()
+            time.sleep(0.1)
+        with httpx.Client(base_url=url, timeout=30) as client:
+            health = client.get("/health").json()
+            assert health == {"status": "ok", "labels": 3, "threshold": 0.99, "differential_privacy": True,
+                              "final_accuracy": 0.5}
+            texts = ["reset my password", "book a room"]
+            answer = client.post("/predict", json={"texts": texts})
+            assert answer.status_code == 200
+            expected = load_exported(tmp_path / "model").predict(texts).max(dim=1).values.tolist()
+            predictions = answer.json()["predictions"]
+            assert [p["score"] for p in predictions] == pytest.approx(expected, abs=1e-5)
+            assert all(p["label"] == "unknown" for p in predictions)  # a random head is never 99% sure
+            for bad in ({"texts": []}, {"texts": [""]}, {"text": "x"}, {"texts": ["x"] * (MAX_TEXTS + 1)}, {"texts": "x"}):
+                refused = client.post("/predict", json=bad)
+                assert refused.status_code == 422 and "texts" in refused.text, bad
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def test_serve_refuses_a_folder_that_is_not_a_model(tmp_path):
+    from typer.testing import CliRunner
+
+    from simulation.cli import app
+
+    result = CliRunner().invoke(app, ["serve", "--model", str(tmp_path), "--port", "1"])
+    assert result.exit_code == 1 and "not an exported fedpriv model" in result.output
+
+
+def test_a_backbone_loaded_from_a_folder_is_linked_not_copied_into_the_export(tmp_path, tiny_backbone):
+    from shared.model import load_backbone
+
+    tiny_backbone.model.save_pretrained(tmp_path / "hf")
+    tiny_backbone.tokenizer.save_pretrained(tmp_path / "hf")
+    backbone = load_backbone(str(tmp_path / "hf"))
+    model = build_classifier(backbone, num_labels=3, lora_r=0, lora_alpha=4, lora_targets=("query",))
+    export_model(tmp_path / "model", classifier=model, backbone=backbone, labels=LABELS, max_length=32, summary={})
+    weights = tmp_path / "model" / "backbone" / "model.safetensors"
+    assert weights.stat().st_ino == (tmp_path / "hf" / "model.safetensors").stat().st_ino  # one copy on disk
+    texts = ["reset my password"]
+    with torch.no_grad():
+        batch = backbone.tokenizer(texts, padding=True, truncation=True, max_length=32, return_tensors="pt")
+        expected = model(batch["input_ids"], batch["attention_mask"]).softmax(-1)
+    torch.testing.assert_close(load_exported(tmp_path / "model").predict(texts), expected, rtol=1e-4, atol=1e-5)

@@ -183,6 +183,11 @@ def run(
     model: opt.Model = DEFAULTS.model,
     lora_r: opt.LoraR = DEFAULTS.lora_r,
     lora_layers: opt.LoraLayers = DEFAULTS.lora_layers,
+    lora_alpha: opt.LoraAlpha = DEFAULTS.lora_alpha,
+    lora_targets: opt.LoraTargets = ",".join(DEFAULTS.lora_targets),
+    max_length: opt.MaxLength = DEFAULTS.max_length,
+    fraction_train: opt.FractionTrain = DEFAULTS.fraction_train,
+    val_fraction: opt.ValFraction = DEFAULTS.val_fraction,
     test_data: opt.TestData = None,
     secagg_max_weight: Annotated[int, typer.Option(help="SecAgg+ bound on a department's training records.")] = DEFAULTS.secagg_max_weight,
     no_dp: opt.NoDp = False,
@@ -221,7 +226,9 @@ def run(
             num_server_rounds=rounds, head_init=head_init, local_epochs=local_epochs, target_epsilon=epsilon, target_delta=delta,
             model=model, batch_size=batch_size, learning_rate=learning_rate, momentum=momentum,
             statistics_share=statistics_share, max_grad_norm=max_grad_norm,
-            accountant=accountant, lora_r=lora_r, lora_layers=lora_layers, labels=labels, min_departments=min_departments, dp=not no_dp,
+            accountant=accountant, lora_r=lora_r, lora_layers=lora_layers, lora_alpha=lora_alpha,
+            lora_targets=opt.module_names(lora_targets), max_length=max_length, fraction_train=fraction_train,
+            val_fraction=val_fraction, labels=labels, min_departments=min_departments, dp=not no_dp,
             secagg=not no_secagg, secagg_num_shares=secagg_num_shares, secagg_timeout_s=secagg_timeout, secagg_max_weight=secagg_max_weight, transport=transport, run_uid=uuid.uuid4().hex[:12],
             # the provisioned key of every department: each reply must be signed by its department's
             department_keys=json.dumps(json.loads((kit / "departments.json").read_text())["departments"])

@@ -23,6 +23,11 @@ Accountant = Annotated[str, typer.Option(help="Privacy accountant: rdp or prv.")
 Model = Annotated[str, typer.Option(help="minilm (packaged all-MiniLM-L6-v2), tiny (tests), or a local Hugging Face model folder (on every host).")]
 LoraR = Annotated[int, typer.Option(help="LoRA rank for the DP-SGD rounds; 0 trains only the head on frozen features.")]
 LoraLayers = Annotated[int, typer.Option(help="With --lora-r: adapters only in the top N Transformer layers, trained on cached states of the layers below (several times faster); 0: every layer.")]
+LoraAlpha = Annotated[int, typer.Option(help="LoRA scaling alpha (with --lora-r).")]
+LoraTargets = Annotated[str, typer.Option(help="Comma-separated module names that get LoRA adapters (with --lora-r).")]
+MaxLength = Annotated[int, typer.Option(help="Tokens per text; longer texts are truncated.")]
+FractionTrain = Annotated[float, typer.Option(help="Share of the departments with budget left that a DP-SGD round asks (at least --min-departments).")]
+ValFraction = Annotated[float, typer.Option(help="Share of each department's records it keeps back for validation.")]
 TestData = Annotated[Path | None, typer.Option(help="Held-out CSV/JSONL for server-side evaluation.")]
 NoDp = Annotated[bool, typer.Option("--no-dp", help="Baseline WITHOUT differential privacy: no guarantee holds.")]
 NoSecagg = Annotated[bool, typer.Option("--no-secagg", help="Baseline without SecAgg+: the server sees each department's update.")]
@@ -54,6 +59,11 @@ def new_run_dir(out: Path | None) -> Path:
     run_dir = run_dir_path(out)
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
+
+
+def module_names(text: str) -> tuple[str, ...]:
+    """``--lora-targets query,value`` as ("query", "value")."""
+    return tuple(name.strip() for name in text.split(",") if name.strip())
 
 
 def _policy_value(text: str) -> bool | int | float:

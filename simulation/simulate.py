@@ -51,6 +51,11 @@ class SimulationRequest:
     model: str
     lora_r: int
     lora_layers: int
+    lora_alpha: int
+    lora_targets: tuple[str, ...]
+    max_length: int
+    fraction_train: float
+    val_fraction: float
     dp: bool
     secagg: bool
     secagg_num_shares: int
@@ -86,7 +91,7 @@ def simulate_federation(request: SimulationRequest, *, console: Console) -> dict
         smallest = max(2, math.ceil(RECONSTRUCTION_THRESHOLD * len(partitioned.shares)))
         for name in partitioned.shares:
             policies[name] = {"distributed-noise": True, "min-departments": smallest, **policies.get(name, {})}
-    val_fraction = DEFAULTS.val_fraction
+    val_fraction = request.val_fraction
     # Departments keep a test split of their own only when the server has no test set.
     test_fraction = 0.0 if partitioned.test is not None else DEFAULTS.test_fraction
     fractions = {"val_fraction": val_fraction, "test_fraction": test_fraction, "seed": request.seed}
@@ -102,7 +107,9 @@ def simulate_federation(request: SimulationRequest, *, console: Console) -> dict
         statistics_share=request.statistics_share,
         target_epsilon=request.epsilon, target_delta=request.delta, dp=request.dp, accountant=request.accountant,
         model=str(Path(request.model).expanduser().resolve()) if request.model not in (MINILM, TINY) else request.model,
-        lora_r=request.lora_r, lora_layers=request.lora_layers, labels=federation.labels,
+        lora_r=request.lora_r, lora_layers=request.lora_layers, lora_alpha=request.lora_alpha,
+        lora_targets=request.lora_targets, max_length=request.max_length, fraction_train=request.fraction_train,
+        labels=federation.labels,
         min_departments=min(request.min_departments, len(federation.departments)),
         val_fraction=val_fraction, test_fraction=test_fraction, seed=request.seed, out_dir=str(out),
         partition_dir=str(federation.partition_dir),

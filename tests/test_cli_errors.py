@@ -49,6 +49,9 @@ def small_federation(tmp_path, per_department=40):
         (["--label-scope", "it=a"], "unknown label 'b' (not in department it's label-scope)"),
         (["--label-scope", "it"], "--label-scope 'it': expected NAME=LABEL[,LABEL...]"),
         (["--secagg-num-shares", "4"], "secagg-num-shares must be 0 (every department) or an odd number >= 3 (got 4)"),
+        (["--max-length", "4"], "max-length must be in [8, 512] (got 4)"),
+        (["--val-fraction", "0.7"], "val-fraction must be in (0, 0.5) (got 0.7)"),
+        (["--lora-r", "4", "--lora-targets", ","], "lora-targets must name at least one module"),
     ],
 )
 def test_bad_options_fail_cleanly(tmp_path, args, expected):
@@ -138,6 +141,7 @@ def test_simulate_reads_the_users_column_names_and_refuses_a_missing_one(tmp_pat
 
 TRAINING_OPTIONS = {"rounds", "head_init", "local_epochs", "batch_size", "learning_rate", "momentum", "statistics_share",
                     "max_grad_norm", "epsilon", "delta", "accountant", "model", "lora_r", "lora_layers", "test_data",
+                    "lora_alpha", "lora_targets", "max_length", "fraction_train", "val_fraction",
                     "no_dp", "no_secagg", "secagg_num_shares", "min_departments", "out", "resume"}
 
 

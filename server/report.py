@@ -154,21 +154,23 @@ def _audit(run_dir: Path) -> str:
     rows = []
     for stage in audit.get("canary_audit", {}).get("stages", []):
         claimed = stage.get("claimed_epsilon")
+        who = f" (department {stage['department']}, on its own host)" if "department" in stage else ""
         rows += [
-            ["canary audit", html.escape(stage["audited"])],
+            ["canary audit", html.escape(stage["audited"] + who)],
             ["canaries / guesses / right", f"{stage['canaries']} / {stage['guesses']} / {stage['correct_guesses']}"],
             [f"epsilon lower bound ({stage['confidence']:.1%} confidence)", _fmt(stage["epsilon_lower_bound"])],
             ["epsilon the audited stage claims", _fmt(claimed) if claimed is not None else "none (no DP)"],
         ]
-    rows += [
-        ["membership attack", html.escape(audit["attack"])],
-        ["members / non-members", f"{audit['members']} / {audit['non_members']}"],
-        ["AUC", _fmt(audit["auc"])],
-        ["TPR at 1% FPR", _fmt(audit["tpr_at_1pct_fpr"])], ["TPR at 0.1% FPR", _fmt(audit["tpr_at_0_1pct_fpr"])],
-        ["empirical epsilon of the attack (95% lower bound)", _fmt(audit["empirical_epsilon"])],
-        ["claimed epsilon of the run", _fmt(audit.get("claimed_epsilon"), "g") if audit.get("claimed_epsilon") else "none (no DP)"],
-        ["verdict", verdict],
-    ]
+    if "attack" in audit:  # simulation only: the attack needs every department's records
+        rows += [
+            ["membership attack", html.escape(audit["attack"])],
+            ["members / non-members", f"{audit['members']} / {audit['non_members']}"],
+            ["AUC", _fmt(audit["auc"])],
+            ["TPR at 1% FPR", _fmt(audit["tpr_at_1pct_fpr"])], ["TPR at 0.1% FPR", _fmt(audit["tpr_at_0_1pct_fpr"])],
+            ["empirical epsilon of the attack (95% lower bound)", _fmt(audit["empirical_epsilon"])],
+            ["claimed epsilon of the run", _fmt(audit.get("claimed_epsilon"), "g") if audit.get("claimed_epsilon") else "none (no DP)"],
+        ]
+    rows.append(["verdict", verdict])
     return _table(None, rows)
 
 

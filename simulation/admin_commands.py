@@ -40,31 +40,39 @@ def audit(
     canaries: Annotated[int, typer.Option(min=10, help="Canaries per audited stage (class statistics, DP-SGD), each included with probability 1/2.")] = 1000,
     seed: Annotated[int, typer.Option(help="Seed for the canaries and for splitting records into threshold-picking and testing halves.")] = 0,
 ) -> None:
-    """Audit a simulation run: a canary audit in one run (Steinke et al. 2023) of what the departments
-    release, and a membership-inference attack on the final model. Exits 2 on a privacy bug."""
+    """Audit a run: a canary audit in one run (Steinke et al. 2023) of what the departments release and,
+    in simulation, a membership-inference attack on the final model; a deployed run gathers the
+    audits its departments ran on their own hosts (RUN/department-audits/). Exits 2 on a privacy bug."""
     import json
 
     from server.report import AUDIT_FILE, write_report
     from shared.logs import quiet_libraries
     from simulation.audit import membership_audit
     from simulation.canary_audit import canary_audit
+    from simulation.deployed_audit import gathered_canary_audit
+    from simulation.resume import read_run_config
 
     quiet_libraries()
     run_dir = run_dir.resolve()
-    canary = canary_audit(run_dir, canaries=canaries, seed=seed)
-    with console.status("membership-inference attack on the final model"):
-        result = membership_audit(run_dir, seed=seed)
-    result["canary_audit"] = canary
-    result["violation"] = bool(result["violation"] or canary["violation"])
+    if not read_run_config(run_dir).partition_dir:  # deployed: the records are on the departments' hosts
+        canary = gathered_canary_audit(run_dir)
+        result: dict = {"canary_audit": canary, "violation": canary["violation"]}
+        print_canary_audit(canary)
+    else:
+        canary = canary_audit(run_dir, canaries=canaries, seed=seed)
+        with console.status("membership-inference attack on the final model"):
+            result = membership_audit(run_dir, seed=seed)
+        result["canary_audit"] = canary
+        result["violation"] = bool(result["violation"] or canary["violation"])
+
+        def show(value: float | None) -> str:
+            return f"{value:.4f}" if value is not None else "n/a (too few non-members)"
+
+        print_canary_audit(canary)
+        console.print(f"membership-inference attack ({result['members']} members, {result['non_members']} non-members; "
+                      f"{result['attack']}): AUC {result['auc']:.4f}  TPR@1%FPR {show(result['tpr_at_1pct_fpr'])}  "
+                      f"TPR@0.1%FPR {show(result['tpr_at_0_1pct_fpr'])}  empirical epsilon {result['empirical_epsilon']:.4f}")
     (run_dir / AUDIT_FILE).write_text(json.dumps(result, indent=2))
-
-    def show(value: float | None) -> str:
-        return f"{value:.4f}" if value is not None else "n/a (too few non-members)"
-
-    print_canary_audit(canary)
-    console.print(f"membership-inference attack ({result['members']} members, {result['non_members']} non-members; "
-                  f"{result['attack']}): AUC {result['auc']:.4f}  TPR@1%FPR {show(result['tpr_at_1pct_fpr'])}  "
-                  f"TPR@0.1%FPR {show(result['tpr_at_0_1pct_fpr'])}  empirical epsilon {result['empirical_epsilon']:.4f}")
     report = write_report(run_dir)
     if result["violation"]:
         console.print("[bold red]An audit bound exceeds the claimed epsilon: this is a privacy bug.[/]")
@@ -75,7 +83,8 @@ def audit(
 def print_canary_audit(canary: dict) -> None:
     for stage in canary["stages"]:
         claimed = stage["claimed_epsilon"]
-        console.print(f"canary audit, {stage['audited']}: {stage['canaries']} canaries, {stage['correct_guesses']} of "
+        who = f"department {stage['department']}, " if "department" in stage else ""
+        console.print(f"canary audit, {who}{stage['audited']}: {stage['canaries']} canaries, {stage['correct_guesses']} of "
                       f"{stage['guesses']} guesses right; epsilon lower bound {stage['epsilon_lower_bound']:.4f} "
                       f"({stage['confidence']:.1%} confidence), claimed "
                       f"{f'{claimed:.4f}' if claimed is not None else 'none (no DP)'}")

@@ -142,3 +142,43 @@ def test_a_deployed_department_audits_itself_without_touching_its_state(tmp_path
     missing = CliRunner().invoke(app, ["department", "audit", "--kit", str(kit), "--data", str(tmp_path / "it.jsonl"),
                                        "--run-config", str(tmp_path / "nope.toml")])
     assert missing.exit_code == 1 and "nope.toml" in missing.output and "Traceback" not in missing.output
+
+
+def test_a_deployed_run_is_audited_from_what_its_departments_found_on_their_own_hosts(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from simulation.cli import app
+    from simulation.deployed_audit import DEPARTMENT_AUDITS
+    from simulation.launcher import RUN_CONFIG_FILE, write_run_config
+    from tests.test_run_record import two_rounds
+
+    config = RunConfig(labels=("a", "b"), out_dir=str(tmp_path), transport="tls+node-auth", num_server_rounds=3)
+    two_rounds(tmp_path, config=config).finish(state="completed")
+    write_run_config(config.to_run_config(), tmp_path / RUN_CONFIG_FILE)
+    runner = CliRunner()
+    missing = runner.invoke(app, ["audit", str(tmp_path)])
+    assert missing.exit_code == 1 and "fedpriv department audit" in " ".join(missing.output.split())
+
+    def stage(bound, claim):
+        return {"stage": "class-statistics", "audited": "stage 1 release", "canaries": 1000, "guesses": 100,
+                "correct_guesses": 90, "epsilon_lower_bound": bound, "confidence": 0.95, "claimed_epsilon": claim,
+                "violation": False}
+
+    audits = tmp_path / DEPARTMENT_AUDITS
+    audits.mkdir()
+    (audits / "hr.json").write_text(json.dumps({"stages": [stage(2.5, 6.4)], "violation": False}))
+    (audits / "it.json").write_text(json.dumps({"stages": [stage(1.0, 6.4)], "violation": False}))
+    passed = runner.invoke(app, ["audit", str(tmp_path)])
+    assert passed.exit_code == 0, passed.output
+    assert "department hr" in passed.output and "department it" in passed.output
+    report = (tmp_path / "report.html").read_text()
+    assert "department hr, on its own host" in report and "consistent with the claimed guarantee" in report
+
+    (audits / "it.json").write_text(json.dumps({"stages": [stage(7.0, 6.4)], "violation": False}))  # it says no bug
+    caught = runner.invoke(app, ["audit", str(tmp_path)])
+    assert caught.exit_code == 2 and "privacy bug" in caught.output  # the bound is checked, not the file's word
+    (audits / "it.json").write_text('{"stages": [{"stage": "x"}]}')
+    broken = runner.invoke(app, ["audit", str(tmp_path)])
+    assert broken.exit_code == 1 and "it.json: not a department's canary audit" in " ".join(broken.output.split())

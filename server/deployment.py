@@ -103,13 +103,23 @@ def start_superlink(kit: Path, *, host: str, port: int, insecure: bool, log: Pat
     return process
 
 
+NODES_FILE = "nodes.json"  # department -> the SuperLink's node id for its key (Flower lists nodes by id only)
+
+
 def register_departments(kit: Path, env: dict[str, str]) -> list[str]:
     departments = json.loads((kit / "departments.json").read_text())["departments"]
+    nodes_path = kit / NODES_FILE
+    nodes = json.loads(nodes_path.read_text()) if nodes_path.is_file() else {}
     for name in departments:
         key = kit / "keys" / f"{name}.pub"
-        result = subprocess.run([executable("flwr"), "supernode", "register", str(key), CONNECTION, "--name", name],
-                                env=env, capture_output=True, text=True)
+        result = subprocess.run([executable("flwr"), "supernode", "register", str(key), CONNECTION, "--name", name,
+                                 "--format", "json"], env=env, capture_output=True, text=True)
         already = "already" in (result.stdout + result.stderr).lower()
         if result.returncode != 0 and not already:
             raise FlowerProcessError(f"registering department {name} failed: {(result.stdout + result.stderr).strip()[-400:]}")
+        try:
+            nodes[name] = str(json.loads(result.stdout)["node-id"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            pass  # registered before (a restarted SuperLink keeps its database): the earlier id stands
+    nodes_path.write_text(json.dumps(nodes, indent=2))
     return list(departments)

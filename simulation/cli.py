@@ -18,6 +18,7 @@ from simulation.admin_commands import audit, labels, ledger, report
 from simulation.bench import bench
 from simulation.predict import predict
 from simulation.serve import serve
+from simulation.status_command import status
 from simulation.deploy_commands import department_app, provision, run, server_app
 
 app = typer.Typer(
@@ -34,6 +35,7 @@ app.command()(friendly(report))
 app.command()(friendly(labels))
 app.command()(friendly(predict))
 app.command()(friendly(serve))
+app.command()(friendly(status))
 app.command()(friendly(bench))
 app.add_typer(server_app, name="server")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -96,6 +97,10 @@ def test_tls_authenticated_federation_and_refusals(tmp_path, processes):
         shown = (tmp_path / f"{name}.out").read_text()
         assert f"{name}: released round 1 (class statistics" in shown and f"{name}: trained round 2 (DP-SGD" in shown, shown
         assert (kits / name / "logs" / "supernode.log").stat().st_size > 0
+    status = fedpriv("status", "--kit", str(kits / "server"))  # the admin sees the departments by name
+    assert status.returncode == 0, status.stdout + status.stderr
+    for name in DEPARTMENTS:
+        assert re.search(rf"{name}\s+│\s+\d+\s+│\s+online", status.stdout), status.stdout
 
     # A second run, stopped (SIGTERM) after its first round and resumed by the deployed server. Its
     # epsilon is 16: the departments already spent 8 on these records, and they compose both runs.

@@ -307,3 +307,21 @@ def test_a_kit_from_another_provisioning_is_refused_before_its_supernode_starts(
                 supernode_command(kit, data=data, superlink=address, state_dir=tmp_path / "state",
                                   insecure=False, epsilon=None)
             assert not (tmp_path / "state").exists()
+
+
+def test_status_names_each_node_by_its_department():
+    from simulation.status_command import node_rows, run_rows
+
+    # `flwr supernode list --format json` as flwr 1.42 prints it (seen on a provisioned SuperLink)
+    nodes = {"success": True, "nodes": [
+        {"node-id": "9932839418880666908", "owner-name": "none", "status": "online", "online-at": "2026-12-07 03:01:02Z"},
+        {"node-id": "1352111111015399212", "owner-name": "none", "status": "registered", "online-at": "N/A"},
+        {"node-id": "17", "owner-name": "none", "status": "online", "online-at": "2026-12-07 03:01:09Z"}]}
+    names = {"finance": "9932839418880666908", "hr": "1352111111015399212"}
+    assert node_rows(nodes, names=names) == [
+        ("(unknown key)", "17", "online", "2026-12-07 03:01:09Z"),
+        ("finance", "9932839418880666908", "online", "2026-12-07 03:01:02Z"),
+        ("hr", "1352111111015399212", "registered", "N/A")]
+    runs = {"success": True, "runs": [{"run-id": "42", "status": "running", "pending-at": "2026-12-07 03:02:00Z",
+                                       "elapsed": "00:00:12"}]}
+    assert run_rows(runs) == [("42", "running", "2026-12-07 03:02:00Z", "00:00:12")]

@@ -19,7 +19,13 @@ from simulation.bench_runs import measured_run
 
 PARTITIONS = {"domain": ["--partition", "domain"],
               "domain-no-scopes": ["--partition", "domain", "--no-declared-scopes"],
-              "dirichlet-0.5": ["--partition", "dirichlet", "--departments", "10", "--alpha", "0.5"]}
+              "dirichlet-0.5": ["--partition", "dirichlet", "--departments", "10", "--alpha", "0.5"],
+              "domains-as-labels": ["--partition", "dirichlet", "--departments", "10", "--alpha", "0.5"]}
+# CLINC150 with every record labelled by its domain: 10 broad classes, each a mix of 15 intents. A
+# stand-in for tasks whose classes are broad (sentiment, ticket queues), where one mean direction
+# per class summarises a class poorly: a nearest-class-mean head trails logistic regression by
+# 14 points there (0.81 vs 0.96 on CLINC150's validation split), against 3 on the 150 intents.
+BROAD_LABELS = "domains-as-labels"
 # The designs side by side: stage 1 alone (the default), stage 1 then stage 2 (LoRA on the top
 # layer, cached states), and the earlier head-only DP-SGD from a zero head.
 DESIGNS = {"stage 1": [],
@@ -27,14 +33,29 @@ DESIGNS = {"stage 1": [],
            "stage 1 + 2": ["--rounds", "13", "--lora-r", "8", "--lora-layers", "1", "--learning-rate", "1.0"],
            "head DP-SGD (old)": ["--head-init", "zeros", "--rounds", "40"]}
 TARGETS = {"domain": {8.0: 0.94, 3.0: 0.92, 1.0: 0.88}, "domain-no-scopes": {8.0: 0.93, 3.0: 0.90, 1.0: 0.85},
-           "dirichlet-0.5": {8.0: 0.92, 3.0: 0.86, 1.0: 0.60}}
+           "dirichlet-0.5": {8.0: 0.92, 3.0: 0.86, 1.0: 0.60}, BROAD_LABELS: {}}
 DISTRIBUTED_TARGETS = {8.0: 0.93, 3.0: 0.92, 1.0: 0.87}  # Dirichlet(0.5) with distributed noise
+
+
+def broad_label_files(clinc: Path, out: Path) -> tuple[Path, Path]:
+    """CLINC150's pool and in-scope test split as CSVs labelled by domain (train.csv, test.csv under OUT)."""
+    from shared.clinc150 import load_clinc150
+    from shared.data import Record, write_jsonl
+
+    corpus = load_clinc150(clinc)
+    domain_of = {intent: domain for domain, intents in corpus.domains.items() for intent in intents}
+    folder = out / BROAD_LABELS
+    files = folder / "train.jsonl", folder / "test.jsonl"
+    for records, path in zip((corpus.pool, corpus.test), files, strict=True):
+        write_jsonl([Record(r.text, domain_of[r.label]) for r in records], path)
+    return files
 
 
 def accuracy_runs(*, data: Path, out: Path, plan: list[tuple[str, str, float | None]], model: str,
                   rounds: int | None = None) -> list[dict[str, Any]]:
     """One run per (design, partition, epsilon); epsilon None is the non-private baseline."""
     results = []
+    broad = broad_label_files(data, out) if any(partition == BROAD_LABELS for _, partition, _ in plan) else None
     for design, partition, epsilon in plan:
         privacy = ["--no-dp"] if epsilon is None else ["--epsilon", str(epsilon)]
         slug = re.sub(r"[^a-z0-9]+", "-", design.lower()).strip("-")
@@ -42,35 +63,41 @@ def accuracy_runs(*, data: Path, out: Path, plan: list[tuple[str, str, float | N
         design_args = list(DESIGNS[design])
         if rounds is not None and "--rounds" in design_args:  # --quick: fewer rounds
             design_args[design_args.index("--rounds") + 1] = str(rounds)
-        args = ["--data", str(data), *PARTITIONS[partition], *design_args, "--model", model, *privacy,
+        source = ["--data", str(broad[0]), "--test-data", str(broad[1])] if partition == BROAD_LABELS and broad else ["--data", str(data)]
+        args = [*source, *PARTITIONS[partition], *design_args, "--model", model, *privacy,
                 "--feature-cache", str(out / "feature-cache")]
         results.append({"design": design, "partition": partition, "epsilon": epsilon,
                         **measured_run(name, args, out)})
     return results
 
 
-def centralized_ceiling(*, data: Path, out: Path, model: str) -> dict[str, Any]:
+def centralized_ceiling(*, data: Path, out: Path, model: str, broad_labels: bool = False) -> dict[str, Any]:
     """Every record pooled, no DP: the nearest-class-mean head (what non-private stage 1 must equal)
-    and scikit-learn's logistic regression on the same features (what statistics heads are measured against)."""
+    and scikit-learn's logistic regression on the same features (what statistics heads are measured
+    against); ``broad_labels``: on CLINC150 labelled by domain."""
     from sklearn.linear_model import LogisticRegression
 
     from client.class_statistics import class_sums
     from server.class_statistics import nearest_class_mean_head
     from shared.clinc150 import load_clinc150
-    from shared.data import derive_labels
+    from shared.data import derive_labels, load_records
     from shared.features import labelled_dataset
     from shared.model import load_backbone
 
     started = time.perf_counter()
-    clinc = load_clinc150(data)
-    labels = derive_labels(clinc.pool)
+    if broad_labels:
+        pool, test_records = (load_records(path) for path in broad_label_files(data, out))
+    else:
+        clinc = load_clinc150(data)
+        pool, test_records = clinc.pool, clinc.test
+    labels = derive_labels(pool)
     backbone = load_backbone(model)
 
     def dataset(records):
         return labelled_dataset(backbone, records, labels=labels, max_length=DEFAULTS.max_length, head_only=True,
                                 cache_dir=out / "feature-cache").tensors
 
-    (train, targets), (test, test_targets) = dataset(clinc.pool), dataset(clinc.test)
+    (train, targets), (test, test_targets) = dataset(pool), dataset(test_records)
     sums, _ = class_sums(train, targets, num_labels=len(labels))
     weight, _ = nearest_class_mean_head(sums.numpy(), logit_scale=DEFAULTS.ncm_logit_scale)
     ncm = float(((test.numpy() @ weight.T).argmax(1) == test_targets.numpy()).mean())
@@ -105,11 +132,11 @@ def accuracy_markdown(runs: list[dict[str, Any]], central: dict[str, Any] | None
         epsilon = "non-private" if run["epsilon"] is None else f"{run['epsilon']:g}"
         lines.append(f"| {run['design']} | {run['partition']} | {epsilon} | {run['accuracy']:.4f} | {verdict} | "
                      f"{run['rounds']} | {run['wall_time_s']:.0f} s | {run['peak_memory_mb']} MB |")
-    if central:
-        lines.append(f"| centralized nearest class mean (pooled, no DP) | - | non-private | "
-                     f"{central['nearest_class_mean']:.4f} | = stage 1 without DP | - | - | - |")
-        lines.append(f"| centralized logistic regression (pooled, no DP) | - | non-private | "
-                     f"{central['logistic_regression']:.4f} | ceiling | - | {central['wall_time_s']:.0f} s | - |")
+    for labels, ceiling in (central or {}).items():
+        lines.append(f"| centralized nearest class mean (pooled, no DP) | {labels} | non-private | "
+                     f"{ceiling['nearest_class_mean']:.4f} | = stage 1 without DP | - | - | - |")
+        lines.append(f"| centralized logistic regression (pooled, no DP) | {labels} | non-private | "
+                     f"{ceiling['logistic_regression']:.4f} | ceiling | - | {ceiling['wall_time_s']:.0f} s | - |")
     return lines
 
 

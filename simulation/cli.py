@@ -9,7 +9,7 @@ from typing import Annotated
 import click
 import typer
 
-from shared.config import DEFAULTS
+from shared.config import DEFAULTS, default_rounds
 from shared.data import Columns
 from shared.errors import ConfigError
 from simulation import options as opt
@@ -67,7 +67,7 @@ def simulate(
     partition: Annotated[str | None, typer.Option(help="column | domain | dirichlet | iid. Default: domain for CLINC150, else column.")] = None,
     departments: Annotated[int | None, typer.Option(help="Number of departments for dirichlet / iid (default 4).")] = None,
     alpha: Annotated[float, typer.Option(help="Dirichlet concentration for --partition dirichlet.")] = 0.5,
-    rounds: opt.Rounds = DEFAULTS.num_server_rounds,
+    rounds: opt.Rounds = None,
     head_init: opt.HeadInit = DEFAULTS.head_init,
     local_epochs: opt.LocalEpochs = DEFAULTS.local_epochs,
     batch_size: Annotated[int | None, typer.Option(help=f"Expected batch size (Poisson sampling). Default: {DEFAULTS.batch_size}, at most a quarter of the smallest department.")] = None,
@@ -118,7 +118,8 @@ def simulate(
             raise typer.BadParameter(f"must be >= 1 (got {batch_size})", param_hint="--batch-size")
         request = SimulationRequest(
             data=data, test_data=test_data, columns=Columns(text_column, label_column, department_column), partition=partition, departments=departments, alpha=alpha,
-            rounds=rounds, head_init=head_init, local_epochs=local_epochs, batch_size=batch_size, learning_rate=learning_rate,
+            rounds=rounds if rounds is not None else default_rounds(dp=not no_dp, epsilon=epsilon, head_init=head_init),
+            head_init=head_init, local_epochs=local_epochs, batch_size=batch_size, learning_rate=learning_rate,
             momentum=momentum, statistics_share=statistics_share, max_grad_norm=max_grad_norm, epsilon=epsilon, delta=delta, accountant=accountant, model=model,
             lora_r=lora_r, lora_layers=lora_layers, lora_alpha=lora_alpha, lora_targets=opt.module_names(lora_targets),
             max_length=max_length, fraction_train=fraction_train, val_fraction=val_fraction, dp=not no_dp, secagg=not no_secagg, secagg_num_shares=secagg_num_shares, audit_updates=audit_updates, out=out, seed=seed, feature_cache=feature_cache,

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from shared.config import DEFAULTS, RunConfig
+from shared.config import DEFAULTS, RunConfig, default_rounds
 from shared.errors import ConfigError
 from simulation import options as opt
 from simulation.console import console, err_console, friendly
@@ -169,7 +169,7 @@ def run(
     kit: Annotated[Path, typer.Option(help="The server kit (its .flwr connection is written by `server start`).")],
     labels_file: Annotated[Path | None, typer.Option(help="The federation's labels, one per line (`fedpriv labels DATA...` writes it).")] = None,
     min_departments: Annotated[int | None, typer.Option(help="Departments a round needs: the run waits until that many are connected, and ends when fewer can still train.")] = None,
-    rounds: opt.Rounds = DEFAULTS.num_server_rounds,
+    rounds: opt.Rounds = None,
     head_init: opt.HeadInit = DEFAULTS.head_init,
     local_epochs: opt.LocalEpochs = DEFAULTS.local_epochs,
     batch_size: Annotated[int, typer.Option(help="Expected batch size (Poisson sampling).")] = DEFAULTS.batch_size,
@@ -223,7 +223,8 @@ def run(
             raise ConfigError([f"{name} is required for a new run" for name in missing], source="fedpriv run options")
         labels = tuple(line.strip() for line in labels_file.read_text().splitlines() if line.strip())
         config = RunConfig(
-            num_server_rounds=rounds, head_init=head_init, local_epochs=local_epochs, target_epsilon=epsilon, target_delta=delta,
+            num_server_rounds=rounds if rounds is not None else default_rounds(dp=not no_dp, epsilon=epsilon, head_init=head_init),
+            head_init=head_init, local_epochs=local_epochs, target_epsilon=epsilon, target_delta=delta,
             model=model, batch_size=batch_size, learning_rate=learning_rate, momentum=momentum,
             statistics_share=statistics_share, max_grad_norm=max_grad_norm,
             accountant=accountant, lora_r=lora_r, lora_layers=lora_layers, lora_alpha=lora_alpha,

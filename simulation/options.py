@@ -10,7 +10,7 @@ import typer
 
 from shared.errors import ConfigError
 
-Rounds = Annotated[int, typer.Option(help="Federated rounds: round 1 releases DP class statistics (stage 1); any later rounds fine-tune with DP-SGD.")]
+Rounds = Annotated[int | None, typer.Option(help="Federated rounds: round 1 releases DP class statistics (stage 1); any later rounds fine-tune the head with DP-SGD. Default: 31 at epsilon >= 8 or without DP, else 1 (stage 2 costs accuracy at small epsilon; see BENCHMARKS.md).")]
 HeadInit = Annotated[str, typer.Option(help="class-statistics: round 1 builds the head from each department's DP class statistics (default); zeros: every round is DP-SGD from a zero head (the earlier design).")]
 LocalEpochs = Annotated[int, typer.Option(help="Local epochs per round.")]
 LearningRate = Annotated[float, typer.Option(help="Local SGD learning rate.")]

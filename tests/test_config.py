@@ -46,3 +46,12 @@ def test_types_and_unknown_keys_from_run_config():
 
 def test_label_fingerprint_depends_on_order():
     assert RunConfig(labels=("a", "b")).label_fingerprint != RunConfig(labels=("b", "a")).label_fingerprint
+
+
+def test_rounds_left_out_add_dp_sgd_only_where_epsilon_leaves_room_for_it():
+    from shared.config import STAGE_TWO_MIN_EPSILON, STAGE_TWO_ROUNDS, default_rounds
+
+    assert default_rounds(dp=True, epsilon=STAGE_TWO_MIN_EPSILON, head_init="class-statistics") == 1 + STAGE_TWO_ROUNDS
+    assert default_rounds(dp=True, epsilon=3.0, head_init="class-statistics") == 1  # stage 1 alone
+    assert default_rounds(dp=False, epsilon=1.0, head_init="class-statistics") == 1 + STAGE_TWO_ROUNDS
+    assert default_rounds(dp=True, epsilon=1.0, head_init="zeros") == STAGE_TWO_ROUNDS

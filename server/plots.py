@@ -53,7 +53,7 @@ def _figure(metrics: dict[str, Any], ledger: list | None = None):
                         fontsize=8, va="bottom")
     title = "epsilon per department over rounds" if metrics.get("dp") else "NO differential privacy (--no-dp)"
     eps_ax.set(xlabel="round", ylabel="epsilon", title=title)
-    if names and len(names) <= 12:
+    if eps_ax.get_lines() and len(names) <= 12:
         eps_ax.legend(fontsize=7)
     rows = [row for row in (ledger or []) if row.epsilon is not None]
     if rows:  # every department's final spending against its budget: one bar each, never hidden by another

@@ -46,13 +46,15 @@ class BenchPlan:
 
 EPSILONS = (1.0, 3.0, 8.0, None)
 FULL = BenchPlan(
-    tuple(("stage 1", partition, epsilon) for partition in ("domain", "domain-no-scopes", "dirichlet-0.5")
+    tuple(("default", partition, epsilon) for partition in ("domain", "domain-no-scopes", "dirichlet-0.5")
           for epsilon in EPSILONS)
+    + tuple((design, "domains-as-labels", epsilon) for design in ("default", "stage 1") for epsilon in (8.0, None))
+    + tuple(("stage 1", partition, 8.0) for partition in ("domain", "domain-no-scopes", "dirichlet-0.5"))
     + tuple(("stage 1, distributed noise", "dirichlet-0.5", epsilon) for epsilon in (1.0, 3.0, 8.0))
     + (("stage 1 + 2", "domain", 8.0), ("stage 1 + 2", "domain-no-scopes", 8.0), ("stage 1 + 2", "domain", None),
        ("head DP-SGD (old)", "domain", 8.0), ("head DP-SGD (old)", "dirichlet-0.5", 8.0)),
     7, 256, (5, 10), 5, 2, (10, 50, 100), 100, (0, 21), True, 5000)
-QUICK = BenchPlan((("stage 1", "domain", 8.0), ("stage 1", "domain", None), ("stage 1 + 2", "domain", 8.0)),
+QUICK = BenchPlan((("default", "domain", 8.0), ("default", "domain", None), ("stage 1 + 2", "domain", 8.0)),
                   3, 64, (5,), 3, 1, (10, 20), 60, (0, 11), False, 1000)
 
 
@@ -104,7 +106,7 @@ def bench(
             from simulation.bench_accuracy import accuracy_markdown, accuracy_runs as run_accuracy, centralized_ceiling
 
             console.print("[bold]accuracy vs privacy[/] (CLINC150)")
-            runs = plan.accuracy if "accuracy" in pieces else [("stage 1", "domain", 8.0), ("stage 1", "domain", None)]
+            runs = plan.accuracy if "accuracy" in pieces else [("default", "domain", 8.0), ("default", "domain", None)]
             accuracy_runs = run_accuracy(data=clinc, out=work, plan=list(runs), model=model,
                                          rounds=3 if quick else None)
             central = {"150 intents": centralized_ceiling(data=clinc, out=work, model=model),

@@ -26,10 +26,12 @@ PARTITIONS = {"domain": ["--partition", "domain"],
 # per class summarises a class poorly: a nearest-class-mean head trails logistic regression by
 # 14 points there (0.81 vs 0.96 on CLINC150's validation split), against 3 on the 150 intents.
 BROAD_LABELS = "domains-as-labels"
-# The designs side by side: stage 1 alone (the default), stage 1 then stage 2 (LoRA on the top
-# layer, cached states), and the earlier head-only DP-SGD from a zero head.
-DESIGNS = {"stage 1": [],
-           "stage 1, distributed noise": ["--distributed-noise"],
+# The designs side by side: the default (shared.config.default_rounds: at epsilon >= 8 stage 1 then
+# 30 DP-SGD rounds of the head, else stage 1 alone), stage 1 alone, stage 1 then LoRA on the top
+# layer (cached states), and the earlier head-only DP-SGD from a zero head.
+DESIGNS = {"default": [],
+           "stage 1": ["--rounds", "1"],
+           "stage 1, distributed noise": ["--rounds", "1", "--distributed-noise"],
            "stage 1 + 2": ["--rounds", "13", "--lora-r", "8", "--lora-layers", "1", "--learning-rate", "1.0"],
            "head DP-SGD (old)": ["--head-init", "zeros", "--rounds", "40"]}
 TARGETS = {"domain": {8.0: 0.94, 3.0: 0.92, 1.0: 0.88}, "domain-no-scopes": {8.0: 0.93, 3.0: 0.90, 1.0: 0.85},

@@ -24,9 +24,9 @@ from client.approved_code import UnapprovedCode, fab_sha256
 from client.label_scope import SCOPE_KEY
 from client.site_policy import POLICY_KEYS, SitePolicy
 from shared.config import RunConfig
-from shared.flower_env import check_kit, environment, flwr_home, free_port
 from shared.data import load_records
 from shared.errors import ConfigError
+from shared.flower_env import check_kit, environment, flwr_home, free_port
 
 DEPARTMENT_KIT_FILES = ("ca.crt", "node.key", "department.toml")
 # A department's SuperNode rides out a network outage or a server restart of up to an hour (it
@@ -112,7 +112,7 @@ def refuse_a_spent_budget(name: str, *, state: Path, budget: float | None, kit: 
     """A department whose own budget its ledger has already spent would decline every round: say so
     now, with what to do, instead of joining runs that wait for it and then fail. The ledger is read
     (and checked: a broken one is refused here, naming the line) only where it exists."""
-    from client.privacy import LEDGER_FILE, EPSILON_TOLERANCE, PrivacyLedger
+    from client.privacy import EPSILON_TOLERANCE, LEDGER_FILE, PrivacyLedger
 
     if budget is None or not (state / LEDGER_FILE).exists():
         return

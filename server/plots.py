@@ -10,7 +10,6 @@ import io
 from pathlib import Path
 from typing import Any
 
-
 STATE_COLOURS = {"within": "#2e7d32", "near": "#e65100", "spent": "#c62828", "refused": "#c62828", "no DP": "#616161"}
 LINE_STYLES = ["-", "--", "-.", ":"]
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]

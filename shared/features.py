@@ -14,7 +14,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-
 from torch.utils.data import TensorDataset
 
 from shared.data import Record

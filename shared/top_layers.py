@@ -20,7 +20,6 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-
 from torch.utils.data import TensorDataset
 
 from shared.data import Record

@@ -103,7 +103,8 @@ def bench(
     accuracy_runs: list[dict[str, Any]] = []
     if "accuracy" in pieces or "audit" in pieces:
         if has_clinc:
-            from simulation.bench_accuracy import accuracy_markdown, accuracy_runs as run_accuracy, centralized_ceiling
+            from simulation.bench_accuracy import accuracy_markdown, centralized_ceiling
+            from simulation.bench_accuracy import accuracy_runs as run_accuracy
 
             console.print("[bold]accuracy vs privacy[/] (CLINC150)")
             runs = plan.accuracy if "accuracy" in pieces else [("default", "domain", 8.0), ("default", "domain", None)]

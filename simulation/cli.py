@@ -13,13 +13,13 @@ from shared.config import DEFAULTS, default_rounds
 from shared.data import Columns
 from shared.errors import ConfigError
 from simulation import options as opt
-from simulation.console import console, friendly, user_errors
 from simulation.admin_commands import audit, labels, ledger, report
 from simulation.bench import bench
+from simulation.console import console, friendly, user_errors
+from simulation.deploy_commands import department_app, provision, run, server_app
 from simulation.predict import predict
 from simulation.serve import serve
 from simulation.status_command import status
-from simulation.deploy_commands import department_app, provision, run, server_app
 
 app = typer.Typer(
     help="fedpriv: federated fine-tuning of a text classifier across departments, with differential privacy.",

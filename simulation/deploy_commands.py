@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
 from shared.config import DEFAULTS, RunConfig, default_rounds
 from shared.errors import ConfigError
 from simulation import options as opt
@@ -67,9 +68,8 @@ def provision(
 ) -> None:
     """Create a CA, the server certificate and per-department key pairs and kits (pinning this checkout's app code)."""
     from client.approved_code import fab_sha256
-    from simulation.launcher import app_dir
-
     from server.provisioning import provision as run_provision
+    from simulation.launcher import app_dir
 
     names = [d.strip() for d in departments.split(",") if d.strip()]
     result = run_provision(out.resolve(), departments=names, hosts=[h.strip() for h in hosts.split(",") if h.strip()],
@@ -201,10 +201,10 @@ def run(
     label_scope: opt.DepartmentOwned = None,
 ) -> None:
     """Run a federation on the deployed SuperLink (`flwr run` underneath), with the training options of `simulate`."""
+    from shared.flower_env import check_kit, environment
     from simulation.launcher import submit_run
     from simulation.resume import resume_config
     from simulation.simulate import print_round, print_summary
-    from shared.flower_env import check_kit, environment
 
     if budget or policy or label_scope:
         raise ConfigError(opt.DEPARTMENT_OWNED)

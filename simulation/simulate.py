@@ -17,8 +17,8 @@ from rich.console import Console
 
 from client.site_policy import SitePolicy
 from server.report import REPORT_FILE
-from server.secure_aggregation import RECONSTRUCTION_THRESHOLD
 from server.run_record import METRICS_FILE, PLOT_FILE
+from server.secure_aggregation import RECONSTRUCTION_THRESHOLD
 from shared.config import DEFAULTS, RunConfig, secagg_neighbourhood
 from shared.data import Columns
 from shared.errors import ConfigError

@@ -131,8 +131,8 @@ def test_server_start_refuses_a_mismatched_or_expired_certificate(tmp_path, host
 def test_a_kits_budget_policy_and_label_scope_reach_the_department(tmp_path, kits):
     from flwr.common.config import parse_config_args
 
-    from client.deployment import supernode_command
     from client.department_data import resolve_department
+    from client.deployment import supernode_command
     from shared.config import RunConfig
 
     kit = tmp_path / "hr"

@@ -26,7 +26,6 @@ from flwr.server.strategy import FedAvg
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
-
 from flwr.supercore.task_identity import TaskIdentity
 
 from server.secure_aggregation import AuditedSecAggPlusWorkflow

@@ -26,7 +26,7 @@ import typer
 from shared.clinc150 import default_location, is_clinc150_dir
 from simulation.console import console
 
-PIECES = ("accuracy", "overhead", "secagg", "scale", "audit")
+PIECES = ("accuracy", "overhead", "secagg", "scale", "audit", "out-of-scope")
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ def bench(
         sections.extend([f"## {title}", "", f"Skipped: CLINC150 not found at {clinc}.", ""])
 
     accuracy_runs: list[dict[str, Any]] = []
-    if "accuracy" in pieces or "audit" in pieces:
+    if "accuracy" in pieces or "audit" in pieces or "out-of-scope" in pieces:
         if has_clinc:
             from simulation.bench_accuracy import accuracy_markdown, centralized_ceiling
             from simulation.bench_accuracy import accuracy_runs as run_accuracy
@@ -177,6 +177,21 @@ def bench(
                          *audit_markdown(audit), ""]
         else:
             skipped("5. Audit of the by-domain runs")
+
+    if "out-of-scope" in pieces:
+        routed = [r for r in accuracy_runs if (r["design"], r["partition"], r["epsilon"]) == ("default", "domain", 8.0)]
+        if routed:
+            from simulation.bench_out_of_scope import out_of_scope_markdown, out_of_scope_rows
+            from simulation.predict import DEFAULT_THRESHOLD
+
+            console.print("[bold]out-of-scope requests[/]")
+            rows = out_of_scope_rows(Path(routed[0]["run_dir"]) / "model", clinc)
+            save("out_of_scope", rows)
+            sections += ["## 9. `fedpriv predict --threshold` on CLINC150's out-of-scope queries", "",
+                         f"Model: the `{routed[0]['name']}` run; in-scope test split and `oos_test`.", "",
+                         *out_of_scope_markdown(rows, default=DEFAULT_THRESHOLD), ""]
+        else:
+            skipped("9. Out-of-scope requests")
 
     header = _header(results["machine"], command)
     (out / "BENCHMARKS.md").write_text("\n".join([*header, *sections]))

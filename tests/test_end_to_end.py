@@ -69,7 +69,8 @@ def test_simulate_tiny_three_departments_two_rounds(tmp_path):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["round-001.safetensors", "round-002.safetensors"]
     assert (out / "accuracy_epsilon.png").stat().st_size > 1000
 
-    prediction = fedpriv("predict", "--model", str(out / "model"), "reset my password for the wiki account")
+    prediction = fedpriv("predict", "--model", str(out / "model"), "--threshold", "0",  # the nearest label, however unsure
+                         "reset my password for the wiki account")
     assert prediction.returncode == 0 and prediction.stdout.split()[0] in TOPICS
 
 

@@ -181,3 +181,21 @@ def test_a_backbone_loaded_from_a_folder_is_linked_not_copied_into_the_export(tm
         batch = backbone.tokenizer(texts, padding=True, truncation=True, max_length=32, return_tensors="pt")
         expected = model(batch["input_ids"], batch["attention_mask"]).softmax(-1)
     torch.testing.assert_close(load_exported(tmp_path / "model").predict(texts), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_the_out_of_scope_table_counts_turned_away_requests(tmp_path, tiny_backbone):
+    from simulation.bench_out_of_scope import out_of_scope_rows
+
+    model = build_classifier(tiny_backbone, num_labels=3, lora_r=0, lora_alpha=4, lora_targets=("query",))
+    export_model(tmp_path / "model", classifier=model, backbone=tiny_backbone, labels=LABELS, max_length=32, summary={})
+    texts = ["hello there", "pay my bill", "see you tomorrow", "what time is it", "book a flight"]
+    (tmp_path / "data_full.json").write_text(json.dumps({"test": [[t, "greet"] for t in texts[:3]],
+                                                         "oos_test": [[t, "oos"] for t in texts[3:]]}))
+    scores = load_exported(tmp_path / "model").predict(texts).max(dim=1).values
+    never, always = out_of_scope_rows(tmp_path / "model", tmp_path, thresholds=(0.0, 1.01))
+    assert never["in_scope_turned_away"] == 0 and never["out_of_scope_recall"] == 0
+    assert always["in_scope_turned_away"] == 1 and always["out_of_scope_recall"] == 1 and always["in_scope_accuracy"] == 0
+    middle = float(scores[:3].median())
+    (row,) = out_of_scope_rows(tmp_path / "model", tmp_path, thresholds=(middle,))
+    assert row["in_scope_turned_away"] == pytest.approx(float((scores[:3] < middle).float().mean()))
+    assert row["out_of_scope_recall"] == pytest.approx(float((scores[3:] < middle).float().mean()))

@@ -20,7 +20,7 @@ from typing import Any
 from client.label_scope import SCOPE_KEY, parse_label_scope
 from client.site_policy import SitePolicy
 from shared.config import RunConfig
-from shared.data import Record, check_department_names, check_labels, load_records, safe_name
+from shared.data import DEFAULT_COLUMNS, Columns, Record, check_department_names, check_labels, load_records, safe_name
 from shared.errors import ConfigError, DataError
 from shared.partition import split_department
 
@@ -36,6 +36,7 @@ class DepartmentSettings:
     label_scope: tuple[str, ...] | None = None  # the labels it declares (client.label_scope); None: all
     shared_feature_cache: Path | None = None  # simulation's --feature-cache; else its own state folder
     signing_key: Path | None = None  # deployment: the kit's private key, which signs every reply
+    columns: Columns = DEFAULT_COLUMNS  # the names of its file's text and label columns (department: ignored)
 
     @property
     def feature_cache(self) -> Path:
@@ -86,12 +87,13 @@ def resolve_department(config: RunConfig, node_config: Mapping[str, Any]) -> Dep
     # Only a simulation shares a cache: a deployed department's paths are its own, never the server's to set.
     shared_cache = Path(config.feature_cache) if config.feature_cache and "department" not in node_config else None
     signing_key = Path(str(node_config["signing-key"])) if node_config.get("signing-key") else None
-    return DepartmentSettings(name, data_path, state_dir, policy, scope, shared_cache, signing_key)
+    columns = Columns(str(node_config.get("text-column", "text")), str(node_config.get("label-column", "label")), None)
+    return DepartmentSettings(name, data_path, state_dir, policy, scope, shared_cache, signing_key, columns)
 
 
 def load_department(settings: DepartmentSettings, config: RunConfig, *, min_train: int | None = None) -> DepartmentData:
     """Read, check and split a department's records; fail naming the department and file."""
-    records = load_records(settings.data_path)
+    records = load_records(settings.data_path, columns=settings.columns)
     if config.labels:
         check_labels(records, config.labels)
     if settings.label_scope:

@@ -24,7 +24,7 @@ from client.approved_code import UnapprovedCode, fab_sha256
 from client.label_scope import SCOPE_KEY
 from client.site_policy import POLICY_KEYS, SitePolicy
 from shared.config import RunConfig
-from shared.data import load_records
+from shared.data import DEFAULT_COLUMNS, Columns, load_records
 from shared.errors import ConfigError
 from shared.flower_env import check_kit, environment, flwr_home, free_port
 
@@ -68,13 +68,18 @@ def department_own_settings(kit: Path, settings: dict, *, epsilon: float | None)
 
 
 def supernode_command(
-    kit: Path, *, data: Path, superlink: str | None, state_dir: Path | None, insecure: bool, epsilon: float | None
+    kit: Path, *, data: Path, superlink: str | None, state_dir: Path | None, insecure: bool, epsilon: float | None,
+    columns: Columns = DEFAULT_COLUMNS,
 ) -> tuple[list[str], dict[str, str]]:
     settings = read_kit(kit, insecure=insecure)
     name = settings["department"]
-    load_records(data)  # a broken data file is reported here, before the node joins
+    quoted = [c for c in (columns.text, columns.label) if '"' in c or "\\" in c]
+    if quoted:
+        raise ConfigError(f"column names may not hold quotes or backslashes (got {', '.join(map(repr, quoted))})")
+    load_records(data, columns=columns.without_department())  # a broken data file is reported here, before the node joins
     state = (state_dir or kit / "state").resolve()
     node_config = f'department="{name}" data-path="{data.resolve()}" state-dir="{state}"'
+    node_config += f' text-column="{columns.text}" label-column="{columns.label}"'
     if not insecure:  # the ClientApp signs every reply with the kit's key (shared.reply_signature)
         node_config += f' signing-key="{(kit / "node.key").resolve()}"'
     own = department_own_settings(kit, settings, epsilon=epsilon)
@@ -159,10 +164,10 @@ def speaks_tls(address: str, *, timeout_s: float = 5.0) -> bool:
 
 def start_department(
     kit: Path, *, data: Path, superlink: str | None, state_dir: Path | None, insecure: bool,
-    epsilon: float | None, log: Path | None = None,
+    epsilon: float | None, log: Path | None = None, columns: Columns = DEFAULT_COLUMNS,
 ) -> subprocess.Popen:
     command, env = supernode_command(kit, data=data, superlink=superlink, state_dir=state_dir,
-                                     insecure=insecure, epsilon=epsilon)
+                                     insecure=insecure, epsilon=epsilon, columns=columns)
     out = log.open("a") if log else None
     return subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT if out else None,
                             start_new_session=True)

@@ -36,6 +36,7 @@ import torch
 from client.class_statistics import class_sums, plan_stage_one, release_statistics
 from shared.accounting import epsilon_of
 from shared.config import RunConfig
+from shared.data import DEFAULT_COLUMNS, Columns
 from shared.one_run_audit import bound_from_scores
 
 CONFIDENCE = 0.95
@@ -138,7 +139,8 @@ def canary_audit(run_dir: Path, *, canaries: int, seed: int = 0) -> dict[str, An
     return audit_departments(config, departments, canaries=canaries, seed=seed)
 
 
-def department_canary_audit(kit: Path, *, data: Path, run_config: Path, canaries: int, seed: int = 0) -> dict[str, Any]:
+def department_canary_audit(kit: Path, *, data: Path, run_config: Path, canaries: int, seed: int = 0,
+                            columns: Columns = DEFAULT_COLUMNS) -> dict[str, Any]:
     """One deployed department audits itself on its own host, with its kit's budget, policy and
     scope and a run's settings (the run folder's ``run_config.toml``); its records never leave it,
     and its real ledger and state are not touched (the audit's state lives in a scratch folder)."""
@@ -156,7 +158,8 @@ def department_canary_audit(kit: Path, *, data: Path, run_config: Path, canaries
         raise ConfigError(f"--run-config {run_config}: {exc}") from None
     with tempfile.TemporaryDirectory(prefix="fedpriv-department-audit-") as scratch:
         node_config = {"department": kit_settings["department"], "data-path": str(data.resolve()),
-                       "state-dir": scratch, **department_own_settings(kit, kit_settings, epsilon=None)}
+                       "state-dir": scratch, "text-column": columns.text, "label-column": columns.label,
+                       **department_own_settings(kit, kit_settings, epsilon=None)}
         settings = resolve_department(config, node_config)
         return audit_departments(config, [(settings, load_department(settings, config))], canaries=canaries, seed=seed)
 

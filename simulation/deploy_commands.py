@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 
 from shared.config import DEFAULTS, RunConfig, default_rounds
+from shared.data import Columns
 from shared.errors import ConfigError
 from simulation import options as opt
 from simulation.console import console, err_console, friendly
@@ -119,6 +120,8 @@ def department_audit(
     kit: Annotated[Path, typer.Option(help="This department's kit.")],
     data: Annotated[Path, typer.Option(help="This department's CSV/JSONL, as it trains on it.")],
     run_config: Annotated[Path, typer.Option(help="The run's settings: run_config.toml from its run folder (no data in it).")],
+    text_column: opt.TextColumn = "text",
+    label_column: opt.LabelColumn = "label",
     canaries: Annotated[int, typer.Option(min=10, help="Canaries per audited stage, each included with probability 1/2.")] = 1000,
     out: Annotated[Path | None, typer.Option(help="Where to write the audit's JSON (default: KIT/state/canary-audit.json).")] = None,
     seed: Annotated[int, typer.Option(help="Seed for the canaries.")] = 0,
@@ -128,7 +131,8 @@ def department_audit(
     from simulation.admin_commands import print_canary_audit
     from simulation.canary_audit import department_canary_audit
 
-    result = department_canary_audit(kit.resolve(), data=data, run_config=run_config, canaries=canaries, seed=seed)
+    result = department_canary_audit(kit.resolve(), data=data, run_config=run_config, canaries=canaries, seed=seed,
+                                     columns=Columns(text_column, label_column, None))
     path = out or kit / "state" / "canary-audit.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2))
@@ -147,6 +151,8 @@ def department_start(
     superlink: Annotated[str | None, typer.Option(help="SuperLink address (default: from the kit).")] = None,
     state_dir: Annotated[Path | None, typer.Option(help="Where the privacy ledger and caches live (default: KIT/state).")] = None,
     epsilon: Annotated[float | None, typer.Option(help="This department's own budget; may only lower the run's.")] = None,
+    text_column: opt.TextColumn = "text",
+    label_column: opt.LabelColumn = "label",
     insecure: Annotated[bool, typer.Option("--insecure", help="No TLS, no node authentication (test benches only).")] = False,
 ) -> None:
     """Start this department's SuperNode (it stays in the foreground; Ctrl-C stops it). It trains only
@@ -160,7 +166,7 @@ def department_start(
     log = kit / "logs" / "supernode.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     process = start_department(kit.resolve(), data=data, superlink=superlink, state_dir=state_dir,
-                               insecure=insecure, epsilon=epsilon, log=log)
+                               insecure=insecure, epsilon=epsilon, log=log, columns=Columns(text_column, label_column, None))
     console.print(f"department SuperNode started from {kit}; waiting for the server's rounds (Flower's log: {log})")
     _serve_until_interrupted(process, "the SuperNode", follow=(state_dir or kit / "state") / ACTIVITY_FILE, log=log)
 

@@ -210,3 +210,21 @@ def client_records(client):
     from client.department import prepare
 
     return prepare(client.settings, client.config).department.train
+
+
+def test_a_deployed_department_reads_its_file_with_its_own_column_names(tmp_path):
+    import json
+
+    from shared.errors import DataError
+
+    client, config = make_client(tmp_path)
+    renamed = tmp_path / "renamed.jsonl"
+    renamed.write_text("".join(json.dumps({"body": json.loads(line)["text"], "queue": json.loads(line)["label"]}) + "\n"
+                               for line in department_file(tmp_path).read_text().splitlines()))
+    mapped, _ = make_client(tmp_path / "mapped", node_extra={"data-path": str(renamed), "text-column": "body",
+                                                             "label-column": "queue"})
+    _, _, metrics = mapped.fit(get_trainable(mapped.classifier), request(config, 1))
+    assert metrics[protocol.STATUS] == protocol.STATUS_TRAINED
+    unmapped, _ = make_client(tmp_path / "unmapped", node_extra={"data-path": str(renamed)})
+    with pytest.raises(DataError, match="missing or empty"):
+        unmapped.fit(get_trainable(unmapped.classifier), request(config, 1))

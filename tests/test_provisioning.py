@@ -325,3 +325,19 @@ def test_status_names_each_node_by_its_department():
     runs = {"success": True, "runs": [{"run-id": "42", "status": "running", "pending-at": "2026-12-07 03:02:00Z",
                                        "elapsed": "00:00:12"}]}
     assert run_rows(runs) == [("42", "running", "2026-12-07 03:02:00Z", "00:00:12")]
+
+
+def test_department_start_reads_its_own_column_names_and_refuses_a_file_without_them(tmp_path, kits):
+    from client.deployment import supernode_command
+    from shared.data import Columns
+    from shared.errors import DataError
+
+    data = tmp_path / "hr.csv"
+    data.write_text("body,queue\nmy leave request,leave\n")
+    kit = kits.department_kits["hr"]
+    command, _ = supernode_command(kit, data=data, superlink="127.0.0.1:1", state_dir=tmp_path / "s", insecure=True,
+                                   epsilon=None, columns=Columns("body", "queue", None))
+    node_config = command[command.index("--node-config") + 1]
+    assert 'text-column="body" label-column="queue"' in node_config
+    with pytest.raises(DataError, match="missing column\\(s\\) text, label"):
+        supernode_command(kit, data=data, superlink="127.0.0.1:1", state_dir=tmp_path / "s", insecure=True, epsilon=None)

@@ -7,6 +7,7 @@ import json
 import signal
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -14,10 +15,11 @@ import typer
 
 from shared.config import DEFAULTS, RunConfig, default_rounds
 from shared.data import Columns
-from shared.errors import ConfigError
+from shared.errors import ConfigError, FedprivError
 from simulation import options as opt
 from simulation.console import console, err_console, friendly
 from simulation.options import NO_DP_WARNING, new_run_dir
+from simulation.status_command import RUNS_FILE
 
 server_app = typer.Typer(help="The central admin's SuperLink.", no_args_is_help=True)
 department_app = typer.Typer(help="A department's SuperNode.", no_args_is_help=True)
@@ -28,15 +30,20 @@ INSECURE_WARNING = "[bold red]--insecure: no TLS and no node authentication. Nev
 LOG_TAIL_LINES = 15
 
 
-def _serve_until_interrupted(process, what: str, *, follow: Path | None = None, log: Path | None = None) -> None:
-    """Wait for ``process`` (Ctrl-C stops it); print each new line of ``follow`` as it is written, and
-    the end of ``log`` (where the process's raw output goes) should it fail."""
+def _serve_until_interrupted(process, what: str, *, follow: Path | None = None, log: Path | None = None,
+                             every: tuple[float, Callable[[], None]] | None = None) -> None:
+    """Wait for ``process`` (Ctrl-C stops it); print each new line of ``follow`` as it is written, call
+    ``every``'s function at its interval, and print the end of ``log`` (the process's raw output) should it fail."""
     from shared.flower_env import stop
 
     shown = follow.stat().st_size if follow is not None and follow.exists() else 0
+    next_tick = time.monotonic()
     try:
         while process.poll() is None:
             time.sleep(1)
+            if every is not None and time.monotonic() >= next_tick:
+                every[1]()
+                next_tick = time.monotonic() + every[0]
             if follow is not None and follow.exists() and follow.stat().st_size > shown:
                 with follow.open("rb") as feed:
                     feed.seek(shown)
@@ -97,7 +104,30 @@ def server_start(
     log = kit / "logs" / "superlink.log"
     process = start_superlink(kit.resolve(), host=host, port=port, insecure=insecure, log=log)
     console.print(f"SuperLink up on {host}:{port} ({'INSECURE' if insecure else 'TLS, node authentication'}); log: {log}")
-    _serve_until_interrupted(process, "the SuperLink")
+    _serve_until_interrupted(process, "the SuperLink", every=(PRESENCE_INTERVAL_S, _presence_reporter(kit.resolve())))
+
+
+PRESENCE_INTERVAL_S = 10
+
+
+def _presence_reporter(kit: Path) -> Callable[[], None]:
+    """A function that prints each department whose SuperNode came online or went away since its last call."""
+    from simulation.status_command import department_presence
+
+    seen: dict[str, str] = {}
+
+    def report() -> None:
+        try:
+            now = department_presence(kit)
+        except FedprivError:
+            return  # the SuperLink is busy or restarting: ask again at the next tick
+        for department, state in sorted(now.items()):
+            if seen.get(department) != state and (department in seen or state == "online"):
+                console.print(f"{time.strftime('%H:%M:%S')} department {department}: {state}", highlight=False)
+        seen.clear()
+        seen.update(now)
+
+    return report
 
 
 @department_app.command("approve")
@@ -244,6 +274,8 @@ def run(
         )
         run_dir = new_run_dir(out)  # only once every setting has been validated above
         config = dataclasses.replace(config, out_dir=str(run_dir))
+        with (kit / RUNS_FILE).open("a") as runs:  # `fedpriv status --kit` follows the runs started here
+            runs.write(f"{run_dir}\n")
         console.print(f"submitting to the SuperLink of {kit}; waiting for {min_departments} departments; run folder {run_dir}")
     if not config.dp:
         console.print(NO_DP_WARNING)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import tomllib
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -29,6 +30,35 @@ def run_rows(runs: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     """(run id, status, pending since, elapsed) for every run `flwr ls --format json` lists."""
     return [(str(r.get("run-id")), str(r.get("status")), str(r.get("pending-at")), str(r.get("elapsed")))
             for r in runs.get("runs", [])]
+
+
+RUNS_FILE = "runs.txt"  # the run folders `fedpriv run` started from this kit, one per line
+
+
+def department_presence(kit: Path) -> dict[str, str]:
+    """department (or node id) -> its SuperNode's status at the SuperLink of ``kit``."""
+    from server.deployment import NODES_FILE
+
+    names = json.loads((kit / NODES_FILE).read_text()) if (kit / NODES_FILE).is_file() else {}
+    return {department: state for department, _, state, _ in node_rows(_flwr_json(kit, "supernode", "list"), names=names)}
+
+
+def run_folder_rows(kit: Path) -> list[tuple[str, str, str, str]]:
+    """(run folder, run id, state, round reached of planned) for every run started from ``kit``."""
+    listed = (kit / RUNS_FILE).read_text().splitlines() if (kit / RUNS_FILE).is_file() else []
+    rows = []
+    for folder in dict.fromkeys(line.strip() for line in listed if line.strip()):
+        run_dir = Path(folder)
+        try:
+            status = json.loads((run_dir / "status.json").read_text())
+            rounds = [json.loads(line)["round"] for line in (run_dir / "rounds.jsonl").read_text().splitlines()] \
+                if (run_dir / "rounds.jsonl").is_file() else []
+            planned = tomllib.loads((run_dir / "run_config.toml").read_text()).get("num-server-rounds", "?")
+        except (OSError, ValueError, KeyError, tomllib.TOMLDecodeError):
+            rows.append((folder, "-", "unreadable", "-"))
+            continue
+        rows.append((folder, str(status.get("run_id") or "-"), str(status.get("state")), f"{max(rounds, default=0)} of {planned}"))
+    return rows
 
 
 def _flwr_json(kit: Path, *args: str) -> dict[str, Any]:
@@ -63,10 +93,16 @@ def status(
         departments.add_column(column)
     for row in node_rows(_flwr_json(kit, "supernode", "list"), names=names):
         departments.add_row(*row)
-    runs = Table(title="Runs")
+    runs = Table(title="Runs at the SuperLink")
     for column in ("run id", "status", "submitted", "elapsed"):
         runs.add_column(column)
     for row in run_rows(_flwr_json(kit, "ls")):
         runs.add_row(*row)
+    folders = Table(title=f"Runs started with `fedpriv run --kit {kit}`")
+    for column in ("run folder", "run id", "state", "round"):
+        folders.add_column(column)
+    for row in run_folder_rows(kit):
+        folders.add_row(*row)
     console.print(departments)
     console.print(runs)
+    console.print(folders)

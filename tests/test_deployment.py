@@ -101,6 +101,8 @@ def test_tls_authenticated_federation_and_refusals(tmp_path, processes):
     assert status.returncode == 0, status.stdout + status.stderr
     for name in DEPARTMENTS:
         assert re.search(rf"{name}\s+│\s+\d+\s+│\s+online", status.stdout), status.stdout
+        assert f"department {name}: online" in (tmp_path / "server.out").read_text()  # the server's terminal names it
+    assert re.search(r"completed\s+│\s+2 of 2", status.stdout), status.stdout  # the run this kit started, and its round
 
     # A second run, stopped (SIGTERM) after its first round and resumed by the deployed server. Its
     # epsilon is 16: the departments already spent 8 on these records, and they compose both runs.

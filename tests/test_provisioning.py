@@ -341,3 +341,19 @@ def test_department_start_reads_its_own_column_names_and_refuses_a_file_without_
     assert 'text-column="body" label-column="queue"' in node_config
     with pytest.raises(DataError, match="missing column\\(s\\) text, label"):
         supernode_command(kit, data=data, superlink="127.0.0.1:1", state_dir=tmp_path / "s", insecure=True, epsilon=None)
+
+
+def test_status_follows_the_run_folders_a_kit_started(tmp_path):
+    from shared.config import RunConfig
+    from simulation.launcher import RUN_CONFIG_FILE, write_run_config
+    from simulation.status_command import RUNS_FILE, run_folder_rows
+    from tests.test_run_record import two_rounds
+
+    run = tmp_path / "run"
+    config = RunConfig(labels=("a", "b"), out_dir=str(run), num_server_rounds=3)
+    two_rounds(run, config=config).finish(state="stopped", message="interrupted")
+    write_run_config(config.to_run_config(), run / RUN_CONFIG_FILE)
+    kit = tmp_path / "kit"
+    kit.mkdir()
+    (kit / RUNS_FILE).write_text(f"{run}\n{tmp_path / 'gone'}\n")
+    assert run_folder_rows(kit) == [(str(run), "5", "stopped", "2 of 3"), (str(tmp_path / "gone"), "-", "unreadable", "-")]

@@ -70,11 +70,11 @@ def load_texts(path: str | Path, *, column: str = "text") -> list[str]:
     path, rows = _rows(path, required=(column,))
     texts, problems = [], []
     for line_number, row in rows:
-        value = row if isinstance(row, str) else row.get(column)
-        if isinstance(row, str) or not isinstance(value, str) or not value.strip():
+        value = None if isinstance(row, str) else row.get(column)
+        if isinstance(value, str) and value.strip():
+            texts.append(value.strip())
+        else:  # a malformed line says why; a well-formed one lacks the column
             problems.append(f"{path}:{line_number}: {row if isinstance(row, str) else f'column {column!r} is missing or empty'}")
-            continue
-        texts.append(value.strip())
     if problems:
         raise DataError(_summarise(path, problems))
     if not texts:

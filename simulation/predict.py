@@ -46,10 +46,9 @@ def predict(
     texts = load_texts(input, column=text_column) if input is not None else list(texts or [])
     exported = load_exported(model)
     probabilities = exported.predict(texts)
-    scores, indices = probabilities.max(dim=1)
-    labels = [exported.labels[i] if s >= threshold else UNKNOWN for s, i in zip(scores.tolist(), indices.tolist(), strict=True)]
+    labels, scores = routed(probabilities, labels=exported.labels, threshold=threshold)
     if output is not None:
-        write_predictions(output, texts=texts, labels=labels, scores=scores.tolist())
+        write_predictions(output, texts=texts, labels=labels, scores=scores)
         unknown = labels.count(UNKNOWN)
         console.print(f"{len(texts)} texts -> {output} ({unknown} unknown below threshold {threshold:g})", highlight=False)
         return
@@ -57,6 +56,13 @@ def predict(
         best, best_index = row.topk(min(top, len(exported.labels)))
         shown = ", ".join(f"{exported.labels[i]} ({s:.3f})" for s, i in zip(best.tolist(), best_index.tolist(), strict=True))
         console.print(f"{label}\t{shown}\t{text}" if label == UNKNOWN else f"{shown}\t{text}", highlight=False)
+
+
+def routed(probabilities, *, labels: list[str], threshold: float) -> tuple[list[str], list[float]]:
+    """Each text's top label and its probability; ``UNKNOWN`` where that probability is below ``threshold``."""
+    scores, indices = probabilities.max(dim=1)
+    top = [(labels[i] if score >= threshold else UNKNOWN, score) for score, i in zip(scores.tolist(), indices.tolist(), strict=True)]
+    return [label for label, _ in top], [score for _, score in top]
 
 
 def write_predictions(path: Path, *, texts: list[str], labels: list[str], scores: list[float]) -> None:

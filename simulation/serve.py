@@ -17,7 +17,7 @@ import typer
 from pydantic import BaseModel, Field
 
 from simulation.console import console
-from simulation.predict import DEFAULT_THRESHOLD, UNKNOWN
+from simulation.predict import DEFAULT_THRESHOLD, routed
 
 MAX_TEXTS = 256
 MAX_TEXT_CHARS = 10_000
@@ -44,9 +44,8 @@ def build_app(model: Path, *, threshold: float) -> Any:
 
     @app.post("/predict")
     def predict(request: PredictRequest) -> dict[str, Any]:
-        scores, indices = exported.predict(request.texts).max(dim=1)
-        predictions = [{"label": exported.labels[i] if s >= threshold else UNKNOWN, "score": round(s, 6)}
-                       for s, i in zip(scores.tolist(), indices.tolist(), strict=True)]
+        labels, scores = routed(exported.predict(request.texts), labels=exported.labels, threshold=threshold)
+        predictions = [{"label": label, "score": round(score, 6)} for label, score in zip(labels, scores, strict=True)]
         return {"predictions": predictions, "threshold": threshold}
 
     return app

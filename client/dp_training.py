@@ -25,7 +25,6 @@ from shared.accounting import Mechanism
 class TrainResult:
     mean_loss: float
     steps: int
-    history: list[Mechanism]  # the Opacus accountant's history after the round (DP only)
 
 
 def _optimizer(module: nn.Module, *, learning_rate: float, momentum: float) -> torch.optim.Optimizer:
@@ -72,9 +71,16 @@ def train_private(
                                        empty_batch=None if ghost else _no_samples)
     finally:
         dp_module._close()  # remove Opacus hooks so the module can be reused next round
-    if steps != plan.steps_per_round:
-        raise RuntimeError(f"ran {steps} DP steps, the privacy plan accounted for {plan.steps_per_round}")
-    return TrainResult(mean_loss, steps, list(engine.accountant.history))
+    counted = _steps_of(engine.accountant.history, plan) - _steps_of(prior, plan)
+    if steps != plan.steps_per_round or counted != plan.steps_per_round:
+        raise RuntimeError(f"ran {steps} DP steps and Opacus counted {counted}; the privacy plan accounted for "
+                           f"{plan.steps_per_round}")
+    return TrainResult(mean_loss, steps)
+
+
+def _steps_of(history: list[Mechanism], plan: PrivacyPlan) -> int:
+    """Steps of the plan's mechanism in an Opacus accountant history (it merges repeats of one mechanism)."""
+    return sum(n for sigma, q, n in history if (sigma, q) == (plan.noise_multiplier, plan.sample_rate))
 
 
 def train_plain(
@@ -86,7 +92,7 @@ def train_plain(
     loader = _loader(dataset, batch_size=batch_size, shuffle=True, generator=generator)
     optimizer = _optimizer(module, learning_rate=learning_rate, momentum=momentum)
     mean_loss, steps = _run_epochs(module, optimizer, loader, local_epochs, nn.CrossEntropyLoss())
-    return TrainResult(mean_loss, steps, [])
+    return TrainResult(mean_loss, steps)
 
 
 class _WholeBatchDataset(TensorDataset):

@@ -25,7 +25,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from shared.accounting import Mechanism, epsilon_of
+from shared.accounting import Mechanism, epsilon_of, recomputed_epsilon
 from shared.errors import BudgetExhausted, ConfigError, DataError
 
 LEDGER_FILE = "privacy-ledger.jsonl"
@@ -151,8 +151,9 @@ class PrivacyLedger:
             entries.append(entry)
         if entries:
             last = entries[-1]
-            recomputed = epsilon_of(_mechanisms(entries), delta=last.delta, accountant=last.accountant)
-            if not math.isclose(recomputed, last.epsilon, rel_tol=1e-6, abs_tol=1e-9):
+            recomputed = recomputed_epsilon(_mechanisms(entries), recorded=last.epsilon, delta=last.delta,
+                                            accountant=last.accountant)
+            if recomputed is not None:
                 raise self._refuse(
                     len(entries),
                     f"the recorded epsilon {last.epsilon} does not follow from the recorded rounds ({recomputed:.6f})",
@@ -178,9 +179,6 @@ class PrivacyLedger:
 
     def spent(self, *, delta: float, accountant: str) -> float:
         return epsilon_of(self.history, delta=delta, accountant=accountant)
-
-    def entry_for(self, *, run: str, server_round: int) -> LedgerEntry | None:
-        return next((e for e in self.entries if e.run == run and e.round == server_round), None)
 
     def plan(
         self, *, run: str, num_records: int, batch_size: int, local_epochs: int, planned_rounds: int,

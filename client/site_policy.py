@@ -135,10 +135,3 @@ class SitePolicy:
                 f"max-epsilon-per-round={self.max_epsilon_per_round}: this round would cost epsilon {after - before:.4f}"
             )
         return refusals
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "epsilon": self.budget, "delta": self.delta, "max-epsilon-per-round": self.max_epsilon_per_round,
-            "min-noise-multiplier": self.min_noise_multiplier, "require-secagg": self.require_secagg,
-            "min-departments": self.min_departments,
-        }

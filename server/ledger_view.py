@@ -8,16 +8,16 @@ so the admin does not have to take the department's arithmetic on trust.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.run_record import METRICS_FILE, ledger_copy_path, read_ledger_copy
-from shared.accounting import epsilon_of
-from shared.errors import DataError
+from server.run_folder import ledger_copy_path, read_ledger_copy, read_metrics
+from shared import protocol
+from shared.accounting import recomputed_epsilon
 
-STATUS_WORDS = {"trained": "active", "budget-exhausted": "budget exhausted", "policy-refused": "refused by policy"}
+STATUS_WORDS = {protocol.STATUS_TRAINED: "active", protocol.STATUS_BUDGET_EXHAUSTED: "budget exhausted",
+                protocol.STATUS_POLICY_REFUSED: "refused by policy"}
 NEAR_SHARE = 0.9  # a budget spent to this share or more is "near"
 SPENT_TOLERANCE = 0.01  # the calibration lands within this of the budget: that budget is spent
 
@@ -26,9 +26,9 @@ def budget_state(row: LedgerRow) -> str:
     """spent / refused / near / within / no DP: how a department's budget stands, for colour and verdicts."""
     if row.epsilon is None:
         return "no DP"
-    if row.status.startswith(STATUS_WORDS["policy-refused"]):
+    if row.status.startswith(STATUS_WORDS[protocol.STATUS_POLICY_REFUSED]):
         return "refused"
-    if row.status == STATUS_WORDS["budget-exhausted"] or (row.budget is not None and row.epsilon >= row.budget - SPENT_TOLERANCE):
+    if row.status == STATUS_WORDS[protocol.STATUS_BUDGET_EXHAUSTED] or (row.budget is not None and row.epsilon >= row.budget - SPENT_TOLERANCE):
         return "spent"
     if row.budget is not None and row.epsilon >= NEAR_SHARE * row.budget:
         return "near"
@@ -44,16 +44,6 @@ class LedgerRow:
     rounds_trained: int
     status: str
     check: str  # what recomputing the copy's epsilon found
-
-
-def read_metrics(run_dir: Path) -> dict:
-    path = run_dir / METRICS_FILE
-    if not path.is_file():
-        raise DataError(f"{run_dir}: not a fedpriv run folder (no {METRICS_FILE})")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: unreadable ({exc})") from None
 
 
 def ledger_rows(run_dir: Path) -> list[LedgerRow]:
@@ -72,11 +62,11 @@ def ledger_rows(run_dir: Path) -> list[LedgerRow]:
             # the department reported spending the copy does not hold: its last lines are missing
             check = f"MISMATCH: the department last reported epsilon {reported:.4f}, the copy ends at {epsilon:.4f}"
         budget = summary.get("budget")
-        if summary.get("status") == "trained" and budget is not None and epsilon >= budget - SPENT_TOLERANCE:
+        if summary.get("status") == protocol.STATUS_TRAINED and budget is not None and epsilon >= budget - SPENT_TOLERANCE:
             status = "budget spent (as planned)"  # trained its last round: nothing is left for another run
         rows.append(LedgerRow(
             name, epsilon, budget, summary.get("delta"), summary["rounds_trained"],
-            status if summary.get("status") != "policy-refused" else f"{status}: {summary.get('reason')}",
+            status if summary.get("status") != protocol.STATUS_POLICY_REFUSED else f"{status}: {summary.get('reason')}",
             check,
         ))
     return rows
@@ -95,7 +85,5 @@ def _check(copy: list[dict]) -> str:
         return f"MISMATCH: lines missing before ledger lines {gaps} (removed, or replies the server did not receive)"
     last = copy[-1]
     history = [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in copy]
-    recomputed = epsilon_of(history, delta=last["delta"], accountant=last["accountant"])
-    if math.isclose(recomputed, last["epsilon"], rel_tol=1e-6, abs_tol=1e-9):
-        return "agrees"
-    return f"MISMATCH: recomputed {recomputed:.4f}"
+    mismatch = recomputed_epsilon(history, recorded=last["epsilon"], delta=last["delta"], accountant=last["accountant"])
+    return "agrees" if mismatch is None else f"MISMATCH: recomputed {mismatch:.4f}"

@@ -13,11 +13,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from server.ledger_view import LedgerRow, budget_state, ledger_rows, read_metrics
-from server.plots import run_svg
+from server.ledger_view import LedgerRow, budget_state, ledger_rows
+from server.plots import plot_run, run_svg
+from server.run_folder import PLOT_FILE, REPORT_FILE, read_metrics, read_status
+from shared import protocol
 from shared.config import secagg_neighbourhood
 
-REPORT_FILE = "report.html"
 AUDIT_FILE = "audit.json"
 # transport -> ((state, words) of TLS, (state, words) of node authentication)
 TRANSPORT_WORDS = {
@@ -125,9 +126,9 @@ def _rounds(metrics: dict[str, Any]) -> str:
     rows = []
     for entry in metrics["rounds"]:
         departments = entry.get("departments", {})
-        trained = sum(1 for d in departments.values() if d.get("status") == "trained")
+        trained = sum(1 for d in departments.values() if d.get("status") == protocol.STATUS_TRAINED)
         declined = sorted(f"{n} ({d['status']})" for n, d in departments.items()
-                          if d.get("status") not in (None, "trained"))
+                          if d.get("status") not in (None, protocol.STATUS_TRAINED))
         failures = entry.get("failures", [])
         check = entry.get("aggregate_check")
         check_cell = {"passed": "<span class='ok'>passed</span>", "rejected": "<span class='bad'>rejected</span>"}.get(
@@ -175,10 +176,12 @@ def _audit(run_dir: Path) -> str:
 
 
 def write_report(run_dir: Path) -> Path:
+    """report.html and the accuracy/epsilon picture, from what the run folder holds now."""
     metrics = read_metrics(run_dir)
-    status_path = run_dir / "status.json"
-    status = json.loads(status_path.read_text()) if status_path.is_file() else {}
+    status = read_status(run_dir)
     ledger = ledger_rows(run_dir)
+    if metrics["rounds"]:
+        plot_run(metrics, run_dir / PLOT_FILE, ledger=ledger)
     sections = [
         f"<h1>fedpriv run report</h1><p>{html.escape(str(run_dir))}<br>written {time.strftime('%Y-%m-%d %H:%M:%S')}</p>",
         _verdict(metrics, status, ledger),

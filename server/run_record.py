@@ -1,14 +1,4 @@
-"""What the central admin reads after (and during) a run: the run folder.
-
-    <out-dir>/
-      status.json          running | completed | failed, with the reason
-      rounds.jsonl         one line per finished round (the live progress feed)
-      metrics.json         final_accuracy, rounds, privacy: department -> {epsilon, budget, delta, ...}
-      ledgers/NAME.jsonl   the server's copy of each department's privacy ledger lines, as reported
-      checkpoints/         round-NNN.safetensors: global trainable parameters after each round
-      model/               the exported model (shared.export)
-      accuracy_epsilon.png accuracy and each department's epsilon per round
-      report.html          the admin report (server.report), self-contained
+"""Writing a run folder while the ServerApp runs (``RunRecorder``); its layout is ``server.run_folder``.
 
 A resumed run (``resume-after-round`` > 0) reads the rounds it continues from back from
 rounds.jsonl and appends to it; the ledgers folder is only ever appended to.
@@ -17,37 +7,15 @@ rounds.jsonl and appends to it; the ledgers folder is only ever appended to.
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
 
+from server import run_folder
+from server.run_folder import LEDGERS_DIR, METRICS_FILE, ROUNDS_FILE, json_line, ledger_copy_path, read_ledger_copy, read_rounds
+from shared import protocol
 from shared.config import RunConfig
-from shared.data import safe_name
 from shared.errors import DataError
-
-STATUS_FILE = "status.json"
-ROUNDS_FILE = "rounds.jsonl"
-METRICS_FILE = "metrics.json"
-PLOT_FILE = "accuracy_epsilon.png"
-LEDGERS_DIR = "ledgers"
-
-
-def _clean(value: Any) -> Any:
-    """JSON has no NaN or infinity: write them as null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_clean(v) for v in value]
-    return value
-
-
-def write_json(path: Path, payload: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(_clean(payload), indent=2))
-    tmp.replace(path)
 
 
 class RunRecorder:
@@ -67,11 +35,8 @@ class RunRecorder:
             if missing:
                 raise DataError(f"{feed}: cannot resume after round {config.resume_after_round}: rounds "
                                 f"{sorted(missing)} are not in the round feed")
-        feed.write_text("".join(json.dumps(_clean(r)) + "\n" for _, r in sorted(self.rounds.items()) if r["round"] > 0))
-        self.set_status("running")
-
-    def set_status(self, state: str, message: str = "") -> None:
-        write_json(self.out_dir / STATUS_FILE, {"state": state, "message": message, "run_id": self.run_id})
+        feed.write_text("".join(json_line(r) for _, r in sorted(self.rounds.items()) if r["round"] > 0))
+        run_folder.write_status(out_dir, state=run_folder.RUNNING, run_id=run_id)
 
     def _round(self, server_round: int) -> dict[str, Any]:
         return self.rounds.setdefault(server_round, {"round": server_round, "departments": {}, "failures": []})
@@ -128,7 +93,7 @@ class RunRecorder:
         entry = self._round(server_round)
         entry["elapsed_s"] = round(time.time() - self.started, 2)
         with (self.out_dir / ROUNDS_FILE).open("a") as feed:
-            feed.write(json.dumps(_clean(entry)) + "\n")
+            feed.write(json_line(entry))
         self._write_metrics(state="running")
 
     def _write_metrics(self, *, state: str) -> dict[str, Any]:
@@ -151,19 +116,13 @@ class RunRecorder:
             "wall_time_s": round(time.time() - self.started, 2),
             "config": self.config.to_run_config(),
         }
-        write_json(self.out_dir / METRICS_FILE, metrics)
+        run_folder.write_json(self.out_dir / METRICS_FILE, metrics)
         return metrics
 
     def finish(self, *, state: str, message: str = "") -> dict[str, Any]:
+        """The final metrics and status; the caller then writes the report (``server.report``)."""
         metrics = self._write_metrics(state=state)
-        self.set_status(state, message)
-        if metrics["rounds"]:
-            from server.ledger_view import ledger_rows
-            from server.plots import plot_run
-            from server.report import write_report
-
-            plot_run(metrics, self.out_dir / PLOT_FILE, ledger=ledger_rows(self.out_dir))
-            write_report(self.out_dir)
+        run_folder.write_status(self.out_dir, state=state, message=message, run_id=self.run_id)
         return metrics
 
 
@@ -178,57 +137,7 @@ def privacy_summary(rounds: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             for key in ("epsilon", "delta", "budget", "dp", "status", "reason"):
                 if values.get(key) is not None or key == "reason":
                     ledger[key] = values.get(key)
-            if values.get("status") == "trained":
+            if values.get("status") == protocol.STATUS_TRAINED:
                 ledger["rounds_trained"] += 1
                 ledger["last_trained_round"] = entry["round"]
     return summary
-
-
-def read_rounds(feed: Path) -> list[dict[str, Any]]:
-    if not feed.exists():
-        return []
-    rounds = []
-    for number, line in enumerate(feed.read_text().splitlines(), start=1):
-        if line.strip():
-            try:
-                rounds.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise DataError(f"{feed}:{number}: not a JSON round entry") from None
-    return rounds
-
-
-def ledger_copy_path(out_dir: Path, department: str) -> Path:
-    return out_dir / LEDGERS_DIR / f"{safe_name(department)}.jsonl"
-
-
-LEDGER_LINE_KEYS = ("index", "noise_multiplier", "sample_rate", "steps", "accountant", "delta", "epsilon")
-
-
-def read_ledger_copy(path: Path) -> list[dict[str, Any]]:
-    """The server's copy of one department's ledger lines; a line that cannot be one is refused by number."""
-    if not path.exists():
-        return []
-    lines = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{number}: not a ledger line ({exc.msg})") from None
-        missing = [key for key in LEDGER_LINE_KEYS if not isinstance(entry, dict) or key not in entry]
-        if missing:
-            raise DataError(f"{path}:{number}: ledger line lacks {', '.join(missing)}")
-        lines.append(entry)
-    return lines
-
-
-def ledger_indexes(out_dir: Path) -> dict[str, int]:
-    """The last ledger index the server holds per department (by file name): the departments' anchor."""
-    folder = out_dir / LEDGERS_DIR
-    indexes = {}
-    for path in sorted(folder.glob("*.jsonl")) if folder.is_dir() else []:
-        copy = read_ledger_copy(path)
-        if copy:
-            indexes[path.stem] = int(copy[-1]["index"])
-    return indexes

@@ -8,6 +8,7 @@ from flwr.common import Context
 from flwr.server import Grid, ServerApp
 
 from server.federation import run_federation
+from server.report import write_report
 from server.run_record import RunRecorder
 from shared.config import RunConfig
 from shared.errors import FedprivError
@@ -32,3 +33,6 @@ def main(grid: Grid, context: Context) -> None:
     except Exception as exc:
         recorder.finish(state="failed", message=f"internal error: {type(exc).__name__}: {exc}")
         raise
+    finally:
+        if any(number > 0 for number in recorder.rounds):  # a run that finished no round has nothing to show
+            write_report(Path(config.out_dir))

@@ -36,7 +36,8 @@ from flwr.server.criterion import Criterion
 from flwr.server.strategy import FedAvg
 
 from server.class_statistics import federation_sums, nearest_class_mean_head
-from server.run_record import RunRecorder, ledger_indexes
+from server.run_folder import ledger_indexes
+from server.run_record import RunRecorder
 from shared import protocol, secagg_masks
 from shared.checkpoint import save_checkpoint
 from shared.config import RunConfig

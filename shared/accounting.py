@@ -7,6 +7,7 @@ ledgers with it (``fedpriv ledger``), so both sides always agree on what a histo
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 
 from opacus.accountants import RDPAccountant, create_accountant
@@ -26,6 +27,16 @@ def epsilon_of(history: list[Mechanism], *, delta: float, accountant: str) -> fl
     for sigma, rate, steps in history:  # identical mechanisms compose by adding steps: exact, and far faster
         merged[(sigma, rate)] = merged.get((sigma, rate), 0) + steps
     return _epsilon(tuple(sorted((sigma, rate, steps) for (sigma, rate), steps in merged.items())), delta, accountant)
+
+
+def recomputed_epsilon(history: list[Mechanism], *, recorded: float, delta: float, accountant: str) -> float | None:
+    """None when ``recorded`` is what ``history`` costs; otherwise the epsilon it does cost.
+
+    The one check of a recorded epsilon: a department runs it on its own ledger before it spends,
+    the admin on the server's copy (``fedpriv ledger``).
+    """
+    recomputed = epsilon_of(history, delta=delta, accountant=accountant)
+    return None if math.isclose(recomputed, recorded, rel_tol=1e-6, abs_tol=1e-9) else recomputed
 
 
 # A department asks for the same history several times a round (what it has spent, what the round

@@ -39,7 +39,3 @@ def set_trainable(model: nn.Module, arrays: Sequence[np.ndarray], *, sender: str
     with torch.no_grad():
         for name, array in zip(names, arrays, strict=True):
             params[name].copy_(torch.from_numpy(np.asarray(array, dtype=np.float32)))
-
-
-def named_trainable(model: nn.Module) -> dict[str, np.ndarray]:
-    return dict(zip(trainable_names(model), get_trainable(model), strict=True))

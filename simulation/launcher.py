@@ -17,12 +17,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from server import run_folder
 from server.deployment import wait_until_up
-from server.run_record import ROUNDS_FILE, STATUS_FILE, write_json
+from server.run_folder import ROUNDS_FILE, RUN_CONFIG_FILE
 from shared.flower_env import CONNECTION, FlowerProcessError, environment, executable, flwr_home, free_port, stop
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-RUN_CONFIG_FILE = "run_config.toml"  # every setting of the run, as submitted; a resume reads it back
 
 
 def app_dir() -> Path:
@@ -89,17 +89,14 @@ def submit_run(
         except KeyboardInterrupt:
             if superlink_outlives_us:
                 _stop_flower_run(env, run_dir)
-            write_json(run_dir / STATUS_FILE, {
-                "state": "stopped", "run_id": None,
-                "message": f"interrupted; continue with `fedpriv simulate --resume {run_dir}` (simulation) or "
-                           f"`fedpriv run --resume {run_dir}` (deployment)",
-            })
+            run_folder.write_status(run_dir, state=run_folder.STOPPED, message=(
+                f"interrupted; continue with `fedpriv simulate --resume {run_dir}` (simulation) or "
+                f"`fedpriv run --resume {run_dir}` (deployment)"))
             raise
         finally:
             stop(process)
-    status_path = run_dir / STATUS_FILE
-    status = json.loads(status_path.read_text()) if status_path.exists() else {}
-    if not status or status.get("state") == "running":
+    status = run_folder.read_status(run_dir)
+    if not status or status.get("state") == run_folder.RUNNING:
         raise FlowerProcessError(
             f"the Flower run ended without a result (exit code {process.returncode}); see {log_path}"
         )
@@ -108,11 +105,7 @@ def submit_run(
 
 def _stop_flower_run(env: dict[str, str], run_dir: Path) -> None:
     """Ask the SuperLink to stop the run: a deployed SuperLink keeps running a run whose `flwr run` has gone."""
-    status_path = run_dir / STATUS_FILE
-    try:
-        run_id = json.loads(status_path.read_text()).get("run_id") if status_path.exists() else None
-    except json.JSONDecodeError:
-        run_id = None
+    run_id = run_folder.read_status(run_dir).get("run_id")
     if run_id:
         try:
             subprocess.run([executable("flwr"), "stop", str(run_id), CONNECTION], env=env, capture_output=True, timeout=60)
@@ -146,8 +139,7 @@ def _follow(run_dir: Path, process: subprocess.Popen, on_round: Callable[[dict[s
             seen = len(lines)
         if finished:
             return
-        status_path = run_dir / STATUS_FILE
-        if status_path.exists() and json.loads(status_path.read_text() or "{}").get("state") in ("completed", "failed"):
+        if run_folder.read_status(run_dir).get("state") in run_folder.FINISHED_STATES:
             # The ServerApp is done; give the stream a moment to drain, then stop waiting.
             try:
                 process.wait(timeout=15)

@@ -12,10 +12,10 @@ import dataclasses
 import tomllib
 from pathlib import Path
 
-from server.run_record import ROUNDS_FILE, STATUS_FILE, read_rounds, write_json
+from server import run_folder
+from server.run_folder import ROUNDS_FILE, RUN_CONFIG_FILE, read_rounds
 from shared.config import RunConfig
 from shared.errors import ConfigError
-from simulation.launcher import RUN_CONFIG_FILE
 
 
 def read_run_config(run_dir: Path) -> RunConfig:
@@ -42,5 +42,5 @@ def resume_config(run_dir: Path) -> RunConfig:
         raise ConfigError(f"{run_dir}: all {config.num_server_rounds} rounds are complete; nothing to resume")
     if not config.run_uid:
         raise ConfigError(f"{run_dir / RUN_CONFIG_FILE}: the run has no run-uid, so departments could not continue its noise plan")
-    write_json(run_dir / STATUS_FILE, {"state": "resuming", "message": f"after round {last}", "run_id": None})
+    run_folder.write_status(run_dir, state=run_folder.RESUMING, message=f"after round {last}")
     return dataclasses.replace(config, resume_after_round=last)

@@ -16,8 +16,7 @@ from typing import Any
 from rich.console import Console
 
 from client.site_policy import SitePolicy
-from server.report import REPORT_FILE
-from server.run_record import METRICS_FILE, PLOT_FILE
+from server.run_folder import METRICS_FILE, PLOT_FILE, REPORT_FILE
 from server.secure_aggregation import RECONSTRUCTION_THRESHOLD
 from shared.config import DEFAULTS, RunConfig, secagg_neighbourhood
 from shared.data import Columns

@@ -15,6 +15,8 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from server import run_folder
+from shared.errors import DataError
 from simulation.console import console
 
 
@@ -50,11 +52,10 @@ def run_folder_rows(kit: Path) -> list[tuple[str, str, str, str]]:
     for folder in dict.fromkeys(line.strip() for line in listed if line.strip()):
         run_dir = Path(folder)
         try:
-            status = json.loads((run_dir / "status.json").read_text())
-            rounds = [json.loads(line)["round"] for line in (run_dir / "rounds.jsonl").read_text().splitlines()] \
-                if (run_dir / "rounds.jsonl").is_file() else []
-            planned = tomllib.loads((run_dir / "run_config.toml").read_text()).get("num-server-rounds", "?")
-        except (OSError, ValueError, KeyError, tomllib.TOMLDecodeError):
+            status = run_folder.read_status(run_dir)
+            rounds = [entry["round"] for entry in run_folder.read_rounds(run_dir / run_folder.ROUNDS_FILE)]
+            planned = tomllib.loads((run_dir / run_folder.RUN_CONFIG_FILE).read_text()).get("num-server-rounds", "?")
+        except (OSError, ValueError, KeyError, DataError, tomllib.TOMLDecodeError):
             rows.append((folder, "-", "unreadable", "-"))
             continue
         rows.append((folder, str(status.get("run_id") or "-"), str(status.get("state")), f"{max(rounds, default=0)} of {planned}"))

@@ -50,6 +50,7 @@ def test_growth_exponent_and_stratified_sampling():
     assert len(picked) == 6 and sorted(r.label for r in picked) == ["l0", "l0", "l1", "l1", "l2", "l2"]
 
 
+@pytest.mark.slow
 def test_bench_quick_overhead_piece_writes_well_formed_results(tmp_path):
     env = dict(os.environ, FEDPRIV_CLINC150=str(tmp_path / "absent"))
     result = subprocess.run([FEDPRIV, "bench", "--quick", "--only", "overhead", "--only", "scale", "--model", "tiny",

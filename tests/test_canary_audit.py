@@ -149,9 +149,10 @@ def test_a_deployed_run_is_audited_from_what_its_departments_found_on_their_own_
 
     from typer.testing import CliRunner
 
+    from server.run_folder import RUN_CONFIG_FILE
     from simulation.cli import app
     from simulation.deployed_audit import DEPARTMENT_AUDITS
-    from simulation.launcher import RUN_CONFIG_FILE, write_run_config
+    from simulation.launcher import write_run_config
     from tests.test_run_record import two_rounds
 
     config = RunConfig(labels=("a", "b"), out_dir=str(tmp_path), transport="tls+node-auth", num_server_rounds=3)

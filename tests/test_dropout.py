@@ -7,10 +7,13 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from shared.config import RunConfig
 from simulation.launcher import run_simulation
 from simulation.prepare import DataPlan, partition_data, plan_federation, write_federation
+
+pytestmark = pytest.mark.slow  # real Flower simulations: `python -m pytest -m slow`
 
 
 def run_with_broken_departments(tmp_path, broken: int) -> tuple[dict, dict, list[str]]:

@@ -40,6 +40,7 @@ def fedpriv(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run([FEDPRIV, *args], capture_output=True, text=True, timeout=timeout, env=dict(os.environ))
 
 
+@pytest.mark.slow
 def test_simulate_tiny_three_departments_two_rounds(tmp_path):
     data, test = write_federation(tmp_path)
     out = tmp_path / "run"
@@ -101,6 +102,7 @@ def _final_privacy(run: Path) -> dict:
             for name, p in json.loads((run / "metrics.json").read_text())["privacy"].items()}
 
 
+@pytest.mark.slow
 def test_budgets_ledger_report_audit_and_resume_through_the_cli(tmp_path):
     args = ["simulate", "--model", "tiny", "--rounds", "4", "--budget", "finance=5", "--no-secagg"]
     whole = tmp_path / "whole"

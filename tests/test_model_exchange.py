@@ -6,19 +6,19 @@ import numpy as np
 import pytest
 
 from shared.errors import ModelError
-from shared.model import build_classifier, load_backbone
-from shared.params import get_trainable, named_trainable, set_trainable
+from shared.model import build_classifier, load_backbone, trainable_names
+from shared.params import get_trainable, set_trainable
 
 
 def test_head_only_exchanges_just_the_head(tiny_backbone):
     model = build_classifier(tiny_backbone, num_labels=5, lora_r=0, lora_alpha=8, lora_targets=("query",))
-    assert list(named_trainable(model)) == ["head.weight", "head.bias"]
+    assert trainable_names(model) == ["head.weight", "head.bias"]
     assert all(not p.requires_grad for p in tiny_backbone.model.parameters())
 
 
 def test_lora_exchanges_adapters_and_head_not_the_backbone(tiny_backbone):
     model = build_classifier(tiny_backbone, num_labels=5, lora_r=4, lora_alpha=8, lora_targets=("query", "value"))
-    names = list(named_trainable(model))
+    names = trainable_names(model)
     assert names[-2:] == ["head.weight", "head.bias"]
     assert names[:-2] and all("lora_" in n for n in names[:-2])
     sent = sum(a.size for a in get_trainable(model))

@@ -134,8 +134,7 @@ def test_empty_poisson_batches_still_take_their_step():
         plan=PrivacyPlan(1.0, q, steps, 1, 8.0, 8.0, 1e-5, "rdp"), prior=[(1.0, q, 5)], batch_size=1, local_epochs=1,
         learning_rate=0.1, momentum=0.0, max_grad_norm=1.0,
     )
-    assert result.steps == 20
-    assert result.history == [(1.0, q, 25)]  # Opacus counted every step, on top of the prior history
+    assert result.steps == 20  # and Opacus counted all 20 on top of the prior history, or train_private raises
 
 
 def test_empty_poisson_batches_of_the_lora_model_take_a_noise_only_step(tiny_backbone):
@@ -154,5 +153,5 @@ def test_empty_poisson_batches_of_the_lora_model_take_a_noise_only_step(tiny_bac
         plan=PrivacyPlan(1.0, q, steps, 1, 8.0, 8.0, 1e-5, "rdp"), prior=[], batch_size=1, local_epochs=1,
         learning_rate=0.1, momentum=0.0, max_grad_norm=1.0,
     )
-    assert result.steps == 20 and result.history == [(1.0, q, 20)]
+    assert result.steps == 20
     assert all((p.detach() - before[n]).abs().max() > 0 for n, p in model.named_parameters() if p.requires_grad)

@@ -344,8 +344,9 @@ def test_department_start_reads_its_own_column_names_and_refuses_a_file_without_
 
 
 def test_status_follows_the_run_folders_a_kit_started(tmp_path):
+    from server.run_folder import RUN_CONFIG_FILE
     from shared.config import RunConfig
-    from simulation.launcher import RUN_CONFIG_FILE, write_run_config
+    from simulation.launcher import write_run_config
     from simulation.status_command import RUNS_FILE, run_folder_rows
     from tests.test_run_record import two_rounds
 

@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 
+from server.report import write_report
 from tests.test_run_record import two_rounds
 
 CHROMIUM = shutil.which("chromium")
@@ -18,6 +19,7 @@ def test_the_report_shows_its_verdict_first_and_every_department(tmp_path):
     from playwright.sync_api import sync_playwright
 
     two_rounds(tmp_path).finish(state="completed")
+    write_report(tmp_path)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
         try:

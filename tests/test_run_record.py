@@ -9,7 +9,9 @@ from types import SimpleNamespace
 import pytest
 
 from server.ledger_view import ledger_rows
-from server.run_record import RunRecorder, ledger_copy_path, read_ledger_copy
+from server.report import write_report
+from server.run_folder import ledger_copy_path, read_ledger_copy
+from server.run_record import RunRecorder
 from shared.accounting import epsilon_of
 from shared.config import RunConfig
 from shared.errors import DataError
@@ -48,6 +50,7 @@ def test_final_accuracy_prefers_the_server_test_split_then_federated_test(tmp_pa
     assert metrics["privacy"]["it"]["status"] == "budget-exhausted" and metrics["privacy"]["it"]["rounds_trained"] == 0
     assert [json.loads(line)["round"] for line in (tmp_path / "rounds.jsonl").read_text().splitlines()] == [1, 2]
     assert json.loads((tmp_path / "status.json").read_text())["state"] == "completed"
+    write_report(tmp_path)
     assert (tmp_path / "accuracy_epsilon.png").exists()
 
     recorder.record_evaluation(2, loss=0.4, accuracy=0.9, source="server test split")
@@ -73,6 +76,7 @@ def test_server_keeps_a_copy_of_each_ledger_once_per_line_and_checks_it(tmp_path
 
 def test_report_has_a_row_per_department_and_the_protections(tmp_path):
     two_rounds(tmp_path).finish(state="completed")
+    write_report(tmp_path)
     report = (tmp_path / "report.html").read_text()
     assert "<td>hr</td>" in report and "<td>it</td>" in report
     assert "budget exhausted" in report and "on (Flower SecAgg+, every department with every other)" in report and "<svg" in report

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # real Flower simulations: `python -m pytest -m slow`
+
 FEDPRIV = str(Path(sys.executable).parent / "fedpriv")
 DEPARTMENTS = 5
 

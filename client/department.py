@@ -26,13 +26,13 @@ from client.department_data import DepartmentData, DepartmentSettings, load_depa
 from client.dp_training import train_plain, train_private
 from client.label_scope import scoped_head
 from client.privacy import MECHANISM_CLASS_COUNTS, MECHANISM_CLASS_SUMS, PrivacyLedger
-from client.secure_aggregation import check_weight, out_of_range, update_delta
+from client.secure_aggregation import MASKED_BY_SECAGG, check_weight, out_of_range, update_delta
 from client.update_replay import load_update, request_key, save_update
 from shared import protocol, secagg_masks
 from shared.accounting import epsilon_of
 from shared.config import RunConfig
 from shared.data import safe_name
-from shared.errors import BudgetExhausted, ConfigError, TrainingError
+from shared.errors import BudgetExhausted, ConfigError, DataError, FedprivError, LedgerError, TrainingError
 from shared.evaluation import evaluate_module
 from shared.features import cached_features, labelled_dataset
 from shared.model import TextClassifier, build_classifier, load_backbone, trainable_names
@@ -90,14 +90,17 @@ def train_features(settings: DepartmentSettings, config: RunConfig, data: Prepar
     return features, data.train.tensors[-1]
 
 
-def server_ledger_index(config: dict, department: str) -> int:
-    """The last line of this department's ledger that the server holds a copy of (0: none)."""
-    try:
-        indexes = json.loads(str(config.get(protocol.LEDGER_INDEXES, "{}")))
-        return int(indexes.get(safe_name(department), 0))
-    except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
-        raise ConfigError(f"'{protocol.LEDGER_INDEXES}' is not a JSON object of ledger indexes",
-                          source=f"request to department {department}") from None
+def shareable_reason(error: FedprivError) -> str:
+    """What the server may read of a department's error: never record content.
+
+    A data error can quote a record (an unknown label, a malformed line), so only its kind leaves;
+    the department's own activity log keeps the whole message. Every other error (a ledger that
+    cannot be trusted, settings, the request, the model, the budget) is sent as it is.
+    """
+    if isinstance(error, DataError) and not isinstance(error, LedgerError):
+        return ("its records or its ledger cannot be used (DataError); the department's activity log names the file, "
+                "line and problem")
+    return str(error)
 
 
 class DepartmentClient(NumPyClient):
@@ -109,15 +112,10 @@ class DepartmentClient(NumPyClient):
             config.model, len(config.labels), config.lora_r, config.lora_alpha, config.lora_targets, config.lora_layers
         )
 
-    def _check_request(self, request: dict) -> None:
-        problems = []
-        if request.get(protocol.LABEL_FINGERPRINT, self.config.label_fingerprint) != self.config.label_fingerprint:
-            problems.append("the server's label set differs from this department's")
-        backbone = load_backbone(self.config.model).fingerprint
-        if request.get(protocol.BACKBONE_FINGERPRINT, backbone) != backbone:
-            problems.append(f"the server's backbone differs from this department's ({self.config.model})")
-        if problems:
-            raise ConfigError(problems, source=f"request to department {self.settings.name}")
+    def _check_backbone(self, fingerprint: str) -> None:
+        if fingerprint != load_backbone(self.config.model).fingerprint:
+            raise ConfigError(f"the server's backbone differs from this department's ({self.config.model})",
+                              source=f"request to department {self.settings.name}")
 
     def _trained_module(self) -> torch.nn.Module:
         if self.config.lora_layers:
@@ -140,41 +138,62 @@ class DepartmentClient(NumPyClient):
         return self.config.run_uid or str(self.run_id)
 
     def fit(self, parameters: list[np.ndarray], config: dict) -> tuple[list[np.ndarray], int, dict]:
-        """One round's release (class statistics or a DP-SGD delta), signed in deployment."""
-        arrays, weight, metrics = self._fit(parameters, config)
+        """One round's release (class statistics or a DP-SGD delta), signed in deployment.
+
+        A request the department cannot serve is answered as a named failure (weight 0, nothing
+        trained or released) whose reason holds no record content (``shareable_reason``).
+        """
+        server_round, stage, records = int(config.get(protocol.SERVER_ROUND, 0)), str(config.get(protocol.STAGE, "?")), None
+        try:
+            request = protocol.FitRequest.from_config(config, department=self.settings.name)
+            arrays, weight, metrics = self._fit(parameters, request)
+            records = len(prepare(self.settings, self.config).department.train)
+        except FedprivError as error:
+            record_activity(self.settings.state_dir, f"{self.settings.name}: round {server_round} failed: {error}")
+            arrays, weight = [np.zeros_like(p, dtype=np.float32) for p in parameters], 0
+            metrics = {protocol.DEPARTMENT: self.settings.name, protocol.DP_ENABLED: self.config.dp,
+                       protocol.STATUS: protocol.STATUS_FAILED, protocol.REASON: shareable_reason(error)}
         record_activity(self.settings.state_dir, activity_line(
-            department=self.settings.name, run=self.run, server_round=int(config.get(protocol.SERVER_ROUND, 0)),
-            stage=str(config.get(protocol.STAGE, protocol.STAGE_DP_SGD)), metrics=metrics,
-            records=len(prepare(self.settings, self.config).department.train)))
+            department=self.settings.name, run=self.run, server_round=server_round, stage=stage, metrics=metrics,
+            records=records))
         if self.settings.signing_key is not None:
             message = reply_message(
-                run=self.run, server_round=int(config.get(protocol.SERVER_ROUND, 0)), department=self.settings.name,
+                run=self.run, server_round=server_round, department=self.settings.name,
                 status=str(metrics.get(protocol.STATUS)), ledger=str(metrics.get(protocol.LEDGER_ENTRY, "")),
             )
             metrics = metrics | {protocol.SIGNATURE: sign(message, private_key=self.settings.signing_key)}
         return arrays, weight, metrics
 
-    def _fit(self, parameters: list[np.ndarray], config: dict) -> tuple[list[np.ndarray], int, dict]:
-        self._check_request(config)
-        server_round = int(config.get(protocol.SERVER_ROUND, 0))
+    def _secure_aggregation(self, request: protocol.FitRequest) -> bool:
+        """Whether this reply will be masked by SecAgg+: known from how the request arrived, checked
+        against the run's settings and the server's mask generator."""
+        masked = MASKED_BY_SECAGG.get()
+        source = f"request to department {self.settings.name}"
+        if self.config.secagg and not masked:
+            raise ConfigError("the run uses SecAgg+, but this request did not arrive through it: department "
+                              f"{self.settings.name} sends nothing unmasked", source=source)
+        if masked and request.secagg_masks != secagg_masks.NAME:
+            raise ConfigError(f"the server does not say it unmasks with {secagg_masks.NAME} masks; department "
+                              f"{self.settings.name} sends nothing under Flower's 32-bit-seeded masks", source=source)
+        return masked
+
+    def _fit(self, parameters: list[np.ndarray], request: protocol.FitRequest) -> tuple[list[np.ndarray], int, dict]:
+        self._check_backbone(request.backbone_fingerprint)
+        secagg = self._secure_aggregation(request)
+        server_round = request.server_round
         key = request_key(run=self.run, server_round=server_round, parameters=parameters)
         replayed = load_update(self.settings.state_dir, key=key)
         if replayed is not None:
             return replayed
         set_trainable(self.classifier, parameters)
         data = prepare(self.settings, self.config)
-        secagg = bool(config.get(protocol.SECAGG, False))
-        if secagg and config.get(protocol.SECAGG_MASKS) != secagg_masks.NAME:
-            raise ConfigError(f"the server does not say it unmasks with {secagg_masks.NAME} masks; department "
-                              f"{self.settings.name} sends nothing under Flower's 32-bit-seeded masks",
-                              source=f"request to department {self.settings.name}")
         if secagg:
             check_weight(department=self.settings.name, num_examples=len(data.train),
                          max_weight=self.config.secagg_max_weight)
-        if config.get(protocol.STAGE) == protocol.STAGE_STATISTICS:
-            delta, num_examples, metrics = self._release(parameters, data, config, secagg=secagg)
+        if request.stage == protocol.STAGE_STATISTICS:
+            delta, num_examples, metrics = self._release(parameters, data, request, secagg=secagg)
         else:
-            delta, num_examples, metrics = self._train(parameters, data, config, secagg=secagg)
+            delta, num_examples, metrics = self._train(parameters, data, request, secagg=secagg)
         if not all(np.all(np.isfinite(d)) for d in delta):
             raise TrainingError(f"department {self.settings.name}: training produced NaN or infinite values; "
                                 "nothing was sent")
@@ -200,17 +219,17 @@ class DepartmentClient(NumPyClient):
         return [np.zeros_like(p, dtype=np.float32) for p in parameters], 0, metrics
 
     def _release(
-        self, parameters: list[np.ndarray], data: PreparedData, config: dict, *, secagg: bool
+        self, parameters: list[np.ndarray], data: PreparedData, request: protocol.FitRequest, *, secagg: bool
     ) -> tuple[list[np.ndarray], int, dict]:
         """Stage 1: the DP class-statistics release, shaped like the head, scaled into SecAgg+'s range.
 
         Sent with weight secagg-max-weight (every department the same), so SecAgg+'s weighted
         average times the number of departments is the plain sum (``server.class_statistics``).
         """
-        server_round = int(config.get(protocol.SERVER_ROUND, 0))
+        server_round = request.server_round
         metrics: dict = {protocol.DEPARTMENT: self.settings.name, protocol.DP_ENABLED: self.config.dp}
         cfg, policy = self.config, self.settings.policy
-        refusals = policy.refusals_of_request(secagg=secagg, aggregate_size=int(config.get(protocol.AGGREGATE_SIZE, 0)))
+        refusals = policy.refusals_of_request(secagg=secagg, aggregate_size=request.aggregate_size)
         scope = self.settings.label_scope
         scope_rows = [cfg.labels.index(label) for label in scope] if scope else None
         shares, refused = policy.noise_shares(requested=cfg.distributed_noise and cfg.dp, secagg=secagg)
@@ -221,7 +240,7 @@ class DepartmentClient(NumPyClient):
         plan, ledger = None, None
         if cfg.dp:
             ledger = PrivacyLedger(self.settings.state_dir, department=self.settings.name)
-            ledger.check_anchor(server_ledger_index(config, self.settings.name))
+            ledger.check_anchor(request.ledger_indexes.get(safe_name(self.settings.name), 0))
             budget = policy.effective_budget(cfg)
             before = ledger.spent(delta=policy.delta, accountant=cfg.accountant)
             metrics.update({protocol.DELTA: policy.delta, protocol.BUDGET: budget, protocol.EPSILON: before})
@@ -260,12 +279,12 @@ class DepartmentClient(NumPyClient):
         return arrays, cfg.secagg_max_weight, metrics
 
     def _train(
-        self, parameters: list[np.ndarray], data: PreparedData, config: dict, *, secagg: bool
+        self, parameters: list[np.ndarray], data: PreparedData, request: protocol.FitRequest, *, secagg: bool
     ) -> tuple[list[np.ndarray], int, dict]:
-        server_round = int(config.get(protocol.SERVER_ROUND, 0))
+        server_round = request.server_round
         metrics: dict = {protocol.DEPARTMENT: self.settings.name, protocol.DP_ENABLED: self.config.dp}
         cfg, policy = self.config, self.settings.policy
-        refusals = policy.refusals_of_request(secagg=secagg, aggregate_size=int(config.get(protocol.AGGREGATE_SIZE, 0)))
+        refusals = policy.refusals_of_request(secagg=secagg, aggregate_size=request.aggregate_size)
         if not cfg.dp:
             if policy.min_noise_multiplier is not None or policy.max_epsilon_per_round is not None:
                 refusals.append("this department's site policy limits the privacy cost of a round; a --no-dp run has none")
@@ -279,13 +298,13 @@ class DepartmentClient(NumPyClient):
             metrics.update({protocol.STATUS: protocol.STATUS_TRAINED, protocol.TRAIN_LOSS: result.mean_loss})
             return update_delta(get_trainable(self.classifier), parameters), len(data.train), metrics
 
-        planned_rounds = int(config[protocol.NUM_ROUNDS]) - (1 if cfg.statistics_round else 0)
+        planned_rounds = cfg.num_server_rounds - (1 if cfg.statistics_round else 0)
         if planned_rounds < 1:
             raise ConfigError(f"round {server_round} asks for DP-SGD, but the run plans none "
-                              f"({config[protocol.NUM_ROUNDS]} round(s), the first for class statistics)",
+                              f"({cfg.num_server_rounds} round(s), the first for class statistics)",
                               source=f"request to department {self.settings.name}")
         ledger = PrivacyLedger(self.settings.state_dir, department=self.settings.name)
-        ledger.check_anchor(server_ledger_index(config, self.settings.name))
+        ledger.check_anchor(request.ledger_indexes.get(safe_name(self.settings.name), 0))
         budget = policy.effective_budget(cfg)
         metrics.update({protocol.DELTA: policy.delta, protocol.BUDGET: budget,
                         protocol.EPSILON: ledger.spent(delta=policy.delta, accountant=cfg.accountant)})
@@ -319,15 +338,15 @@ class DepartmentClient(NumPyClient):
 
     @torch.no_grad()
     def evaluate(self, parameters: list[np.ndarray], config: dict) -> tuple[float, int, dict]:
-        self._check_request(config)
+        request = protocol.EvaluateRequest.from_config(config, department=self.settings.name)
+        self._check_backbone(request.backbone_fingerprint)
         if self.config.dp:
             # The server picks the model evaluated here, so a crafted model could read label counts
             # back from clear-text accuracy: under DP a department keeps its evaluation to itself.
             return 0.0, 0, {protocol.DEPARTMENT: self.settings.name, protocol.EVALUATION_WITHHELD: True}
         set_trainable(self.classifier, parameters)
         data = prepare(self.settings, self.config)
-        split = config.get(protocol.EVALUATION_SPLIT, protocol.SPLIT_VAL)
-        dataset = data.test if split == protocol.SPLIT_TEST and data.test is not None else data.val
+        dataset = data.test if request.split == protocol.SPLIT_TEST and data.test is not None else data.val
         loss, accuracy = evaluate_module(self._trained_module(), dataset)
         return loss, len(dataset), {
             protocol.DEPARTMENT: self.settings.name, protocol.ACCURACY: accuracy,

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from shared.accounting import Mechanism, epsilon_of, recomputed_epsilon
-from shared.errors import BudgetExhausted, ConfigError, DataError
+from shared.errors import BudgetExhausted, ConfigError, LedgerError
 
 LEDGER_FILE = "privacy-ledger.jsonl"
 MAX_SIGMA = 1e4
@@ -125,8 +125,8 @@ class PrivacyLedger:
         self.department = department
         self.entries = self._read()
 
-    def _refuse(self, number: int, why: str) -> DataError:
-        return DataError(
+    def _refuse(self, number: int, why: str) -> LedgerError:
+        return LedgerError(
             f"{self.path}:{number}: {why}; department {self.department} refuses to train on a privacy ledger "
             "it cannot trust (restore it from a backup, or compare with the server's copy in the run folder)"
         )
@@ -167,7 +167,7 @@ class PrivacyLedger:
         server's copy of the lines it was sent is the external anchor (``protocol.LEDGER_INDEXES``).
         """
         if server_index > len(self.entries):
-            raise DataError(
+            raise LedgerError(
                 f"{self.path}: holds {len(self.entries)} ledger line(s) but the server holds line {server_index} of "
                 f"department {self.department}'s ledger: lines were removed; department {self.department} refuses "
                 "to spend on a ledger that forgets spending (restore it from a backup or the server's copy)"

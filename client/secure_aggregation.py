@@ -10,6 +10,7 @@ runs with secure aggregation switched off (``--no-secagg``).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextvars import ContextVar
 
 import numpy as np
 from flwr.app import Context, Message
@@ -23,12 +24,20 @@ from shared.errors import ConfigError
 
 secagg_masks.install()  # Flower's own masks come from a 32-bit seed (shared.secagg_masks)
 
+# Set while a request is served inside SecAgg+: the department learns that its reply will be masked
+# from how the message reached it, not from anything the server says.
+MASKED_BY_SECAGG: ContextVar[bool] = ContextVar("masked_by_secagg", default=False)
+
 
 def secaggplus_when_requested(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
     if msg.metadata.message_type == MessageType.TRAIN and RECORD_KEY_CONFIGS not in msg.content.config_records:
         return call_next(msg, ctxt)
     secagg_masks.check()  # fail closed: never mask with the 32-bit-seeded generator
-    return secaggplus_mod(msg, ctxt, call_next)
+    token = MASKED_BY_SECAGG.set(True)
+    try:
+        return secaggplus_mod(msg, ctxt, call_next)
+    finally:
+        MASKED_BY_SECAGG.reset(token)
 
 
 def update_delta(trained: Sequence[np.ndarray], received: Sequence[np.ndarray]) -> list[np.ndarray]:

@@ -19,6 +19,7 @@ from flwr.server import Grid, LegacyContext, ServerConfig
 from flwr.server.workflow import DefaultWorkflow
 
 from server.evaluation import make_server_evaluator
+from server.run_folder import AUDIT_DIR, CHECKPOINTS_DIR
 from server.run_record import RunRecorder
 from server.secure_aggregation import AuditedSecAggPlusWorkflow
 from server.strategy import FederationEnded, FedprivStrategy
@@ -45,7 +46,7 @@ def run_federation(grid: Grid, context: Context, config: RunConfig, recorder: Ru
     if resumes_a_trained_model(config, recorder):
         set_trainable(classifier, resume_parameters(config, backbone_fingerprint=backbone.fingerprint,
                                                     names=trainable_names(classifier)))
-    audit_dir = Path(config.out_dir) / "audit" if config.audit_updates else None
+    audit_dir = Path(config.out_dir) / AUDIT_DIR if config.audit_updates else None
     if audit_dir is not None:
         audit_dir.mkdir(parents=True, exist_ok=True)
     strategy = FedprivStrategy(
@@ -57,7 +58,6 @@ def run_federation(grid: Grid, context: Context, config: RunConfig, recorder: Ru
         evaluate_fn=make_server_evaluator(
             config=config, classifier=classifier, backbone=backbone, cache_dir=Path(config.feature_cache or Path(config.out_dir) / "feature-cache")
         ),
-        audit_dir=audit_dir,
     )
     remaining = config.num_server_rounds - config.resume_after_round
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=remaining), strategy=strategy)
@@ -93,7 +93,7 @@ def resumes_a_trained_model(config: RunConfig, recorder: RunRecorder) -> bool:
 
 def resume_parameters(config: RunConfig, *, backbone_fingerprint: str, names: list[str]) -> list:
     """The global parameters after the newest checkpointed round <= ``resume-after-round``."""
-    folder = Path(config.out_dir) / "checkpoints"
+    folder = Path(config.out_dir) / CHECKPOINTS_DIR
     candidates = sorted(folder.glob("round-*.safetensors")) if folder.is_dir() else []
     usable = [c for c in candidates if int(c.stem.split("-")[1]) <= config.resume_after_round]
     if not usable:

@@ -17,7 +17,7 @@ from shared import protocol
 from shared.accounting import recomputed_epsilon
 
 STATUS_WORDS = {protocol.STATUS_TRAINED: "active", protocol.STATUS_BUDGET_EXHAUSTED: "budget exhausted",
-                protocol.STATUS_POLICY_REFUSED: "refused by policy"}
+                protocol.STATUS_POLICY_REFUSED: "refused by policy", protocol.STATUS_FAILED: "failed (see the round's failures)"}
 NEAR_SHARE = 0.9  # a budget spent to this share or more is "near"
 SPENT_TOLERANCE = 0.01  # the calibration lands within this of the budget: that budget is spent
 

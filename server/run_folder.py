@@ -7,6 +7,7 @@
       metrics.json         final_accuracy, rounds, privacy: department -> {epsilon, budget, delta, ...}
       ledgers/NAME.jsonl   the server's copy of each department's privacy ledger lines, as reported
       checkpoints/         round-NNN.safetensors: global trainable parameters after each round
+      audit/               with audit-updates: each masked reply and each aggregate as the server held them
       model/               the exported model (shared.export)
       accuracy_epsilon.png accuracy and each department's epsilon per round
       report.html          the admin report (server.report), self-contained
@@ -33,6 +34,8 @@ METRICS_FILE = "metrics.json"
 PLOT_FILE = "accuracy_epsilon.png"
 REPORT_FILE = "report.html"
 LEDGERS_DIR = "ledgers"
+CHECKPOINTS_DIR = "checkpoints"
+AUDIT_DIR = "audit"
 LEDGER_LINE_KEYS = ("index", "noise_multiplier", "sample_rate", "steps", "accountant", "delta", "epsilon")
 
 # status.json's states: the ServerApp writes the first three, the CLI the last two

@@ -11,9 +11,22 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from server import run_folder
-from server.run_folder import LEDGERS_DIR, METRICS_FILE, ROUNDS_FILE, json_line, ledger_copy_path, read_ledger_copy, read_rounds
+from server.run_folder import (
+    AUDIT_DIR,
+    CHECKPOINTS_DIR,
+    LEDGERS_DIR,
+    METRICS_FILE,
+    ROUNDS_FILE,
+    json_line,
+    ledger_copy_path,
+    read_ledger_copy,
+    read_rounds,
+)
 from shared import protocol
+from shared.checkpoint import save_checkpoint
 from shared.config import RunConfig
 from shared.errors import DataError
 
@@ -76,6 +89,21 @@ class RunRecorder:
     def record_aggregate_check(self, server_round: int, *, passed: bool) -> None:
         """Whether the round's aggregate passed the server's checks (finite, within range)."""
         self._round(server_round)["aggregate_check"] = "passed" if passed else "rejected"
+
+    def record_aggregate(self, server_round: int, average: list[np.ndarray]) -> None:
+        """With ``audit-updates``: the aggregate the server unmasked, for the audit beside each department's reply."""
+        if self.config.audit_updates:
+            folder = self.out_dir / AUDIT_DIR
+            folder.mkdir(exist_ok=True)
+            np.savez(folder / f"aggregate-round-{server_round:03d}.npz", *average)
+
+    def record_model(self, server_round: int, arrays: dict[str, np.ndarray], *, backbone_fingerprint: str) -> None:
+        """The global trainable parameters after a round: the checkpoint a resumed run starts from."""
+        save_checkpoint(
+            self.out_dir / CHECKPOINTS_DIR / f"round-{server_round:03d}.safetensors", arrays,
+            {"round": server_round, "run_id": self.run_id, "label_fingerprint": self.config.label_fingerprint,
+             "backbone_fingerprint": backbone_fingerprint},
+        )
 
     def record_evaluation(
         self, server_round: int, *, loss: float, accuracy: float, source: str,

@@ -81,8 +81,9 @@ class AuditedSecAggPlusWorkflow(SecAggPlusWorkflow):
 
     def setup_stage(self, grid: Any, context: Any, state: Any) -> bool:
         secagg_masks.check()
-        if self.neighbourhood:
-            departments = context.strategy.planned_sample_size(context.client_manager)
+        if self.neighbourhood:  # Flower's setup stage then asks the strategy for the same round's departments
+            current_round = int(context.state.config_records[MAIN_CONFIGS_RECORD][WorkflowKey.CURRENT_ROUND])
+            departments = len(context.strategy.begin_round(current_round, context.client_manager).asked)
             self.num_shares = self.neighbourhood if self.neighbourhood < departments else 1.0
         return super().setup_stage(grid, context, state) and self._forget_dropped(state)
 

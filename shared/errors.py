@@ -29,6 +29,13 @@ class DataError(FedprivError, ValueError):
     """A data file or department that cannot be used for training."""
 
 
+class LedgerError(DataError):
+    """A department's privacy ledger that cannot be trusted (corrupt, edited, shorter than the server's copy).
+
+    Unlike other data errors it never quotes a record, so the department tells the server why it stops.
+    """
+
+
 class ModelError(FedprivError, ValueError):
     """A backbone, checkpoint or exported model that cannot be loaded."""
 

@@ -80,18 +80,22 @@ def department_peak_memory(*, records: list[Record], labels: tuple[str, ...], mo
 def _one_department_round(data: Path, model: str, mode: str, labels: tuple[str, ...]) -> None:
     from client.department import DepartmentClient
     from client.department_data import resolve_department
-    from shared import protocol
+    from shared import protocol, secagg_masks
     from shared.data import load_records
+    from shared.model import load_backbone
     from shared.params import get_trainable
 
     records = load_records(data)
     state = Path(tempfile.mkdtemp())
     config = RunConfig(model=model, labels=labels, dp=mode == "dp", out_dir=str(state), head_init="zeros",
-                       batch_size=min(DEFAULTS.batch_size, len(records) // 5))
+                       batch_size=min(DEFAULTS.batch_size, len(records) // 5), secagg=False)  # masking is table 3's
     settings = resolve_department(config, {"department": "bench", "data-path": str(data), "state-dir": str(state)})
     client = DepartmentClient(config=config, settings=settings, run_id=1)
-    client.fit(get_trainable(client.classifier), {protocol.SERVER_ROUND: 1, protocol.NUM_ROUNDS: config.num_server_rounds,
-                                                   protocol.AGGREGATE_SIZE: 2})
+    request = protocol.FitRequest(server_round=1, stage=protocol.STAGE_DP_SGD, aggregate_size=2, ledger_indexes={},
+                                  backbone_fingerprint=load_backbone(model).fingerprint, secagg_masks=secagg_masks.NAME)
+    _, _, metrics = client.fit(get_trainable(client.classifier), request.to_config())
+    if metrics[protocol.STATUS] != protocol.STATUS_TRAINED:
+        raise RuntimeError(f"the measured department did not train: {metrics.get(protocol.REASON)}")
     print(json.dumps({"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}))
 
 

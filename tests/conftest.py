@@ -17,3 +17,13 @@ def tiny_backbone():
     from shared.model import TINY, load_backbone
 
     return load_backbone(TINY)
+
+
+@pytest.fixture
+def server_task(monkeypatch):
+    """Flower messages take their run and sender from the process's task identity (the ServerApp's, here)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
 from client.department import DepartmentClient, prepare, shared_classifier
 from client.department_data import resolve_department
 from client.privacy import LEDGER_FILE, PrivacyLedger
-from shared import protocol, secagg_masks
+from shared import protocol
 from shared.config import RunConfig
 from shared.data import Record, write_jsonl
-from shared.errors import ConfigError, DataError
+from shared.errors import ConfigError
 from shared.params import get_trainable
+from tests.requests import evaluate_request, failure, fit, fit_request
 
 LABELS = ("expense", "password", "room")
 TEXTS = {
@@ -41,16 +44,11 @@ def make_client(tmp_path, *, lora_r=0, dp=True, epsilon=5.0, rounds=3, node_extr
     return DepartmentClient(config=config, settings=settings, run_id=42), config
 
 
-def request(config, server_round):
-    return {protocol.SERVER_ROUND: server_round, protocol.NUM_ROUNDS: config.num_server_rounds,
-            protocol.LABEL_FINGERPRINT: config.label_fingerprint}
-
-
 @pytest.mark.parametrize("lora_r", [0, 4])
 def test_dp_rounds_account_and_persist_across_client_restarts(tmp_path, lora_r):
     client, config = make_client(tmp_path, lora_r=lora_r)
     start = get_trainable(client.classifier)
-    delta, n, metrics = client.fit(start, request(config, 1))
+    delta, n, metrics = fit(client, start, fit_request(config, 1))
     assert metrics[protocol.STATUS] == protocol.STATUS_TRAINED
     assert n == config.secagg_max_weight  # under DP every department weighs the same: no clear-text count
     assert 0 < metrics[protocol.EPSILON] < 5.0 and metrics[protocol.NOISE_MULTIPLIER] > 0
@@ -63,67 +61,70 @@ def test_dp_rounds_account_and_persist_across_client_restarts(tmp_path, lora_r):
     restarted, _ = make_client(tmp_path, lora_r=lora_r)
     eps = [metrics[protocol.EPSILON]]
     for server_round in (2, 3):
-        delta, _, metrics = restarted.fit(params, request(config, server_round))
+        delta, _, metrics = fit(restarted, params, fit_request(config, server_round))
         params = [p + d for p, d in zip(params, delta, strict=True)]
         eps.append(metrics[protocol.EPSILON])
     assert eps == sorted(eps) and 4.95 <= eps[-1] <= 5.0
     assert len(PrivacyLedger(tmp_path / "state", department="finance").entries) == 3
 
-    zero_delta, weight, refused = restarted.fit(params, request(config, 4))
+    zero_delta, weight, refused = fit(restarted, params, fit_request(config, 4))
     assert refused[protocol.STATUS] == protocol.STATUS_BUDGET_EXHAUSTED and weight == 0
     assert "budget" in refused[protocol.REASON] and refused[protocol.EPSILON] == pytest.approx(eps[-1])
     assert all(not d.any() for d in zero_delta)
 
-    loss, n_val, evaluation = restarted.evaluate(params, request(config, 3))  # under DP: nothing in the clear
+    loss, n_val, evaluation = restarted.evaluate(params, evaluate_request(config, 3))  # under DP: nothing in the clear
     assert (loss, n_val) == (0.0, 0) and evaluation[protocol.EVALUATION_WITHHELD] is True
 
 
 def test_without_dp_a_department_evaluates_its_validation_then_test_split(tmp_path):
     client, config = make_client(tmp_path, dp=False)
     params = get_trainable(client.classifier)
-    loss, n_val, evaluation = client.evaluate(params, request(config, 1))
+    loss, n_val, evaluation = client.evaluate(params, evaluate_request(config, 1))
     assert n_val == 11 and 0.0 <= evaluation[protocol.ACCURACY] <= 1.0 and loss > 0
     assert evaluation[protocol.EVALUATION_SPLIT] == protocol.SPLIT_VAL
-    _, n_test, final = client.evaluate(params, request(config, 1) | {protocol.EVALUATION_SPLIT: protocol.SPLIT_TEST})
+    _, n_test, final = client.evaluate(params, evaluate_request(config, 1, split=protocol.SPLIT_TEST))
     assert n_test == 11 and final[protocol.EVALUATION_SPLIT] == protocol.SPLIT_TEST
 
 
 def test_no_dp_writes_no_ledger_and_says_so(tmp_path):
     client, config = make_client(tmp_path, dp=False)
-    _, _, metrics = client.fit(get_trainable(client.classifier), request(config, 1))
+    _, _, metrics = fit(client, get_trainable(client.classifier), fit_request(config, 1))
     assert metrics[protocol.DP_ENABLED] is False and protocol.EPSILON not in metrics
     assert not (tmp_path / "state" / LEDGER_FILE).exists()
 
 
-def test_mismatched_labels_are_refused_before_training(tmp_path):
+def test_a_request_with_another_backbone_or_missing_values_is_refused_before_training(tmp_path):
     client, config = make_client(tmp_path)
-    other = RunConfig(model="tiny", labels=("a", "b"), out_dir="x")
-    bad = request(config, 1) | {protocol.LABEL_FINGERPRINT: other.label_fingerprint}
-    with pytest.raises(ConfigError, match="label set differs"):
-        client.fit(get_trainable(client.classifier), bad)
+    start = get_trainable(client.classifier)
+    other = fit_request(config, 1) | {protocol.BACKBONE_FINGERPRINT: "another model"}
+    reason, _ = failure(client, fit(client, start, other))
+    assert "the server's backbone differs from this department's (tiny)" in reason
+    incomplete = {k: v for k, v in fit_request(config, 1).items() if k not in (protocol.STAGE, protocol.AGGREGATE_SIZE)}
+    reason, _ = failure(client, fit(client, start, incomplete | {protocol.SERVER_ROUND: -1}))
+    assert all(f"'{key}'" in reason for key in (protocol.STAGE, protocol.AGGREGATE_SIZE, protocol.SERVER_ROUND))
     assert not (tmp_path / "state" / LEDGER_FILE).exists()
 
 
 def test_a_department_budget_above_the_run_is_capped_and_a_small_one_trains_with_more_noise(tmp_path):
     client, config = make_client(tmp_path, node_extra={"epsilon": 9.0})
-    _, _, metrics = client.fit(get_trainable(client.classifier), request(config, 1))
+    _, _, metrics = fit(client, get_trainable(client.classifier), fit_request(config, 1))
     assert metrics[protocol.BUDGET] == 5.0  # the run promised 5.0: that holds too
     small, config = make_client(tmp_path / "small", node_extra={"epsilon": 0.5})
-    _, weight, trained = small.fit(get_trainable(small.classifier), request(config, 1))
+    _, weight, trained = fit(small, get_trainable(small.classifier), fit_request(config, 1))
     assert trained[protocol.STATUS] == protocol.STATUS_TRAINED and weight > 0
     assert trained[protocol.NOISE_MULTIPLIER] > metrics[protocol.NOISE_MULTIPLIER]
     assert 0 < trained[protocol.EPSILON] <= 0.5
 
 
 @pytest.mark.parametrize(("policy", "request_extra", "named"), [
-    ({"require-secagg": True}, {}, "require-secagg"),
+    ({"require-secagg": True}, {}, "require-secagg"),  # a run without SecAgg+
     ({"min-noise-multiplier": 50.0}, {}, "min-noise-multiplier=50.0"),
     ({"max-epsilon-per-round": 0.01}, {}, "max-epsilon-per-round=0.01"),
     ({"min-departments": 3}, {protocol.AGGREGATE_SIZE: 2}, "min-departments=3: this round aggregates only 2"),
 ])
 def test_site_policy_refuses_a_request_that_violates_it(tmp_path, policy, request_extra, named):
-    client, config = make_client(tmp_path, node_extra=policy)
-    zero, weight, refused = client.fit(get_trainable(client.classifier), request(config, 1) | request_extra)
+    client, config = make_client(tmp_path, node_extra=policy, secagg="require-secagg" not in policy)
+    zero, weight, refused = fit(client, get_trainable(client.classifier), fit_request(config, 1) | request_extra)
     assert refused[protocol.STATUS] == protocol.STATUS_POLICY_REFUSED and weight == 0
     assert named in refused[protocol.REASON] and all(not d.any() for d in zero)
     assert not (tmp_path / "state" / LEDGER_FILE).exists()  # nothing trained, nothing spent
@@ -132,13 +133,13 @@ def test_site_policy_refuses_a_request_that_violates_it(tmp_path, policy, reques
 def test_site_policy_allows_a_request_within_it(tmp_path):
     client, config = make_client(tmp_path, node_extra={"require-secagg": False, "min-departments": 2,
                                                         "max-epsilon-per-round": 100.0, "min-noise-multiplier": 0.1})
-    _, _, metrics = client.fit(get_trainable(client.classifier), request(config, 1) | {protocol.AGGREGATE_SIZE: 2})
+    _, _, metrics = fit(client, get_trainable(client.classifier), fit_request(config, 1) | {protocol.AGGREGATE_SIZE: 2})
     assert metrics[protocol.STATUS] == protocol.STATUS_TRAINED
 
 
 def test_site_policy_refuses_a_no_dp_run_when_it_limits_privacy_cost(tmp_path):
     client, config = make_client(tmp_path, dp=False, node_extra={"max-epsilon-per-round": 1.0})
-    _, weight, refused = client.fit(get_trainable(client.classifier), request(config, 1))
+    _, weight, refused = fit(client, get_trainable(client.classifier), fit_request(config, 1))
     assert refused[protocol.STATUS] == protocol.STATUS_POLICY_REFUSED and weight == 0 and "--no-dp" in refused[protocol.REASON]
 
 
@@ -155,33 +156,34 @@ def test_bad_site_policy_values_are_all_named(tmp_path):
 def test_a_repeated_request_is_answered_from_the_stored_update_without_spending(tmp_path):
     client, config = make_client(tmp_path)
     start = get_trainable(client.classifier)
-    first, _, metrics = client.fit(start, request(config, 1))
-    again, _, replayed = client.fit(start, request(config, 1))
+    first, _, metrics = fit(client, start, fit_request(config, 1))
+    again, _, replayed = fit(client, start, fit_request(config, 1))
     assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True)) and replayed == metrics
     assert len(PrivacyLedger(tmp_path / "state", department="finance").entries) == 1
     different = [p + 0.1 for p in start]  # other parameters: a new round of training, paid for
-    client.fit(different, request(config, 1))
+    fit(client, different, fit_request(config, 1))
     assert len(PrivacyLedger(tmp_path / "state", department="finance").entries) == 2
 
 
 def test_secagg_weight_and_range_checks(tmp_path):
     client, config = make_client(tmp_path, secagg_clipping_range=1e-4, secagg_max_weight=86)
-    secure = request(config, 1) | {protocol.SECAGG: True, protocol.SECAGG_MASKS: secagg_masks.NAME}
-    _, _, metrics = client.fit(get_trainable(client.classifier), secure)
+    secure = fit_request(config, 1)
+    _, _, metrics = fit(client, get_trainable(client.classifier), secure, masked=True)
     assert metrics[protocol.OUT_OF_RANGE] > 0  # a tiny clipping range: SecAgg+ would clip, and we say so
     client, config = make_client(tmp_path / "small", secagg_max_weight=50)
-    with pytest.raises(ConfigError, match="department finance has 86 training records, more than secagg-max-weight=50"):
-        client.fit(get_trainable(client.classifier), secure)
-    with pytest.raises(ConfigError, match="32-bit"):  # a server that does not unmask with cryptographic masks
-        client.fit(get_trainable(client.classifier), secure | {protocol.SECAGG_MASKS: "mt19937"})
+    reason, _ = failure(client, fit(client, get_trainable(client.classifier), secure, masked=True))
+    assert "department finance has 86 training records, more than secagg-max-weight=50" in reason
+    weak = secure | {protocol.SECAGG_MASKS: "mt19937"}  # a server that does not unmask with cryptographic masks
+    reason, _ = failure(client, fit(client, get_trainable(client.classifier), weak, masked=True))
+    assert "32-bit" in reason
 
 
 def test_too_small_department_is_named(tmp_path):
     client, config = make_client(tmp_path)
     write_jsonl([Record("a", "expense"), Record("b", "room")], client.settings.data_path)
     prepare.cache_clear()
-    with pytest.raises(DataError, match="department finance .* needs at least batch-size=16"):
-        client.fit(get_trainable(client.classifier), request(config, 1))
+    reason, log = failure(client, fit(client, get_trainable(client.classifier), fit_request(config, 1)))
+    assert re.search("department finance .* needs at least batch-size=16", log) and "DataError" in reason
 
 
 def test_only_a_simulation_shares_a_feature_cache(tmp_path):
@@ -200,7 +202,7 @@ def test_each_round_a_department_serves_is_one_line_of_its_activity_log(tmp_path
     from client.activity import ACTIVITY_FILE
 
     client, config = make_client(tmp_path, node_extra={"epsilon": 4.0})
-    client.fit(get_trainable(client.classifier), request(config, 1))
+    fit(client, get_trainable(client.classifier), fit_request(config, 1))
     line = (tmp_path / "state" / ACTIVITY_FILE).read_text().splitlines()[-1]
     assert "finance: trained round 1 (DP-SGD, run " in line and "epsilon" in line and "of 4" in line
     assert f"{len(client_records(client)):,} records" in line
@@ -215,7 +217,6 @@ def client_records(client):
 def test_a_deployed_department_reads_its_file_with_its_own_column_names(tmp_path):
     import json
 
-    from shared.errors import DataError
 
     client, config = make_client(tmp_path)
     renamed = tmp_path / "renamed.jsonl"
@@ -223,8 +224,8 @@ def test_a_deployed_department_reads_its_file_with_its_own_column_names(tmp_path
                                for line in department_file(tmp_path).read_text().splitlines()))
     mapped, _ = make_client(tmp_path / "mapped", node_extra={"data-path": str(renamed), "text-column": "body",
                                                              "label-column": "queue"})
-    _, _, metrics = mapped.fit(get_trainable(mapped.classifier), request(config, 1))
+    _, _, metrics = fit(mapped, get_trainable(mapped.classifier), fit_request(config, 1))
     assert metrics[protocol.STATUS] == protocol.STATUS_TRAINED
     unmapped, _ = make_client(tmp_path / "unmapped", node_extra={"data-path": str(renamed)})
-    with pytest.raises(DataError, match="missing or empty"):
-        unmapped.fit(get_trainable(unmapped.classifier), request(config, 1))
+    reason, log = failure(unmapped, fit(unmapped, get_trainable(unmapped.classifier), fit_request(config, 1)))
+    assert "missing or empty" in log and "missing or empty" not in reason  # a data error's text stays home

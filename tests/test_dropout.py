@@ -1,6 +1,8 @@
-"""Departments that fail mid-round under SecAgg+ (after key sharing, while the masked vectors are
-collected): the round completes with the rest while the reconstruction threshold holds; below it
-the round is recorded as failed and the run ends with a clear message instead of a crash."""
+"""A department that cannot serve a round under SecAgg+ (its records became unreadable) answers a
+named failure with weight 0: the round completes, its aggregate is exactly the other departments'
+weighted average, and the failure the server records names the department but quotes none of its
+records. Departments that really drop out (a host that dies) are tests/test_secagg_dropouts.py (every
+stage, and below the reconstruction threshold) and tests/test_network_namespaces.py."""
 
 from __future__ import annotations
 
@@ -34,13 +36,14 @@ def run_with_broken_departments(tmp_path, broken: int) -> tuple[dict, dict, list
     return status, json.loads((out / "metrics.json").read_text()), names
 
 
-def test_one_department_dropping_mid_round_leaves_a_correct_aggregate(tmp_path):
+def test_a_department_that_fails_mid_run_leaves_a_correct_aggregate_and_keeps_its_records_home(tmp_path):
     status, metrics, names = run_with_broken_departments(tmp_path, broken=1)
     assert status["state"] == "completed"
     out = tmp_path / "run"
     for entry in metrics["rounds"]:
         assert entry["secure_aggregation"] is True and entry["aggregate_check"] == "passed"
-        assert any("departments/dept-5.jsonl" in f and "not valid JSON" in f for f in entry["failures"]), entry["failures"]
+        assert any(f.startswith("department dept-5 failed: its records or its ledger cannot be used") for f in entry["failures"])
+        assert not any("broken" in f or "dept-5.jsonl" in f for f in entry["failures"]), entry["failures"]
         survivors = [n for n in names if (out / "departments" / n / "audit" / f"round-{entry['round']:03d}.npz").exists()]
         assert survivors == names[:4]
         weights, deltas = [], []
@@ -51,10 +54,3 @@ def test_one_department_dropping_mid_round_leaves_a_correct_aggregate(tmp_path):
         expected = sum(w * d for w, d in zip(weights, deltas, strict=True)) / sum(weights)
         with np.load(out / "audit" / f"aggregate-round-{entry['round']:03d}.npz") as aggregate:
             np.testing.assert_allclose(aggregate["arr_0"], expected, atol=2e-5)
-
-
-def test_below_the_reconstruction_threshold_rounds_fail_cleanly(tmp_path):
-    status, metrics, _ = run_with_broken_departments(tmp_path, broken=3)  # 2 of 5 left, threshold is 3
-    assert status["state"] == "failed" and "no round produced an update" in status["message"]
-    for entry in metrics["rounds"]:
-        assert any("secure aggregation halted" in f for f in entry["failures"]), entry["failures"]

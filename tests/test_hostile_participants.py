@@ -11,11 +11,14 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 
 from client.site_policy import SitePolicy
 from server.run_record import RunRecorder
-from server.strategy import FedprivStrategy, aggregate_problem
+from server.strategy import FedprivStrategy
+from server.update_checks import aggregate_problem
 from shared import protocol
 from shared.config import RunConfig
 from shared.errors import ConfigError
 from shared.params import get_trainable
+from tests.requests import evaluate_request, fit
+from tests.rounds import begin
 from tests.test_class_statistics import make_department
 
 NAMES = ["head.weight", "head.bias"]
@@ -43,6 +46,7 @@ def honest(value: float) -> list[np.ndarray]:
 def test_a_department_claiming_a_huge_weight_is_left_out_without_secagg(tmp_path):
     fed = strategy(tmp_path, secagg=False, dp=False, head_init="zeros", num_server_rounds=2)
     results = [reply("hr", honest(0.1), 50), reply("it", honest(0.2), 60), reply("evil", honest(-5.0), 10**7)]
+    begin(fed, "hr", "it", "evil")
     parameters, _ = fed.aggregate_fit(1, results, [])
     arrays = parameters_to_ndarrays(parameters)
     np.testing.assert_allclose(arrays[0], (0.1 * 50 + 0.2 * 60) / 110, rtol=1e-6)  # evil did not take over
@@ -56,6 +60,7 @@ def test_a_nan_infinite_or_huge_update_is_refused_without_secagg(tmp_path, poiso
     fed = strategy(tmp_path, secagg=False, dp=False, head_init="zeros", num_server_rounds=2)
     bad = honest(0.1)
     bad[0][0, 0] = poison
+    begin(fed, "hr", "evil")
     parameters, _ = fed.aggregate_fit(1, [reply("hr", honest(0.1), 50), reply("evil", bad, 50)], [])
     assert np.all(np.isfinite(parameters_to_ndarrays(parameters)[0]))
     np.testing.assert_allclose(parameters_to_ndarrays(parameters)[0], 0.1, rtol=1e-6)
@@ -68,6 +73,7 @@ def test_a_poisoned_secagg_aggregate_is_rejected_and_the_model_kept(tmp_path, po
     unmasked = honest(0.1)  # under SecAgg+ every result carries the same unmasked average
     unmasked[1][0] = poison
     results = [reply("hr", unmasked, 100), reply("it", unmasked, 100)]
+    begin(fed, "hr", "it")
     parameters, _ = fed.aggregate_fit(1, results, [])
     assert parameters is None
     for a, b in zip(parameters_to_ndarrays(fed.latest_parameters), before, strict=True):
@@ -86,10 +92,21 @@ def test_a_crafted_evaluation_model_reads_nothing_back_under_dp(tmp_path):
     client, config = make_department(tmp_path)
     crafted = get_trainable(client.classifier)
     crafted[-1][:] = [0.0, 50.0, 0.0]  # the probe: a head that answers one label whatever the input
-    replies = [client.evaluate(crafted, {protocol.LABEL_FINGERPRINT: config.label_fingerprint}) for _ in range(2)]
+    replies = [client.evaluate(crafted, evaluate_request(config)) for _ in range(2)]
     for loss, count, metrics in replies:
         assert (loss, count) == (0.0, 0) and metrics[protocol.EVALUATION_WITHHELD] is True
         assert protocol.ACCURACY not in metrics
+
+
+def test_a_server_that_skips_secagg_in_a_secagg_run_gets_nothing(tmp_path):
+    from tests.requests import failure
+    from tests.test_class_statistics import statistics_request
+
+    client, config = make_department(tmp_path)  # the run config says SecAgg+ (the default)
+    plain = fit(client, get_trainable(client.classifier), statistics_request(config), masked=False)
+    reason, _ = failure(client, plain)  # zeros, weight 0, and why
+    assert "the run uses SecAgg+, but this request did not arrive through it" in reason
+    assert not (tmp_path / "state" / "privacy-ledger.jsonl").exists()  # nothing released, nothing spent
 
 
 @pytest.mark.parametrize("setting", ["target_epsilon", "target_delta", "learning_rate", "statistics_share"])
@@ -131,7 +148,7 @@ def test_a_department_writes_its_state_for_its_user_only(tmp_path):
     previous = os.umask(0o022)
     try:
         client_fn(context)  # what a ClientApp process runs first
-        client.fit(get_trainable(client.classifier), statistics_request(config))
+        fit(client, get_trainable(client.classifier), statistics_request(config))
     finally:
         os.umask(previous)
     written = [p for p in client.settings.state_dir.rglob("*")]
@@ -166,6 +183,7 @@ def test_a_node_with_one_departments_key_cannot_reply_as_another(tmp_path, secag
     keys, impostor = signed_reply(tmp_path, key_of="it", claims="hr")
     fed = strategy(tmp_path, secagg=secagg, dp=True, head_init="zeros", num_server_rounds=2, run_uid="run-1",
                    department_keys=json.dumps(keys))
+    begin(fed, "hr", "it")
     parameters, _ = fed.aggregate_fit(1, [impostor], [])
     assert parameters is None  # nothing of the impostor's reached the model
     assert any("'hr' is not signed by that department's provisioned key" in n for n in fed.recorder.rounds[1]["failures"])
@@ -174,6 +192,7 @@ def test_a_node_with_one_departments_key_cannot_reply_as_another(tmp_path, secag
     keys, honest_reply = signed_reply(tmp_path / "g", key_of="hr", claims="hr")
     fed = strategy(tmp_path / "g", secagg=secagg, dp=True, head_init="zeros", num_server_rounds=2, run_uid="run-1",
                    department_keys=json.dumps(keys))
+    begin(fed, "hr", "it")
     parameters, _ = fed.aggregate_fit(1, [honest_reply], [])
     assert parameters is not None and fed.recorder.rounds[1]["aggregate_check"] == "passed"
 

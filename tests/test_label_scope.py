@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -16,8 +18,9 @@ from client.privacy import PrivacyPlan
 from shared import protocol
 from shared.config import RunConfig
 from shared.data import Record, write_jsonl
-from shared.errors import ConfigError, DataError
+from shared.errors import ConfigError
 from shared.params import get_trainable
+from tests.requests import failure, fit, fit_request
 
 LABELS = ("expense", "password", "room", "vpn")
 
@@ -97,8 +100,7 @@ def _client(tmp_path, *, scope: str, labels_in_data: tuple[str, ...], lora_r: in
 def test_a_scoped_department_sends_a_zero_update_outside_its_rows(tmp_path, lora_r):
     client, config = _client(tmp_path, scope="room,vpn", labels_in_data=("room", "vpn"), lora_r=lora_r)
     parameters = get_trainable(client.classifier)
-    delta, num_examples, metrics = client.fit(parameters, {
-        protocol.SERVER_ROUND: 1, protocol.NUM_ROUNDS: 2, protocol.LABEL_FINGERPRINT: config.label_fingerprint})
+    delta, num_examples, metrics = fit(client, parameters, fit_request(config, 1))
     assert metrics[protocol.STATUS] == protocol.STATUS_TRAINED and num_examples > 0
     names = [n for n, _ in client.classifier.named_parameters() if _.requires_grad]
     by_name = dict(zip(names, delta, strict=True))
@@ -114,6 +116,6 @@ def test_a_scoped_department_sends_a_zero_update_outside_its_rows(tmp_path, lora
 
 def test_a_record_outside_the_declared_scope_is_refused_with_its_line(tmp_path):
     client, config = _client(tmp_path, scope="room", labels_in_data=("room", "vpn"))
-    with pytest.raises(DataError, match=r"it\.jsonl:\d+: unknown label 'vpn' \(not in department it's label-scope\)"):
-        client.fit(get_trainable(client.classifier), {protocol.SERVER_ROUND: 1, protocol.NUM_ROUNDS: 2,
-                                                      protocol.LABEL_FINGERPRINT: config.label_fingerprint})
+    reason, log = failure(client, fit(client, get_trainable(client.classifier), fit_request(config, 1)))
+    assert re.search(r"it\.jsonl:\d+: unknown label 'vpn' \(not in department it's label-scope\)", log)
+    assert "vpn" not in reason  # the label, a record's content, stays in the department's own log

@@ -154,6 +154,7 @@ def test_every_decline_is_a_named_failure_of_its_round(tmp_path):
     from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 
     from shared import protocol
+    from tests.rounds import begin
     from tests.test_hostile_participants import honest, strategy
 
     def declined(name, status, reason):
@@ -161,6 +162,7 @@ def test_every_decline_is_a_named_failure_of_its_round(tmp_path):
         return SimpleNamespace(cid=name), FitRes(Status(Code.OK, ""), ndarrays_to_parameters(honest(0.0)), 0, metrics)
 
     fed = strategy(tmp_path, secagg=False, dp=True, head_init="zeros", num_server_rounds=2)
+    begin(fed, "hr", "it")
     parameters, _ = fed.aggregate_fit(1, [
         declined("hr", protocol.STATUS_BUDGET_EXHAUSTED, "one more round would spend epsilon 8.2 > its budget 8.0"),
         declined("it", protocol.STATUS_POLICY_REFUSED, "require-secagg: this round runs without SecAgg+"),

@@ -10,6 +10,7 @@ deployment (tests/test_network_namespaces.py); ``server.secure_aggregation`` cor
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -22,25 +23,20 @@ from flwr.server import ServerConfig
 from flwr.server.client_manager import SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.compat.legacy_context import LegacyContext
-from flwr.server.strategy import FedAvg
+from flwr.server.strategy import FedAvg, Strategy
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
-from flwr.supercore.task_identity import TaskIdentity
 
 from server.secure_aggregation import AuditedSecAggPlusWorkflow
+from shared import protocol
 from shared.config import RunConfig
 
 DEPARTMENTS = 4
 SHAPE = (3, 5)
 
 
-@pytest.fixture(autouse=True)
-def server_task(monkeypatch):
-    """Messages take their run and sender from the process's task identity (the ServerApp's, here)."""
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+pytestmark = pytest.mark.usefixtures("server_task")
 
 
 class Department(ClientProxy):
@@ -53,14 +49,16 @@ class Department(ClientProxy):
 
 
 class LossyGrid:
-    """Delivers each message to its department's ``secaggplus_mod``; ``dropped`` never answers from
-    ``from_stage`` on (its earlier stages ran normally)."""
+    """Delivers each message to its department's ``secaggplus_mod``; the ``dropped`` department(s)
+    never answer from ``from_stage`` on (their earlier stages ran normally)."""
 
-    def __init__(self, updates: dict[int, np.ndarray], *, dropped: int | None, from_stage: str | None) -> None:
-        self.updates, self.dropped, self.from_stage = updates, dropped, from_stage
+    def __init__(self, updates: dict[int, np.ndarray], *, dropped: int | set[int] | None, from_stage: str | None,
+                 to_update: Callable[[np.ndarray], list[np.ndarray]] = lambda vector: [vector]) -> None:
+        self.updates, self.from_stage, self.to_update = updates, from_stage, to_update
+        self.dropped = {dropped} if isinstance(dropped, int) else set(dropped or ())
         self.contexts = {n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(), run_config={})
                          for n in updates}
-        self.lost = False
+        self.lost: set[int] = set()
 
     def send_and_receive(self, messages, *, timeout=None):
         replies = []
@@ -68,35 +66,44 @@ class LossyGrid:
             message = copy.deepcopy(sent)  # as over the wire: the mod consumes the message it gets
             node = message.metadata.dst_node_id
             stage = message.content.config_records[RECORD_KEY_CONFIGS][Key.STAGE]
-            if node == self.dropped and (self.lost or stage == self.from_stage):
-                self.lost = True
+            if node in self.dropped and (node in self.lost or stage == self.from_stage):
+                self.lost.add(node)
                 continue
 
             def train(msg: Message, ctxt: Context, node: int = node) -> Message:
-                fit = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([self.updates[node]]), weight(node), {})
+                fit = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(self.to_update(self.updates[node])), weight(node),
+                             {protocol.DEPARTMENT: str(node), protocol.STATUS: protocol.STATUS_TRAINED})
                 return Message(compat.fitres_to_recorddict(fit, keep_input=True), reply_to=msg)
 
             replies.append(secaggplus_mod(message, self.contexts[node], train))
         return replies
 
 
-def secure_round(workflow: SecAggPlusWorkflow, grid: LossyGrid) -> np.ndarray | None:
-    """One SecAgg+ fit round; the aggregate the strategy received, or None when the round halted."""
+def secure_round(workflow: SecAggPlusWorkflow, grid: LossyGrid, *, strategy: Strategy | None = None,
+                 start: list[np.ndarray] | None = None) -> np.ndarray | list[np.ndarray] | None:
+    """One SecAgg+ fit round; the model it leaves (the strategy's result), or None when the round halted.
+
+    The strategy is Flower's FedAvg over one array starting from zeros, or the one given (with its
+    starting arrays); either way it receives what the workflow unmasked.
+    """
     manager = SimpleClientManager()
     for node in grid.updates:
         department = Department(str(node))
         department.node_id = node
         manager.register(department)
-    strategy = FedAvg(fraction_fit=1.0, min_fit_clients=DEPARTMENTS, min_available_clients=DEPARTMENTS)
+    start = start or [np.zeros(SHAPE, dtype=np.float32)]
+    strategy = strategy or FedAvg(fraction_fit=1.0, min_fit_clients=DEPARTMENTS, min_available_clients=DEPARTMENTS)
     context = LegacyContext(Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={}),
                             config=ServerConfig(num_rounds=1), strategy=strategy, client_manager=manager)
     context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: 1})
     context.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
-        ndarrays_to_parameters([np.zeros(SHAPE, dtype=np.float32)]), keep_input=True)
+        ndarrays_to_parameters(start), keep_input=True)
     workflow(grid, context)
     model = parameters_to_ndarrays(compat.arrayrecord_to_parameters(
-        context.state.array_records[MAIN_PARAMS_RECORD], keep_input=True))[0]
-    return model if np.any(model != 0) else None  # a halted round leaves the zeros it started from
+        context.state.array_records[MAIN_PARAMS_RECORD], keep_input=True))
+    if not any(np.any(a != 0) for a in model):
+        return None  # a halted round leaves the zeros it started from
+    return model[0] if len(model) == 1 else model
 
 
 def weight(node: int) -> int:
@@ -131,3 +138,16 @@ def test_flowers_own_workflow_loses_the_round_when_a_department_drops_before_sha
     workflow = SecAggPlusWorkflow(num_shares=1.0, reconstruction_threshold=0.6, max_weight=100)
     with pytest.raises(KeyError):
         secure_round(workflow, LossyGrid(updates(), dropped=102, from_stage=Stage.SETUP))
+
+
+def test_below_the_reconstruction_threshold_the_round_halts_and_is_recorded(tmp_path):
+    """Three of four departments gone after key sharing: one masked vector cannot be unmasked alone."""
+    from tests.rounds import online
+    from tests.test_hostile_participants import strategy
+
+    fed = strategy(tmp_path, secagg=True, dp=False, head_init="zeros", num_server_rounds=2, min_departments=DEPARTMENTS)
+    grid = LossyGrid(updates(), dropped={102, 103, 104}, from_stage=Stage.COLLECT_MASKED_VECTORS)
+    assert secure_round(fedpriv_workflow(), grid, strategy=fed) is None  # the model is unchanged
+    assert not fed.round.aggregated
+    fed.configure_evaluate(1, fed.latest_parameters, online(*(str(node) for node in grid.updates)))
+    assert any("secure aggregation halted" in note for note in fed.recorder.rounds[1]["failures"])

@@ -1,0 +1,121 @@
+"""FedprivStrategy, one round at a time, from FitRes objects: numbering, sampling once, the early
+end, a halted round, the requests it sends, and Flower's SecAgg+ workflow driving it."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from flwr.common import Code, Error, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.constant import ErrorCode
+from flwr.common.secure_aggregation.secaggplus_constants import Stage
+
+from server.secure_aggregation import AuditedSecAggPlusWorkflow
+from server.strategy import FederationEnded
+from server.update_checks import describe_failure
+from shared import protocol
+from tests.rounds import begin, online
+from tests.test_hostile_participants import honest, reply, strategy
+
+
+def declined(name: str, status: str, reason: str = "") -> tuple:
+    metrics = {protocol.DEPARTMENT: name, protocol.STATUS: status, protocol.REASON: reason}
+    return SimpleNamespace(cid=name), FitRes(Status(Code.OK, ""), ndarrays_to_parameters(honest(0.0)), 0, metrics)
+
+
+def test_a_resumed_run_numbers_its_rounds_from_the_checkpoint_everywhere(tmp_path):
+    (tmp_path / "rounds.jsonl").write_text("".join(json.dumps({"round": r, "departments": {}, "failures": []}) + "\n"
+                                                   for r in (1, 2, 3)))  # the stopped run's three rounds
+    fed = strategy(tmp_path, secagg=False, dp=False, head_init="zeros", num_server_rounds=6, resume_after_round=3)
+    instructions = begin(fed, "hr", "it")
+    request = protocol.FitRequest.from_config(instructions[0][1].config, department="hr")
+    assert request.server_round == 4 and request.aggregate_size == 2 and request.stage == protocol.STAGE_DP_SGD
+    assert set(instructions[0][1].config) == set(request.to_config())  # nothing the department has already
+    fed.aggregate_fit(1, [reply("hr", honest(0.1), 50), reply("it", honest(0.2), 50)], [])
+    assert (tmp_path / "checkpoints" / "round-004.safetensors").is_file() and 4 in fed.recorder.rounds
+    evaluate = fed.configure_evaluate(1, fed.latest_parameters, online("hr", "it"))
+    assert protocol.EvaluateRequest.from_config(evaluate[0][1].config, department="hr").server_round == 4
+    fed.aggregate_evaluate(1, [], [])
+    assert [json.loads(line)["round"] for line in (tmp_path / "rounds.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_the_last_round_asks_for_the_test_split(tmp_path):
+    fed = strategy(tmp_path, secagg=False, dp=False, head_init="zeros", num_server_rounds=1)
+    begin(fed, "hr", "it")
+    evaluate = fed.configure_evaluate(1, fed.latest_parameters, online("hr", "it"))
+    assert evaluate[0][1].config[protocol.EVALUATION_SPLIT] == protocol.SPLIT_TEST
+
+
+def test_a_round_samples_its_departments_once(tmp_path):
+    fed = strategy(tmp_path, secagg=True, dp=True, head_init="zeros", num_server_rounds=2, fraction_train=0.5)
+    manager = online("a", "b", "c", "d", "e", "f")
+    first = fed.begin_round(1, manager)  # the SecAgg+ setup stage sizes its neighbourhood from this
+    instructions = fed.configure_fit(1, fed.latest_parameters, manager)  # Flower's setup stage, right after
+    assert [c.cid for c, _ in instructions] == [c.cid for c in first.asked] and len(first.asked) == 3
+    assert fed.begin_round(2, manager) is not first  # the next round samples afresh
+
+
+def test_the_run_ends_when_too_few_departments_have_budget_left(tmp_path):
+    fed = strategy(tmp_path, secagg=False, dp=True, head_init="zeros", num_server_rounds=3, min_departments=2)
+    begin(fed, "hr", "it", "ops")
+    fed.aggregate_fit(1, [declined("hr", protocol.STATUS_BUDGET_EXHAUSTED, "spent"),
+                          declined("it", protocol.STATUS_BUDGET_EXHAUSTED, "spent"), reply("ops", honest(0.1), 50)], [])
+    with pytest.raises(FederationEnded, match=r"ended before round 2: 1 department\(s\) have budget left, "
+                                              r"min-departments is 2 \(budget exhausted: hr, it\)"):
+        begin(fed, "hr", "it", "ops", flower_round=2)
+
+
+def test_departments_out_of_budget_are_not_asked_again(tmp_path):
+    fed = strategy(tmp_path, secagg=False, dp=True, head_init="zeros", num_server_rounds=3, min_departments=2)
+    begin(fed, "hr", "it", "ops")
+    fed.aggregate_fit(1, [declined("hr", protocol.STATUS_BUDGET_EXHAUSTED, "spent"),
+                          reply("it", honest(0.1), 50), reply("ops", honest(0.1), 50)], [])
+    assert sorted(c.cid for c, _ in begin(fed, "hr", "it", "ops", flower_round=2)) == ["it", "ops"]
+
+
+def test_a_round_whose_fit_stage_never_aggregated_is_a_named_failure(tmp_path):
+    fed = strategy(tmp_path, secagg=True, dp=True, head_init="zeros", num_server_rounds=2)
+    begin(fed, "hr", "it")  # SecAgg+ halts below its threshold: Flower never calls aggregate_fit
+    fed.configure_evaluate(1, fed.latest_parameters, online("hr", "it"))
+    assert any("no aggregate this round: secure aggregation halted" in n for n in fed.recorder.rounds[1]["failures"])
+    with pytest.raises(RuntimeError, match="never begun"):
+        fed.aggregate_fit(2, [], [])
+
+
+def test_a_failed_department_and_a_crashed_one_are_named(tmp_path):
+    fed = strategy(tmp_path, secagg=False, dp=True, head_init="zeros", num_server_rounds=2)
+    begin(fed, "hr", "it")
+    crash = Exception(Error(code=ErrorCode.CLIENT_APP_CRASHED, reason="exit code 137"))
+    fed.aggregate_fit(1, [declined("hr", protocol.STATUS_FAILED, "request to department hr: 'stage' is missing")], [crash])
+    failures = fed.recorder.rounds[1]["failures"]
+    assert "client app crashed: exit code 137" in failures
+    assert "department hr failed: request to department hr: 'stage' is missing" in failures
+    assert describe_failure(TimeoutError("no reply")) == "TimeoutError: no reply"
+
+
+@pytest.mark.usefixtures("server_task")
+def test_flowers_secagg_workflow_drives_the_strategy_to_the_weighted_average(tmp_path):
+    from tests.test_secagg_dropouts import LossyGrid, secure_round
+
+    fed = strategy(tmp_path, secagg=True, dp=False, head_init="zeros", num_server_rounds=2, secagg_num_shares=3,
+                   min_departments=4)
+    rng = np.random.default_rng(1)
+    given = {node: rng.uniform(-1, 1, 8).astype(np.float32) for node in range(101, 105)}
+    shapes = [(2, 3), (2,)]
+
+    def as_update(vector: np.ndarray) -> list[np.ndarray]:
+        return [vector[:6].reshape(shapes[0]), vector[6:]]
+
+    workflow = AuditedSecAggPlusWorkflow(config=fed.run_config, audit_dir=None)
+    grid = LossyGrid(given, dropped=103, from_stage=Stage.COLLECT_MASKED_VECTORS, to_update=as_update)
+    aggregate = secure_round(workflow, grid, strategy=fed, start=[np.zeros(s, np.float32) for s in shapes])
+    survivors = [n for n in given if n != 103]
+    weights = np.array([n - 100 for n in survivors], dtype=np.float64)
+    expected = sum(w * given[n] for w, n in zip(weights, survivors, strict=True)) / weights.sum()
+    assert fed.round.number == 1 and len(fed.round.asked) == 4 and workflow.num_shares == 3  # a ring of 3 out of 4
+    np.testing.assert_allclose(np.concatenate([a.ravel() for a in aggregate]), expected, atol=1e-3)
+    np.testing.assert_allclose(np.concatenate([a.ravel() for a in parameters_to_ndarrays(fed.latest_parameters)]),
+                               expected, atol=1e-3)  # the strategy added the unmasked average to the model
+    assert fed.recorder.rounds[1]["aggregate_check"] == "passed"

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from shared.data import Record
-from simulation.audit import auc, empirical_epsilon, tpr_at_fpr
-from simulation.bench_scale import growth_exponent, stratified
+from simulation.audit.membership import auc, empirical_epsilon, tpr_at_fpr
+from simulation.bench.scale import growth_exponent, stratified
 
 FEDPRIV = str(Path(sys.executable).parent / "fedpriv")
 

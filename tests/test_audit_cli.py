@@ -15,8 +15,8 @@ import pytest
 from typer.testing import CliRunner
 
 import client.class_statistics as class_statistics
-import simulation.canary_audit as canary_audit
-from simulation.cli import app
+import simulation.audit.canary as canary_audit
+from simulation.cli.main import app
 
 pytestmark = pytest.mark.slow
 FEDPRIV = str(Path(sys.executable).parent / "fedpriv")

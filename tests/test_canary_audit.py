@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import client.class_statistics as class_statistics
-import simulation.canary_audit as canary_audit
+import simulation.audit.canary as canary_audit
 from shared.config import RunConfig
-from shared.one_run_audit import bound_from_scores
+from simulation.audit.one_run import bound_from_scores
 
 LABELS = tuple(f"label-{i}" for i in range(6))
 
@@ -71,9 +71,9 @@ def test_canaries_go_to_the_departments_largest_labels_and_never_past_their_dire
 def audited_training(config: RunConfig, *, state: Path, canaries: int = 200, seed: int = 0):
     from client.department_data import DepartmentData, DepartmentSettings
     from client.site_policy import SitePolicy
-    from shared.demo_corpus import demo_records
     from shared.model import load_backbone
-    from simulation.canary_training import audit_department_training
+    from simulation.audit.canary_training import audit_department_training
+    from simulation.local.demo_corpus import demo_records
 
     records = [r for r in demo_records() if r.department == "it"]
     settings = DepartmentSettings("it", Path("it.jsonl"), state,
@@ -85,7 +85,7 @@ def audited_training(config: RunConfig, *, state: Path, canaries: int = 200, see
 
 
 def training_config(**overrides) -> RunConfig:
-    from shared.demo_corpus import demo_records
+    from simulation.local.demo_corpus import demo_records
 
     labels = tuple(sorted({r.label for r in demo_records()}))
     return RunConfig(model="tiny", labels=labels, num_server_rounds=4, batch_size=32, learning_rate=0.5, **overrides)
@@ -104,7 +104,7 @@ def test_dp_sgd_rounds_stay_below_their_claim_and_a_hundredth_of_the_noise_is_ca
 
     import dataclasses
 
-    import simulation.canary_training as canary_training
+    import simulation.audit.canary_training as canary_training
 
     real = canary_training.train_private
 
@@ -119,11 +119,11 @@ def test_dp_sgd_rounds_stay_below_their_claim_and_a_hundredth_of_the_noise_is_ca
 def test_a_deployed_department_audits_itself_without_touching_its_state(tmp_path):
     from typer.testing import CliRunner
 
-    from server.provisioning import provision
     from shared.data import write_jsonl
-    from shared.demo_corpus import demo_records
-    from simulation.cli import app
-    from simulation.launcher import write_run_config
+    from simulation.cli.main import app
+    from simulation.deploy.launcher import write_run_config
+    from simulation.deploy.provisioning import provision
+    from simulation.local.demo_corpus import demo_records
 
     kit = provision(tmp_path / "kits", departments=["it", "hr"], hosts=["127.0.0.1"], superlink="127.0.0.1:9093",
                     approved_fab_sha256="ab" * 32).department_kits["it"]
@@ -150,9 +150,9 @@ def test_a_deployed_run_is_audited_from_what_its_departments_found_on_their_own_
     from typer.testing import CliRunner
 
     from server.run_folder import RUN_CONFIG_FILE
-    from simulation.cli import app
-    from simulation.deployed_audit import DEPARTMENT_AUDITS
-    from simulation.launcher import write_run_config
+    from simulation.cli.main import app
+    from simulation.deploy.gathered_audit import DEPARTMENT_AUDITS
+    from simulation.deploy.launcher import write_run_config
     from tests.test_run_record import two_rounds
 
     config = RunConfig(labels=("a", "b"), out_dir=str(tmp_path), transport="tls+node-auth", num_server_rounds=3)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from typer.testing import CliRunner
 
-from simulation.cli import app
+from simulation.cli.main import app
 
 runner = CliRunner()
 

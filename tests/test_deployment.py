@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from shared.data import write_jsonl
-from shared.demo_corpus import demo_records
+from simulation.local.demo_corpus import demo_records
 
 pytestmark = pytest.mark.slow
 FEDPRIV = str(Path(sys.executable).parent / "fedpriv")

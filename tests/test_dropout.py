@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from shared.config import RunConfig
-from simulation.launcher import run_simulation
-from simulation.prepare import DataPlan, partition_data, plan_federation, write_federation
+from simulation.deploy.launcher import run_simulation
+from simulation.local.prepare import DataPlan, partition_data, plan_federation, write_federation
 
 pytestmark = pytest.mark.slow  # real Flower simulations: `python -m pytest -m slow`
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.clinc150 import default_location, is_clinc150_dir
+from simulation.local.clinc150 import default_location, is_clinc150_dir
 
 FEDPRIV = str(Path(sys.executable).parent / "fedpriv")
 TOPICS = {

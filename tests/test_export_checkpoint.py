@@ -81,7 +81,7 @@ def test_broken_export_is_named(tmp_path, tiny_backbone):
 def test_predict_reads_a_file_writes_labels_and_scores_and_answers_unknown_below_the_threshold(tmp_path, tiny_backbone):
     from typer.testing import CliRunner
 
-    from simulation.cli import app
+    from simulation.cli.main import app
 
     torch.manual_seed(0)
     model = build_classifier(tiny_backbone, num_labels=3, lora_r=0, lora_alpha=4, lora_targets=("query",))
@@ -120,7 +120,7 @@ def test_serve_answers_a_real_http_client_and_refuses_bad_requests(tmp_path, tin
     import httpx
     import uvicorn
 
-    from simulation.serve import MAX_TEXTS, build_app
+    from simulation.cli.serve import MAX_TEXTS, build_app
 
     model = build_classifier(tiny_backbone, num_labels=3, lora_r=0, lora_alpha=4, lora_targets=("query",))
     export_model(tmp_path / "model", classifier=model, backbone=tiny_backbone, labels=LABELS, max_length=32,
@@ -160,7 +160,7 @@ def test_serve_answers_a_real_http_client_and_refuses_bad_requests(tmp_path, tin
 def test_serve_refuses_a_folder_that_is_not_a_model(tmp_path):
     from typer.testing import CliRunner
 
-    from simulation.cli import app
+    from simulation.cli.main import app
 
     result = CliRunner().invoke(app, ["serve", "--model", str(tmp_path), "--port", "1"])
     assert result.exit_code == 1 and "not an exported fedpriv model" in result.output
@@ -184,7 +184,7 @@ def test_a_backbone_loaded_from_a_folder_is_linked_not_copied_into_the_export(tm
 
 
 def test_the_out_of_scope_table_counts_turned_away_requests(tmp_path, tiny_backbone):
-    from simulation.bench_out_of_scope import out_of_scope_rows
+    from simulation.bench.out_of_scope import out_of_scope_rows
 
     model = build_classifier(tiny_backbone, num_labels=3, lora_r=0, lora_alpha=4, lora_targets=("query",))
     export_model(tmp_path / "model", classifier=model, backbone=tiny_backbone, labels=LABELS, max_length=32, summary={})

@@ -126,7 +126,7 @@ def test_a_nan_budget_or_policy_is_refused_by_name(key):
                                             (["../../x"], "may not start with '.'"), (["a/b"], "'/'")])
 def test_department_names_that_collide_or_climb_out_are_refused(tmp_path, names, why):
     from shared.data import Record, write_jsonl
-    from simulation.prepare import DataPlan, partition_data
+    from simulation.local.prepare import DataPlan, partition_data
 
     data = tmp_path / "data.csv"
     write_jsonl([Record(f"text {i} {n}", ["x", "y"][i % 2], n) for n in names for i in range(6)], data.with_suffix(".jsonl"))
@@ -198,7 +198,7 @@ def test_a_node_with_one_departments_key_cannot_reply_as_another(tmp_path, secag
 
 
 def test_zero_departments_is_refused_not_read_as_the_default():
-    from simulation.prepare import DataPlan, partition_data
+    from simulation.local.prepare import DataPlan, partition_data
 
     with pytest.raises(ConfigError, match="--departments must be >= 1"):
         partition_data(DataPlan(data=None, test_data=None, partition="iid", departments=0, alpha=0.5, seed=0))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy.stats import binom
 
-from shared.one_run_audit import bound_from_scores, epsilon_lower_bound, p_value
+from simulation.audit.one_run import bound_from_scores, epsilon_lower_bound, p_value
 
 
 def test_without_delta_the_bound_of_perfect_guesses_has_a_closed_form():

@@ -8,8 +8,8 @@ import pytest
 
 from shared import partition
 from shared.data import Record
-from shared.demo_corpus import demo_records
 from shared.errors import DataError
+from simulation.local.demo_corpus import demo_records
 
 RECORDS = [Record(f"text {i}", f"label{i % 6}", None, f"f:{i}") for i in range(300)]
 
@@ -73,7 +73,7 @@ def test_department_split_is_disjoint_seeded_and_sized():
 
 
 def test_demo_corpus_is_synthetic_deterministic_and_balanced():
-    from shared.demo_corpus import DESCRIPTION, RECORDS_PER_INTENT
+    from simulation.local.demo_corpus import DESCRIPTION, RECORDS_PER_INTENT
 
     assert "SYNTHETIC" in DESCRIPTION
     records = demo_records()

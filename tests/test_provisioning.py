@@ -11,8 +11,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from server.provisioning import provision
 from shared.errors import ConfigError
+from simulation.deploy.provisioning import provision
 
 DEPARTMENTS = ["finance", "hr", "it"]
 APPROVED = "ab" * 32
@@ -76,7 +76,7 @@ def test_bad_requests_are_refused(tmp_path, kits):
 def test_department_start_names_a_missing_kit_file(tmp_path, kits):
     from typer.testing import CliRunner
 
-    from simulation.cli import app
+    from simulation.cli.main import app
 
     broken = tmp_path / "finance"
     broken.mkdir()
@@ -115,8 +115,8 @@ def _reissue_server_certificate(kits, *, hosts, days_valid):
 def test_server_start_refuses_a_mismatched_or_expired_certificate(tmp_path, hosts, days, reason):
     import socket
 
-    from server.deployment import start_superlink
     from shared.errors import FedprivError
+    from simulation.deploy.superlink import start_superlink
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -132,8 +132,8 @@ def test_a_kits_budget_policy_and_label_scope_reach_the_department(tmp_path, kit
     from flwr.common.config import parse_config_args
 
     from client.department_data import resolve_department
-    from client.deployment import supernode_command
     from shared.config import RunConfig
+    from simulation.deploy.supernode import supernode_command
 
     kit = tmp_path / "hr"
     kit.mkdir()
@@ -156,8 +156,8 @@ def test_a_department_runs_only_the_app_code_it_approved(tmp_path, kits):
     from types import SimpleNamespace
 
     from client.approved_code import UnapprovedCode, approved_only, fab_sha256, install
-    from client.deployment import approve, supernode_command
-    from simulation.launcher import app_dir
+    from simulation.deploy.launcher import app_dir
+    from simulation.deploy.supernode import approve, supernode_command
 
     # the kit pins a hash, and the SuperNode is started through the pin
     data = tmp_path / "hr.csv"
@@ -204,7 +204,7 @@ def test_a_department_runs_only_the_app_code_it_approved(tmp_path, kits):
 
 @pytest.mark.parametrize("epsilon", [-1.0, float("nan")])
 def test_department_start_refuses_a_bad_budget_at_once(tmp_path, kits, epsilon):
-    from client.deployment import supernode_command
+    from simulation.deploy.supernode import supernode_command
 
     data = tmp_path / "hr.csv"
     data.write_text("text,label\nmy leave request,leave\n")
@@ -214,8 +214,8 @@ def test_department_start_refuses_a_bad_budget_at_once(tmp_path, kits, epsilon):
 
 
 def test_department_start_refuses_a_budget_its_ledger_has_spent_and_says_what_to_do(tmp_path, kits):
-    from client.deployment import supernode_command
     from client.privacy import PrivacyLedger
+    from simulation.deploy.supernode import supernode_command
 
     data = tmp_path / "hr.csv"
     data.write_text("text,label\nmy leave request,leave\n")
@@ -270,7 +270,7 @@ def _serve_once(listener, context):
 
 @pytest.mark.parametrize("server_tls", [True, False])
 def test_an_insecure_department_is_told_that_the_superlink_speaks_tls(tmp_path, kits, server_tls):
-    from client.deployment import supernode_command
+    from simulation.deploy.supernode import supernode_command
 
     data = tmp_path / "hr.csv"
     data.write_text("text,label\nmy leave request,leave\n")
@@ -290,7 +290,7 @@ def test_an_insecure_department_is_told_that_the_superlink_speaks_tls(tmp_path, 
 def test_a_kit_from_another_provisioning_is_refused_before_its_supernode_starts(tmp_path, kits, same_provisioning):
     """SuperNodes reconnect for an hour (outages, server restarts), so a kit that can never connect
     (another CA) is refused at once, by name, instead of retrying."""
-    from client.deployment import supernode_command
+    from simulation.deploy.supernode import supernode_command
 
     kit = kits.department_kits["hr"] if same_provisioning else provision(
         tmp_path / "rogue", departments=["hr"], hosts=["127.0.0.1"], superlink="127.0.0.1:1",
@@ -310,7 +310,7 @@ def test_a_kit_from_another_provisioning_is_refused_before_its_supernode_starts(
 
 
 def test_status_names_each_node_by_its_department():
-    from simulation.status_command import node_rows, run_rows
+    from simulation.deploy.status import node_rows, run_rows
 
     # `flwr supernode list --format json` as flwr 1.42 prints it (seen on a provisioned SuperLink)
     nodes = {"success": True, "nodes": [
@@ -328,9 +328,9 @@ def test_status_names_each_node_by_its_department():
 
 
 def test_department_start_reads_its_own_column_names_and_refuses_a_file_without_them(tmp_path, kits):
-    from client.deployment import supernode_command
     from shared.data import Columns
     from shared.errors import DataError
+    from simulation.deploy.supernode import supernode_command
 
     data = tmp_path / "hr.csv"
     data.write_text("body,queue\nmy leave request,leave\n")
@@ -346,8 +346,8 @@ def test_department_start_reads_its_own_column_names_and_refuses_a_file_without_
 def test_status_follows_the_run_folders_a_kit_started(tmp_path):
     from server.run_folder import RUN_CONFIG_FILE
     from shared.config import RunConfig
-    from simulation.launcher import write_run_config
-    from simulation.status_command import RUNS_FILE, run_folder_rows
+    from simulation.deploy.launcher import write_run_config
+    from simulation.deploy.status import RUNS_FILE, run_folder_rows
     from tests.test_run_record import two_rounds
 
     run = tmp_path / "run"
@@ -358,3 +358,33 @@ def test_status_follows_the_run_folders_a_kit_started(tmp_path):
     kit.mkdir()
     (kit / RUNS_FILE).write_text(f"{run}\n{tmp_path / 'gone'}\n")
     assert run_folder_rows(kit) == [(str(run), "5", "stopped", "2 of 3"), (str(tmp_path / "gone"), "-", "unreadable", "-")]
+
+
+def test_the_fab_ships_the_apps_and_everything_they_import_and_nothing_else(tmp_path):
+    import ast
+    import io
+    import zipfile
+
+    from flwr.cli.build import build_fab_from_disk
+
+    from simulation.deploy.launcher import app_dir
+
+    with zipfile.ZipFile(io.BytesIO(build_fab_from_disk(app_dir()))) as fab:
+        shipped = {name for name in fab.namelist() if name.endswith(".py")}
+        sources = {name: fab.read(name).decode() for name in shipped}
+    assert {name.split("/")[0] for name in shipped} == {"server", "client", "shared"}
+    assert "server/server_app.py" in shipped and "client/client_app.py" in shipped
+    assert "client/approved_code.py" not in shipped  # the department's own SuperNode runs it, from its install
+    first_party = ("server", "client", "shared", "simulation", "tests")
+    missing = []
+    for name, source in sources.items():
+        for node in ast.walk(ast.parse(source)):
+            modules = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else [])
+            for module in modules:
+                if module.split(".")[0] not in first_party:
+                    continue
+                path = module.replace(".", "/")
+                if f"{path}.py" not in shipped and f"{path}/__init__.py" not in shipped:
+                    missing.append(f"{name} imports {module}")
+    assert not missing  # every import of the apps, lazy ones included, is inside the FAB

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.data import Record, write_jsonl
-from simulation.bench_runs import measured_run
+from simulation.bench.runs import measured_run
 
 
 def stratified(records: list[Record], count: int, *, seed: int) -> list[Record]:

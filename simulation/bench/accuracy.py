@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.config import DEFAULTS
-from simulation.bench_runs import measured_run
+from simulation.bench.runs import measured_run
 
 PARTITIONS = {"domain": ["--partition", "domain"],
               "domain-no-scopes": ["--partition", "domain", "--no-declared-scopes"],
@@ -41,8 +41,8 @@ DISTRIBUTED_TARGETS = {8.0: 0.93, 3.0: 0.92, 1.0: 0.87}  # Dirichlet(0.5) with d
 
 def broad_label_files(clinc: Path, out: Path) -> tuple[Path, Path]:
     """CLINC150's pool and in-scope test split as CSVs labelled by domain (train.csv, test.csv under OUT)."""
-    from shared.clinc150 import load_clinc150
     from shared.data import Record, write_jsonl
+    from simulation.local.clinc150 import load_clinc150
 
     corpus = load_clinc150(clinc)
     domain_of = {intent: domain for domain, intents in corpus.domains.items() for intent in intents}
@@ -81,10 +81,10 @@ def centralized_ceiling(*, data: Path, out: Path, model: str, broad_labels: bool
 
     from client.class_statistics import class_sums
     from server.class_statistics import nearest_class_mean_head
-    from shared.clinc150 import load_clinc150
     from shared.data import derive_labels, load_records
     from shared.features import labelled_dataset
     from shared.model import load_backbone
+    from simulation.local.clinc150 import load_clinc150
 
     started = time.perf_counter()
     if broad_labels:
@@ -110,8 +110,8 @@ def centralized_ceiling(*, data: Path, out: Path, model: str, broad_labels: bool
 
 
 def audits(runs: list[dict[str, Any]], *, canaries: int) -> list[dict[str, Any]]:
-    from simulation.audit import membership_audit
-    from simulation.canary_audit import canary_audit
+    from simulation.audit.canary import canary_audit
+    from simulation.audit.membership import membership_audit
 
     results = []
     for run in runs:

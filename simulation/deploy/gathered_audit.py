@@ -2,7 +2,7 @@
 
 In deployment the records never leave the departments, so nobody but a department can audit its
 releases: each runs `fedpriv department audit --kit KIT --data DATA --run-config RUN/run_config.toml`
-on its host (``simulation.canary_audit``), which writes ``KIT/state/canary-audit.json``: bounds,
+on its host (``simulation.audit.canary``), which writes ``KIT/state/canary-audit.json``: bounds,
 counts and claims, no records. The central admin copies those files into
 ``RUN/department-audits/<department>.json``; `fedpriv audit RUN` then reads them all, checks each,
 and reports every department's bound against its claim. A bound above its claim is a privacy bug

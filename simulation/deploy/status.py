@@ -17,7 +17,7 @@ from rich.table import Table
 
 from server import run_folder
 from shared.errors import DataError
-from simulation.console import console
+from simulation.cli.console import console
 
 
 def node_rows(nodes: dict[str, Any], *, names: dict[str, str]) -> list[tuple[str, str, str, str]]:
@@ -39,7 +39,7 @@ RUNS_FILE = "runs.txt"  # the run folders `fedpriv run` started from this kit, o
 
 def department_presence(kit: Path) -> dict[str, str]:
     """department (or node id) -> its SuperNode's status at the SuperLink of ``kit``."""
-    from server.deployment import NODES_FILE
+    from simulation.deploy.superlink import NODES_FILE
 
     names = json.loads((kit / NODES_FILE).read_text()) if (kit / NODES_FILE).is_file() else {}
     return {department: state for department, _, state, _ in node_rows(_flwr_json(kit, "supernode", "list"), names=names)}
@@ -64,7 +64,7 @@ def run_folder_rows(kit: Path) -> list[tuple[str, str, str, str]]:
 
 def _flwr_json(kit: Path, *args: str) -> dict[str, Any]:
     from shared.errors import ConfigError
-    from shared.flower_env import CONNECTION, environment, executable
+    from simulation.deploy.processes import CONNECTION, environment, executable
 
     result = subprocess.run([executable("flwr"), *args, CONNECTION, "--format", "json"],
                             env=environment(kit / ".flwr"), capture_output=True, text=True, timeout=60)
@@ -82,8 +82,8 @@ def status(
     kit: Annotated[Path, typer.Option(help="The server kit (its SuperLink started by `fedpriv server start`).")],
 ) -> None:
     """The departments the SuperLink knows (online or not) and its runs."""
-    from server.deployment import NODES_FILE
     from shared.errors import ConfigError
+    from simulation.deploy.superlink import NODES_FILE
 
     kit = kit.resolve()
     if not (kit / ".flwr" / "config.toml").is_file():

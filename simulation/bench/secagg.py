@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from shared.errors import FedprivError
-from simulation.bench_runs import measured_run, round_times
+from simulation.bench.runs import measured_run, round_times
 
 
 def bytes_per_department(run_dir: Path, *, secagg: bool) -> int:
@@ -42,7 +42,7 @@ def secagg_vs_plain(run_dir: Path) -> dict[str, float]:
     from shared.data import load_records
     from shared.features import cached_features
     from shared.model import load_backbone
-    from simulation.resume import read_run_config
+    from simulation.local.resume import read_run_config
 
     aggregates = sorted((run_dir / "audit").glob("aggregate-round-*.npz"))
     secagg_sum: list[np.ndarray] | None = None
@@ -86,8 +86,8 @@ def deployment_round_times(out: Path, *, rounds: int) -> dict[str, Any]:
     import time
 
     from shared.data import write_jsonl
-    from shared.demo_corpus import demo_records
-    from shared.flower_env import free_port
+    from simulation.deploy.processes import free_port
+    from simulation.local.demo_corpus import demo_records
 
     fedpriv = str(Path(sys.executable).parent / "fedpriv")
     bench = out / "deployment"

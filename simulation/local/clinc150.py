@@ -15,7 +15,7 @@ from pathlib import Path
 from shared.data import Record
 from shared.errors import DataError
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_LOCATION = PROJECT_ROOT.parent / "shared" / "data" / "clinc150"
 
 

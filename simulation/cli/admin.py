@@ -9,8 +9,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from simulation import options as opt
-from simulation.console import console
+from simulation.cli import options as opt
+from simulation.cli.console import console
 
 RunDir = Annotated[Path, typer.Argument(help="A run folder (fedpriv-runs/...).", exists=True, file_okay=False)]
 
@@ -47,10 +47,10 @@ def audit(
 
     from server.report import AUDIT_FILE, write_report
     from shared.logs import quiet_libraries
-    from simulation.audit import membership_audit
-    from simulation.canary_audit import canary_audit
-    from simulation.deployed_audit import gathered_canary_audit
-    from simulation.resume import read_run_config
+    from simulation.audit.canary import canary_audit
+    from simulation.audit.membership import membership_audit
+    from simulation.deploy.gathered_audit import gathered_canary_audit
+    from simulation.local.resume import read_run_config
 
     quiet_libraries()
     run_dir = run_dir.resolve()

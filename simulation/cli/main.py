@@ -12,14 +12,14 @@ import typer
 from shared.config import DEFAULTS, default_rounds
 from shared.data import Columns
 from shared.errors import ConfigError
-from simulation import options as opt
-from simulation.admin_commands import audit, labels, ledger, report
-from simulation.bench import bench
-from simulation.console import console, friendly, user_errors
-from simulation.deploy_commands import department_app, provision, run, server_app
-from simulation.predict import predict
-from simulation.serve import serve
-from simulation.status_command import status
+from simulation.bench.command import bench
+from simulation.cli import options as opt
+from simulation.cli.admin import audit, labels, ledger, report
+from simulation.cli.console import console, friendly, user_errors
+from simulation.cli.predict import predict
+from simulation.cli.serve import serve
+from simulation.deploy.commands import department_app, provision, run, server_app
+from simulation.deploy.status import status
 
 app = typer.Typer(
     help="fedpriv: federated fine-tuning of a text classifier across departments, with differential privacy.",
@@ -102,7 +102,7 @@ def simulate(
     resume: Annotated[Path | None, typer.Option(help="Continue this stopped run folder from its last completed round, with its own settings.")] = None,
 ) -> None:
     """Run a federation of departments on this machine with Flower's simulation engine."""
-    from simulation.simulate import SimulationRequest, resume_federation, simulate_federation
+    from simulation.local.simulate import SimulationRequest, resume_federation, simulate_federation
 
     with user_errors():
         if resume is not None:

@@ -26,7 +26,7 @@ from client.site_policy import POLICY_KEYS, SitePolicy
 from shared.config import RunConfig
 from shared.data import DEFAULT_COLUMNS, Columns, load_records
 from shared.errors import ConfigError
-from shared.flower_env import check_kit, environment, flwr_home, free_port
+from simulation.deploy.processes import check_kit, environment, flwr_home, free_port
 
 DEPARTMENT_KIT_FILES = ("ca.crt", "node.key", "department.toml")
 # A department's SuperNode rides out a network outage or a server restart of up to an hour (it

@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from simulation.console import console
+from simulation.cli.console import console
 
 UNKNOWN = "unknown"
 # Chosen on CLINC150's validation split (in-scope val + out-of-scope val, a model trained on train

@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from client.label_scope import SCOPE_KEY, parse_label_scope
-from shared import clinc150, partition
+from shared import partition
 from shared.data import DEFAULT_COLUMNS, Columns, Record, check_labels, derive_labels, load_records, safe_name, write_jsonl
-from shared.demo_corpus import DESCRIPTION as DEMO_DESCRIPTION
-from shared.demo_corpus import demo_label_scopes, demo_records
 from shared.errors import ConfigError, DataError
+from simulation.local import clinc150
+from simulation.local.demo_corpus import DESCRIPTION as DEMO_DESCRIPTION
+from simulation.local.demo_corpus import demo_label_scopes, demo_records
 
 
 @dataclass(frozen=True)

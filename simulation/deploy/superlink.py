@@ -17,7 +17,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from shared.flower_env import (
+from simulation.deploy.processes import (
     CONNECTION,
     FlowerProcessError,
     check_kit,

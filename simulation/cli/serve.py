@@ -16,8 +16,8 @@ from typing import Annotated, Any
 import typer
 from pydantic import BaseModel, Field
 
-from simulation.console import console
-from simulation.predict import DEFAULT_THRESHOLD, routed
+from simulation.cli.console import console
+from simulation.cli.predict import DEFAULT_THRESHOLD, routed
 
 MAX_TEXTS = 256
 MAX_TEXT_CHARS = 10_000

@@ -5,7 +5,7 @@ of plain SGD and one of Opacus DP-SGD (the noise the federation would use at eps
 rounds), alternated in this one process so that the machine's noise hits both alike, repeated.
 Memory: a department's whole round (read the file, load the backbone, embed, train one round,
 account) in a fresh process, whose peak RSS is read from the kernel (ru_maxrss), with and without DP.
-Run as a module it is that fresh process: ``python -m simulation.bench_overhead DATA.jsonl MODEL dp|plain``.
+Run as a module it is that fresh process: ``python -m simulation.bench.overhead DATA.jsonl MODEL dp|plain``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 
 from shared.config import DEFAULTS, RunConfig
 from shared.data import Record, write_jsonl
-from simulation.bench_runs import spread
+from simulation.bench.runs import spread
 
 
 def throughput(
@@ -70,7 +70,7 @@ def department_peak_memory(*, records: list[Record], labels: tuple[str, ...], mo
         write_jsonl(records, data)
         peaks = {}
         for mode in ("plain", "dp"):
-            result = subprocess.run([sys.executable, "-m", "simulation.bench_overhead", str(data), model, mode,
+            result = subprocess.run([sys.executable, "-m", "simulation.bench.overhead", str(data), model, mode,
                                      json.dumps(list(labels))],
                                     capture_output=True, text=True, check=True)
             peaks[mode] = json.loads(result.stdout.strip().splitlines()[-1])["peak_rss_mb"]

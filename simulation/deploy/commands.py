@@ -16,10 +16,10 @@ import typer
 from shared.config import DEFAULTS, RunConfig, default_rounds
 from shared.data import Columns
 from shared.errors import ConfigError, FedprivError
-from simulation import options as opt
-from simulation.console import console, err_console, friendly
-from simulation.options import NO_DP_WARNING, new_run_dir
-from simulation.status_command import RUNS_FILE
+from simulation.cli import options as opt
+from simulation.cli.console import console, err_console, friendly
+from simulation.cli.options import NO_DP_WARNING, new_run_dir
+from simulation.deploy.status import RUNS_FILE
 
 server_app = typer.Typer(help="The central admin's SuperLink.", no_args_is_help=True)
 department_app = typer.Typer(help="A department's SuperNode.", no_args_is_help=True)
@@ -34,7 +34,7 @@ def _serve_until_interrupted(process, what: str, *, follow: Path | None = None, 
                              every: tuple[float, Callable[[], None]] | None = None) -> None:
     """Wait for ``process`` (Ctrl-C stops it); print each new line of ``follow`` as it is written, call
     ``every``'s function at its interval, and print the end of ``log`` (the process's raw output) should it fail."""
-    from shared.flower_env import stop
+    from simulation.deploy.processes import stop
 
     shown = follow.stat().st_size if follow is not None and follow.exists() else 0
     next_tick = time.monotonic()
@@ -76,8 +76,8 @@ def provision(
 ) -> None:
     """Create a CA, the server certificate and per-department key pairs and kits (pinning this checkout's app code)."""
     from client.approved_code import fab_sha256
-    from server.provisioning import provision as run_provision
-    from simulation.launcher import app_dir
+    from simulation.deploy.launcher import app_dir
+    from simulation.deploy.provisioning import provision as run_provision
 
     names = [d.strip() for d in departments.split(",") if d.strip()]
     result = run_provision(out.resolve(), departments=names, hosts=[h.strip() for h in hosts.split(",") if h.strip()],
@@ -97,7 +97,7 @@ def server_start(
     insecure: Annotated[bool, typer.Option("--insecure", help="No TLS, no node authentication (test benches only).")] = False,
 ) -> None:
     """Start the SuperLink with TLS and SuperNode authentication; register the provisioned departments."""
-    from server.deployment import start_superlink
+    from simulation.deploy.superlink import start_superlink
 
     if insecure:
         console.print(INSECURE_WARNING)
@@ -112,7 +112,7 @@ PRESENCE_INTERVAL_S = 10
 
 def _presence_reporter(kit: Path) -> Callable[[], None]:
     """A function that prints each department whose SuperNode came online or went away since its last call."""
-    from simulation.status_command import department_presence
+    from simulation.deploy.status import department_presence
 
     seen: dict[str, str] = {}
 
@@ -138,7 +138,7 @@ def department_approve(
     sha256: Annotated[str | None, typer.Option(help="Or the FAB's SHA-256, as `flwr build` prints it.")] = None,
 ) -> None:
     """Approve a version of the app code: this department's SuperNode runs only approved FABs."""
-    from client.deployment import approve
+    from simulation.deploy.supernode import approve
 
     digest = approve(kit.resolve(), app=app, sha256=sha256)
     console.print(f"approved app code {digest} in {kit / 'department.toml'}; restart the department's SuperNode")
@@ -158,8 +158,8 @@ def department_audit(
 ) -> None:
     """Canary-audit this department's releases on its own host, with the run's settings and its own
     budget and policy: its records never leave it, its ledger is not touched. Exits 2 on a privacy bug."""
-    from simulation.admin_commands import print_canary_audit
-    from simulation.canary_audit import department_canary_audit
+    from simulation.audit.canary import department_canary_audit
+    from simulation.cli.admin import print_canary_audit
 
     result = department_canary_audit(kit.resolve(), data=data, run_config=run_config, canaries=canaries, seed=seed,
                                      columns=Columns(text_column, label_column, None))
@@ -189,7 +189,7 @@ def department_start(
     when the server runs a federation, and prints one line per round it serves; Flower's own log
     goes to KIT/logs/supernode.log."""
     from client.activity import ACTIVITY_FILE
-    from client.deployment import start_department
+    from simulation.deploy.supernode import start_department
 
     if insecure:
         console.print(INSECURE_WARNING)
@@ -237,10 +237,10 @@ def run(
     label_scope: opt.DepartmentOwned = None,
 ) -> None:
     """Run a federation on the deployed SuperLink (`flwr run` underneath), with the training options of `simulate`."""
-    from shared.flower_env import check_kit, environment
-    from simulation.launcher import submit_run
-    from simulation.resume import resume_config
-    from simulation.simulate import print_round, print_summary
+    from simulation.deploy.launcher import submit_run
+    from simulation.deploy.processes import check_kit, environment
+    from simulation.local.resume import resume_config
+    from simulation.local.simulate import print_round, print_summary
 
     if budget or policy or label_scope:
         raise ConfigError(opt.DEPARTMENT_OWNED)

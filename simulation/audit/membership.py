@@ -85,7 +85,7 @@ def membership_audit(run_dir: Path, *, seed: int = 0) -> dict[str, Any]:
     from shared.features import labelled_dataset
     from shared.model import build_classifier, load_backbone, trainable_names
     from shared.params import set_trainable
-    from simulation.resume import read_run_config
+    from simulation.local.resume import read_run_config
 
     config = read_run_config(run_dir)
     if not config.partition_dir:

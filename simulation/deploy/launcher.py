@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from server import run_folder
-from server.deployment import wait_until_up
 from server.run_folder import ROUNDS_FILE, RUN_CONFIG_FILE
-from shared.flower_env import CONNECTION, FlowerProcessError, environment, executable, flwr_home, free_port, stop
+from simulation.deploy.processes import CONNECTION, FlowerProcessError, environment, executable, flwr_home, free_port, stop
+from simulation.deploy.superlink import wait_until_up
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 def app_dir() -> Path:

@@ -21,11 +21,11 @@ from server.secure_aggregation import RECONSTRUCTION_THRESHOLD
 from shared.config import DEFAULTS, RunConfig, secagg_neighbourhood
 from shared.data import Columns
 from shared.errors import ConfigError
-from simulation.embedding import embed_federation
-from simulation.launcher import run_simulation
-from simulation.options import NO_DP_WARNING, run_dir_path
-from simulation.prepare import DataPlan, Federation, partition_data, plan_federation, write_federation
-from simulation.resume import resume_config
+from simulation.cli.options import NO_DP_WARNING, run_dir_path
+from simulation.deploy.launcher import run_simulation
+from simulation.local.embedding import embed_federation
+from simulation.local.prepare import DataPlan, Federation, partition_data, plan_federation, write_federation
+from simulation.local.resume import resume_config
 
 
 @dataclass(frozen=True)
@@ -210,7 +210,7 @@ def print_round(console: Console, entry: dict[str, Any], config: RunConfig) -> N
 
 def print_summary(console: Console, out: Path, status: dict[str, Any]) -> None:
     """The end of a run in brief: the ledger, accuracy, what went wrong, where the files are."""
-    from simulation.admin_commands import ledger_table
+    from simulation.cli.admin import ledger_table
 
     metrics_path = out / METRICS_FILE
     if status.get("state") != "completed":

@@ -23,8 +23,8 @@ from typing import Annotated, Any
 import psutil
 import typer
 
-from shared.clinc150 import default_location, is_clinc150_dir
-from simulation.console import console
+from simulation.cli.console import console
+from simulation.local.clinc150 import default_location, is_clinc150_dir
 
 PIECES = ("accuracy", "overhead", "secagg", "scale", "audit", "out-of-scope")
 
@@ -103,8 +103,8 @@ def bench(
     accuracy_runs: list[dict[str, Any]] = []
     if "accuracy" in pieces or "audit" in pieces or "out-of-scope" in pieces:
         if has_clinc:
-            from simulation.bench_accuracy import accuracy_markdown, centralized_ceiling
-            from simulation.bench_accuracy import accuracy_runs as run_accuracy
+            from simulation.bench.accuracy import accuracy_markdown, centralized_ceiling
+            from simulation.bench.accuracy import accuracy_runs as run_accuracy
 
             console.print("[bold]accuracy vs privacy[/] (CLINC150)")
             runs = plan.accuracy if "accuracy" in pieces else [("default", "domain", 8.0), ("default", "domain", None)]
@@ -122,7 +122,7 @@ def bench(
         else:
             skipped("1. Accuracy vs privacy")
     if "overhead" in pieces:
-        from simulation.bench_overhead import department_peak_memory, overhead_markdown, throughput
+        from simulation.bench.overhead import department_peak_memory, overhead_markdown, throughput
 
         console.print("[bold]DP overhead[/]")
         records, labels, source = _one_department(clinc if has_clinc else None)
@@ -140,7 +140,7 @@ def bench(
                      *overhead_markdown(overhead), ""]
     if "secagg" in pieces:
         if has_clinc:
-            from simulation.bench_secagg import deployment_round_times, secagg_markdown, secagg_runs
+            from simulation.bench.secagg import deployment_round_times, secagg_markdown, secagg_runs
 
             console.print("[bold]SecAgg+ overhead[/]")
             rows = secagg_runs(data=clinc, out=work, sizes=list(plan.secagg_sizes), rounds=plan.secagg_rounds,
@@ -153,8 +153,8 @@ def bench(
             skipped("3. Secure aggregation overhead")
     if "scale" in pieces:
         if has_clinc:
-            from shared.clinc150 import load_clinc150
-            from simulation.bench_scale import scale_markdown, scale_runs
+            from simulation.bench.scale import scale_markdown, scale_runs
+            from simulation.local.clinc150 import load_clinc150
 
             console.print("[bold]scale[/]")
             corpus = load_clinc150(clinc)
@@ -168,7 +168,7 @@ def bench(
     if "audit" in pieces:
         audited = [r for r in accuracy_runs if r["partition"] == "domain" and r["epsilon"] in (8.0, None)]
         if audited:
-            from simulation.bench_accuracy import audit_markdown, audits
+            from simulation.bench.accuracy import audit_markdown, audits
 
             console.print("[bold]audit[/]")
             audit = audits(audited, canaries=plan.audit_canaries)
@@ -181,8 +181,8 @@ def bench(
     if "out-of-scope" in pieces:
         routed = [r for r in accuracy_runs if (r["design"], r["partition"], r["epsilon"]) == ("default", "domain", 8.0)]
         if routed:
-            from simulation.bench_out_of_scope import out_of_scope_markdown, out_of_scope_rows
-            from simulation.predict import DEFAULT_THRESHOLD
+            from simulation.bench.out_of_scope import out_of_scope_markdown, out_of_scope_rows
+            from simulation.cli.predict import DEFAULT_THRESHOLD
 
             console.print("[bold]out-of-scope requests[/]")
             rows = out_of_scope_rows(Path(routed[0]["run_dir"]) / "model", clinc)
@@ -204,14 +204,14 @@ def _one_department(clinc: Path | None) -> tuple[list, tuple[str, ...], str]:
     from shared.data import derive_labels
 
     if clinc is not None:
-        from shared.clinc150 import load_clinc150
+        from simulation.local.clinc150 import load_clinc150
 
         corpus = load_clinc150(clinc)
         domain = sorted(corpus.domains)[0]
         intents = set(corpus.domains[domain])
         records = [r for r in corpus.pool if r.label in intents]
         return records, derive_labels(corpus.pool), f"CLINC150 domain '{domain}' (its train+val records)"
-    from shared.demo_corpus import demo_records
+    from simulation.local.demo_corpus import demo_records
 
     pool = demo_records()
     first = sorted({r.department for r in pool})[0]

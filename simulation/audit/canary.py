@@ -1,5 +1,5 @@
 """A canary audit in one run of what the departments release (`fedpriv audit RUN_DIR --canaries M`):
-the stage-1 release here, the DP-SGD rounds in ``simulation.canary_training``; each stage gets its
+the stage-1 release here, the DP-SGD rounds in ``simulation.audit.canary_training``; each stage gets its
 own M canaries and its own bound, at a confidence split between the stages.
 
 Stage 1:
@@ -16,7 +16,7 @@ knows the department's records and sees exactly what the department would releas
 - A canary's score is the released row minus the exact sum of the department's real records
   there, projected on the canary's direction: 1 plus the row's noise when included, the noise
   alone when not. Guesses come from the public midpoint 1/2; the bound is
-  ``shared.one_run_audit``'s, against the largest epsilon any audited department claims.
+  ``simulation.audit.one_run``'s, against the largest epsilon any audited department claims.
 
 Without DP the release is exact and every guess is right (the bound is as high as m canaries
 allow); with DP the noise hides the canaries; a release that adds less noise than its ledger
@@ -37,7 +37,7 @@ from client.class_statistics import class_sums, plan_stage_one, release_statisti
 from shared.accounting import epsilon_of
 from shared.config import RunConfig
 from shared.data import DEFAULT_COLUMNS, Columns
-from shared.one_run_audit import bound_from_scores
+from simulation.audit.one_run import bound_from_scores
 
 CONFIDENCE = 0.95
 
@@ -106,7 +106,7 @@ def _stage_one_scores(backbone, settings, data, config: RunConfig, *, canaries: 
 
 def _dp_sgd_scores(backbone, settings, data, config: RunConfig, *, canaries: int, total: int, departments: int,
                    rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, float | None]:
-    from simulation.canary_training import audit_department_training
+    from simulation.audit.canary_training import audit_department_training
 
     scores, included, threshold, claimed = audit_department_training(
         backbone=backbone, settings=settings, data=data, config=config, canaries=canaries, rng=rng)
@@ -125,7 +125,7 @@ def canary_audit(run_dir: Path, *, canaries: int, seed: int = 0) -> dict[str, An
     """The canary audit of a simulation run: every stage it ran, m canaries per stage, in copies."""
     from client.department_data import load_department, resolve_department
     from shared.errors import DataError
-    from simulation.resume import read_run_config
+    from simulation.local.resume import read_run_config
 
     config = read_run_config(run_dir)
     if not config.partition_dir:
@@ -148,8 +148,8 @@ def department_canary_audit(kit: Path, *, data: Path, run_config: Path, canaries
     import tomllib
 
     from client.department_data import load_department, resolve_department
-    from client.deployment import department_own_settings, read_kit
     from shared.errors import ConfigError
+    from simulation.deploy.supernode import department_own_settings, read_kit
 
     kit_settings = read_kit(kit, insecure=True)
     try:

@@ -1,0 +1,1 @@
+"""`fedpriv bench`: every performance number, one piece per module, written as JSON and BENCHMARKS.md."""

@@ -65,12 +65,12 @@ def install(approved: Collection[str]) -> None:
         raise UnapprovedCode(f"no approved app code: the kit's department.toml has no {KIT_KEY}")
     from flwr.supernode import start_client_internal as supernode
 
-    original = supernode._pull_and_store_message
+    original: Callable[..., Any] = supernode._pull_and_store_message
 
     def pull_approved(*args: Any, get_fab: Callable[[str, int], Any], **kwargs: Any) -> Any:
         return original(*args, get_fab=approved_only(get_fab, approved), **kwargs)
 
-    supernode._pull_and_store_message = pull_approved
+    setattr(supernode, "_pull_and_store_message", pull_approved)  # Flower's function, replaced
 
 
 def main(argv: list[str]) -> None:

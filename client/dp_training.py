@@ -126,7 +126,7 @@ def _no_samples(module: nn.Module) -> None:
     """
     for parameter in module.parameters():
         if parameter.requires_grad:
-            parameter.grad_sample = torch.zeros((0, *parameter.shape), dtype=parameter.dtype)
+            setattr(parameter, "grad_sample", torch.zeros((0, *parameter.shape), dtype=parameter.dtype))  # Opacus' attribute
 
 
 def _run_epochs(

@@ -55,6 +55,10 @@ class ScopedHead(nn.Module):
     a ``Linear(H, len(rows))`` that Opacus clips and noises like any other Linear.
     """
 
+    rows: torch.Tensor
+    frozen_weight: torch.Tensor
+    frozen_bias: torch.Tensor
+
     def __init__(self, head: nn.Linear, rows: Sequence[int]) -> None:
         super().__init__()
         self.register_buffer("rows", torch.as_tensor(list(rows), dtype=torch.long))
@@ -76,7 +80,7 @@ class ScopedHead(nn.Module):
 
 
 @contextmanager
-def scoped_head(owner: nn.Module, rows: Sequence[int]) -> Iterator[ScopedHead]:
+def scoped_head(owner: Any, rows: Sequence[int]) -> Iterator[ScopedHead]:
     """Swap ``owner.head`` for a ``ScopedHead`` while training; write the trained rows back after."""
     head = owner.head
     scoped = ScopedHead(head, rows)

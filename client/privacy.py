@@ -232,7 +232,7 @@ class PrivacyLedger:
         delta: float, budget: float, noise_shares: int = 1,
     ) -> list[LedgerEntry]:
         """Append one line per mechanism that ran in this round, all in one write."""
-        history, entries = list(self.history), []
+        history, entries = list(self.history), list[LedgerEntry]()
         own = [(s / math.sqrt(e.noise_shares), q, n) for e, (s, q, n) in zip(self.entries, history, strict=True)]
         shared = noise_shares > 1 or any(e.noise_shares > 1 for e in self.entries)
         for name, (sigma, rate, steps) in mechanisms:

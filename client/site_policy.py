@@ -25,9 +25,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from client.privacy import PrivacyPlan
+
+if TYPE_CHECKING:
+    from client.class_statistics import StatisticsPlan
 from shared.config import RunConfig
 from shared.errors import ConfigError
 
@@ -123,7 +126,7 @@ class SitePolicy:
             )
         return refusals
 
-    def refusals_of_round(self, plan: PrivacyPlan, *, before: float, after: float) -> list[str]:
+    def refusals_of_round(self, plan: PrivacyPlan | StatisticsPlan, *, before: float, after: float) -> list[str]:
         refusals = []
         if self.min_noise_multiplier is not None and plan.noise_multiplier < self.min_noise_multiplier:
             refusals.append(

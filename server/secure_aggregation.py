@@ -17,12 +17,13 @@ stages the protocol's participants are narrowed to those that answered (``_forge
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from flwr.common import bytes_to_ndarray
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.compat.common import recorddict_compat as compat
+from flwr.server import Grid
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
@@ -104,4 +105,5 @@ class AuditedSecAggPlusWorkflow(SecAggPlusWorkflow):
         if self.audit_dir is None:
             return super().collect_masked_vectors_stage(grid, context, state)
         server_round = int(context.state.config_records[MAIN_CONFIGS_RECORD][WorkflowKey.CURRENT_ROUND])
-        return super().collect_masked_vectors_stage(_RecordingGrid(grid, self.audit_dir, server_round), context, state)
+        recording = cast(Grid, _RecordingGrid(grid, self.audit_dir, server_round))  # a Grid by delegation
+        return super().collect_masked_vectors_stage(recording, context, state)

@@ -204,22 +204,23 @@ class FedprivStrategy(FedAvg):
         number = self._current(server_round).number
         departments = {}
         for proxy, res in results:
-            split = res.metrics.get(protocol.EVALUATION_SPLIT, protocol.SPLIT_VAL)
+            split = str(res.metrics.get(protocol.EVALUATION_SPLIT, protocol.SPLIT_VAL))
             departments[str(res.metrics.get(protocol.DEPARTMENT, f"node-{proxy.cid}"))] = {
                 f"{split}_accuracy": res.metrics.get(protocol.ACCURACY), f"{split}_loss": res.loss,
                 f"{split}_examples": res.num_examples,
             }
-        total = sum(res.num_examples for _, res in results)
-        loss = accuracy = None
-        if total:
-            loss = sum(res.loss * res.num_examples for _, res in results) / total
-            accuracy = sum(float(res.metrics[protocol.ACCURACY]) * res.num_examples for _, res in results) / total
-            splits = {res.metrics.get(protocol.EVALUATION_SPLIT, protocol.SPLIT_VAL) for _, res in results}
-            source = "federated test" if splits == {protocol.SPLIT_TEST} else "federated validation"
-            self.recorder.record_evaluation(number, loss=loss, accuracy=accuracy, source=source, departments=departments)
         self.recorder.record_failures(number, [f"evaluate: {update_checks.describe_failure(f)}" for f in failures])
+        total = sum(res.num_examples for _, res in results)
+        if not total:  # under DP departments withhold their evaluation
+            self.recorder.flush_round(number)
+            return None, {}
+        loss = sum(res.loss * res.num_examples for _, res in results) / total
+        accuracy = sum(float(res.metrics[protocol.ACCURACY]) * res.num_examples for _, res in results) / total
+        splits = {res.metrics.get(protocol.EVALUATION_SPLIT, protocol.SPLIT_VAL) for _, res in results}
+        source = "federated test" if splits == {protocol.SPLIT_TEST} else "federated validation"
+        self.recorder.record_evaluation(number, loss=loss, accuracy=accuracy, source=source, departments=departments)
         self.recorder.flush_round(number)
-        return (loss, {protocol.ACCURACY: accuracy}) if total else (None, {})
+        return loss, {protocol.ACCURACY: accuracy}
 
 
 def _train_loss(trained: list[tuple[ClientProxy, FitRes]]) -> float | None:

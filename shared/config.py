@@ -97,7 +97,7 @@ class RunConfig:
                 problems.append(f"unknown setting '{key}'")
                 continue
             try:
-                values[name] = _coerce(name, known[name].type, raw)
+                values[name] = _coerce(name, str(known[name].type), raw)
             except ValueError as exc:
                 problems.append(f"'{key}': {exc}")
         if problems:

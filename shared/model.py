@@ -18,6 +18,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -31,8 +32,8 @@ TINY_SEED = 20240531  # every process must build the same random tiny backbone
 
 @dataclass(frozen=True)
 class Backbone:
-    model: nn.Module
-    tokenizer: object
+    model: Any  # a Hugging Face PreTrainedModel (its typing stops at nn.Module's __getattr__)
+    tokenizer: Any
     hidden_size: int
     fingerprint: str  # identifies the frozen weights; server and departments must agree on it
     source: str
@@ -80,7 +81,7 @@ def load_backbone(spec: str) -> Backbone:
     return Backbone(model, tokenizer, int(model.config.hidden_size), fingerprint, source)
 
 
-def _state_fingerprint(model: nn.Module) -> str:
+def _state_fingerprint(model: Any) -> str:
     digest = hashlib.sha256(json.dumps(model.config.to_diff_dict(), sort_keys=True, default=str).encode())
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
@@ -100,7 +101,7 @@ def mean_pool(hidden_states: tuple[torch.Tensor, ...], attention_mask: torch.Ten
     """
     mask = attention_mask.unsqueeze(-1).to(hidden_states[-1].dtype)
     count = mask.sum(dim=1).clamp(min=1.0)
-    pooled = sum((hidden * mask).sum(dim=1) / count for hidden in hidden_states[-POOLED_LAYERS:]) / POOLED_LAYERS
+    pooled = torch.stack([(hidden * mask).sum(dim=1) / count for hidden in hidden_states[-POOLED_LAYERS:]]).mean(dim=0)
     return nn.functional.normalize(pooled, dim=-1)
 
 
@@ -112,6 +113,9 @@ def encode(encoder: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
 
 class TextClassifier(nn.Module):
     """Backbone (+ LoRA) -> mean pooling -> linear head."""
+
+    encoder: Any  # the backbone, or its PEFT wrapper
+    head: nn.Linear
 
     def __init__(self, *, encoder: nn.Module, hidden_size: int, num_labels: int) -> None:
         super().__init__()
@@ -143,7 +147,7 @@ def build_classifier(
         from peft import LoraConfig, get_peft_model
 
         # PEFT injects adapters in place: give it a copy so the cached backbone stays clean.
-        base = copy.deepcopy(backbone.model)
+        base: Any = copy.deepcopy(backbone.model)
         for module in base.modules():
             if isinstance(module, nn.Dropout):
                 module.p = 0.0  # DP-SGD's noise regularises; dropout would only add variance
@@ -151,7 +155,7 @@ def build_classifier(
             depth = base.config.num_hidden_layers
             if lora_layers > depth:
                 raise ModelError(f"lora-layers={lora_layers}: the backbone has only {depth} layers")
-            layers = {"layers_to_transform": list(range(depth - lora_layers, depth)), "layers_pattern": "layer"} if lora_layers else {}
+            layers: dict[str, Any] = {"layers_to_transform": list(range(depth - lora_layers, depth)), "layers_pattern": "layer"} if lora_layers else {}
             encoder = get_peft_model(
                 base, LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=list(lora_targets),
                                  **layers)

@@ -17,6 +17,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from flwr.common import Scalar
+
 from shared.errors import ConfigError
 
 SERVER_ROUND = "server-round"
@@ -58,7 +60,8 @@ class _Reader:
     """Reads typed values out of a request, collecting every problem."""
 
     def __init__(self, config: dict[str, Any]) -> None:
-        self.config, self.problems = config, []
+        self.config = config
+        self.problems: list[str] = []
 
     def get(self, key: str, kind: type, *, choices: tuple[str, ...] = ()) -> Any:
         if key not in self.config:
@@ -89,7 +92,7 @@ class FitRequest:
     secagg_masks: str
     ledger_indexes: dict[str, int]
 
-    def to_config(self) -> dict[str, int | str]:
+    def to_config(self) -> dict[str, Scalar]:
         return {SERVER_ROUND: self.server_round, STAGE: self.stage, AGGREGATE_SIZE: self.aggregate_size,
                 BACKBONE_FINGERPRINT: self.backbone_fingerprint, SECAGG_MASKS: self.secagg_masks,
                 LEDGER_INDEXES: json.dumps(self.ledger_indexes)}
@@ -112,7 +115,7 @@ class EvaluateRequest:
     backbone_fingerprint: str
     split: str
 
-    def to_config(self) -> dict[str, int | str]:
+    def to_config(self) -> dict[str, Scalar]:
         return {SERVER_ROUND: self.server_round, BACKBONE_FINGERPRINT: self.backbone_fingerprint, EVALUATION_SPLIT: self.split}
 
     @classmethod

@@ -17,6 +17,7 @@ Opacus' per-sample gradients through it equal a per-example loop.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,7 +30,7 @@ from shared.model import Backbone, TextClassifier, mean_pool
 STATES_BATCH = 64
 
 
-def _bert(encoder: nn.Module) -> nn.Module:
+def _bert(encoder: Any) -> Any:
     """The Hugging Face encoder model inside a PEFT wrapper (or the model itself)."""
     return encoder.get_base_model() if hasattr(encoder, "get_base_model") else encoder
 
@@ -70,7 +71,7 @@ def lower_layer_states(
     backbone: Backbone, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, count: int,
 ) -> torch.Tensor:
     """Hidden states at the input of the top ``count`` layers, (N, T, H), from the frozen backbone."""
-    states: Sequence[torch.Tensor] = []
+    states: list[torch.Tensor] = []
     for start in range(0, len(input_ids), STATES_BATCH):
         batch = slice(start, start + STATES_BATCH)
         out = backbone.model(input_ids=input_ids[batch], attention_mask=attention_mask[batch], output_hidden_states=True)

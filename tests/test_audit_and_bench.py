@@ -68,3 +68,13 @@ def test_bench_quick_overhead_piece_writes_well_formed_results(tmp_path):
     assert "## 4. Scale" in markdown and "Skipped: CLINC150 not found" in markdown
     bench = json.loads((tmp_path / "bench-results" / "bench.json").read_text())
     assert bench["machine"]["cpus"] >= 1 and bench["quick"] is True
+
+
+def test_the_one_sided_clopper_pearson_bound_is_the_beta_quantile():
+    from scipy.stats import beta
+
+    from simulation.audit.membership import CONFIDENCE, _upper
+
+    for failures, trials in ((0, 10), (3, 50), (49, 50), (10, 1000)):
+        assert _upper(failures, trials) == pytest.approx(beta.ppf(CONFIDENCE, failures + 1, trials - failures), rel=1e-9)
+    assert _upper(5, 5) == 1.0

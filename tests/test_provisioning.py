@@ -193,10 +193,14 @@ def test_a_department_runs_only_the_app_code_it_approved(tmp_path, kits):
     kit.mkdir()
     (kit / "department.toml").write_text('department = "hr"\nsuperlink = "h:1"\n[policy]\nrequire-secagg = true\n')
     digest = approve(kit, app=app_dir(), sha256=None)
-    assert digest == fab_sha256(app_dir()) and f'approved-fab-sha256 = ["{digest}"]' in (kit / "department.toml").read_text()
     import tomllib
 
-    assert tomllib.loads((kit / "department.toml").read_text())["policy"] == {"require-secagg": True}
+    approved = tomllib.loads((kit / "department.toml").read_text())
+    assert digest == fab_sha256(app_dir()) and approved["approved-fab-sha256"] == [digest]
+    assert approved["policy"] == {"require-secagg": True}
+    assert approve(kit, app=None, sha256="b" * 64) == "b" * 64  # a second version: the list grows, on many lines
+    approved = tomllib.loads((kit / "department.toml").read_text())
+    assert approved["approved-fab-sha256"] == [digest, "b" * 64] and approved["policy"] == {"require-secagg": True}
     (kit / "department.toml").write_text('department = "hr"\nsuperlink = "h:1"\n')
     with pytest.raises(ConfigError, match="approved-fab-sha256"):
         supernode_command(kit, data=data, superlink=None, state_dir=tmp_path / "s2", insecure=True, epsilon=None)
@@ -333,12 +337,14 @@ def test_department_start_reads_its_own_column_names_and_refuses_a_file_without_
     from simulation.deploy.supernode import supernode_command
 
     data = tmp_path / "hr.csv"
-    data.write_text("body,queue\nmy leave request,leave\n")
+    data.write_text('"the ""body""",queue\nmy leave request,leave\n')  # a column name with quotes is fine in TOML
     kit = kits.department_kits["hr"]
     command, _ = supernode_command(kit, data=data, superlink="127.0.0.1:1", state_dir=tmp_path / "s", insecure=True,
-                                   epsilon=None, columns=Columns("body", "queue", None))
-    node_config = command[command.index("--node-config") + 1]
-    assert 'text-column="body" label-column="queue"' in node_config
+                                   epsilon=None, columns=Columns('the "body"', "queue", None))
+    from flwr.common.config import parse_config_args
+
+    node_config = parse_config_args([command[command.index("--node-config") + 1]])  # as the SuperNode reads it
+    assert node_config["text-column"] == 'the "body"' and node_config["label-column"] == "queue"
     with pytest.raises(DataError, match="missing column\\(s\\) text, label"):
         supernode_command(kit, data=data, superlink="127.0.0.1:1", state_dir=tmp_path / "s", insecure=True, epsilon=None)
 

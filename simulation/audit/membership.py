@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy.stats import beta, rankdata
+from scipy.stats import binomtest
+from sklearn.metrics import roc_auc_score, roc_curve
 
 from shared.data import Record, load_records, safe_name
 from shared.errors import DataError
@@ -32,25 +33,29 @@ CONFIDENCE = 0.95
 
 
 def auc(member_scores: np.ndarray, non_member_scores: np.ndarray) -> float:
-    """P(score of a random member > score of a random non-member), ties counting half (Mann-Whitney)."""
-    ranks = rankdata(np.concatenate([member_scores, non_member_scores]))
-    m, n = len(member_scores), len(non_member_scores)
-    return float((ranks[:m].sum() - m * (m + 1) / 2) / (m * n))
+    """P(score of a random member > score of a random non-member), ties counting half."""
+    return float(roc_auc_score(_labels(member_scores, non_member_scores), np.concatenate([member_scores, non_member_scores])))
 
 
 def tpr_at_fpr(member_scores: np.ndarray, non_member_scores: np.ndarray, fpr: float) -> float | None:
-    """TPR of the threshold that lets at most ``fpr`` of non-members through; None with too few non-members."""
-    allowed = math.floor(fpr * len(non_member_scores))
-    if allowed < 1:
+    """The best TPR of a threshold whose FPR is at most ``fpr``; None with too few non-members to say."""
+    if math.floor(fpr * len(non_member_scores)) < 1:
         return None
-    descending = np.sort(non_member_scores)[::-1]
-    threshold = descending[allowed] if allowed < len(descending) else -np.inf
-    return float(np.mean(member_scores > threshold))
+    fprs, tprs, _ = roc_curve(_labels(member_scores, non_member_scores),
+                              np.concatenate([member_scores, non_member_scores]), drop_intermediate=False)
+    return float(tprs[fprs <= fpr].max())
+
+
+def _labels(member_scores: np.ndarray, non_member_scores: np.ndarray) -> np.ndarray:
+    return np.concatenate([np.ones(len(member_scores)), np.zeros(len(non_member_scores))])
 
 
 def _upper(failures: int, trials: int) -> float:
-    """One-sided Clopper-Pearson upper bound on a rate."""
-    return 1.0 if failures >= trials else float(beta.ppf(CONFIDENCE, failures + 1, trials - failures))
+    """One-sided Clopper-Pearson upper bound on a rate (the upper end of the two-sided exact interval
+    at twice the miss rate)."""
+    if failures >= trials:
+        return 1.0
+    return float(binomtest(failures, trials).proportion_ci(confidence_level=2 * CONFIDENCE - 1, method="exact").high)
 
 
 def empirical_epsilon(

@@ -17,6 +17,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import tomli_w
+
 from server import run_folder
 from server.run_folder import ROUNDS_FILE, RUN_CONFIG_FILE
 from simulation.deploy.processes import CONNECTION, FlowerProcessError, environment, executable, flwr_home, free_port, stop
@@ -35,16 +37,8 @@ def app_dir() -> Path:
     return PROJECT_ROOT
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return json.dumps(str(value))
-
-
 def write_run_config(run_config: dict[str, Any], path: Path) -> Path:
-    path.write_text("".join(f"{key} = {_toml_value(value)}\n" for key, value in run_config.items()))
+    path.write_text(tomli_w.dumps(run_config))
     return path
 
 

@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import tomli_w
+
 from shared.errors import ConfigError, FedprivError
 from shared.flower_env import apply_offline_defaults
 
@@ -50,10 +52,8 @@ def flwr_home(folder: Path, address: str, *, ca: Path | None) -> Path:
     """A private FLWR_HOME with one connection, ``fedpriv``, to the SuperLink at ``address``."""
     home = folder / ".flwr"
     home.mkdir(parents=True, exist_ok=True)
-    security = f'root-certificates = "{ca.resolve()}"\n' if ca else "insecure = true\n"
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "{address}"\n{security}'
-    )
+    security = {"root-certificates": str(ca.resolve())} if ca else {"insecure": True}
+    (home / "config.toml").write_text(tomli_w.dumps({"superlink": {"default": CONNECTION, CONNECTION: {"address": address, **security}}}))
     return home
 
 

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import tomli_w
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -137,10 +138,10 @@ def provision(
         _write(server_kit / "keys" / f"{name}.pub", public + b"\n")
         (kit / "department.toml").write_text(
             f'# fedpriv department kit: give this folder to {name} only.\n'
-            f'department = "{name}"\nsuperlink = "{superlink}"\n'
-            f'# the app code (FAB sha256) this department runs; any other stops its SuperNode (README, Approved code)\n'
-            f'approved-fab-sha256 = ["{approved_fab_sha256}"]\n'
-            f'# data = "/path/to/{name}.csv"     # or: fedpriv department start --data FILE\n'
+            + tomli_w.dumps({"department": name, "superlink": superlink})
+            + '# the app code (FAB sha256) this department runs; any other stops its SuperNode (README, Approved code)\n'
+            + tomli_w.dumps({"approved-fab-sha256": [approved_fab_sha256]})
+            + f'# data = "/path/to/{name}.csv"     # or: fedpriv department start --data FILE\n'
             f'# epsilon = 8.0                  # this department\'s own budget (the run\'s applies when lower)\n'
             f'# label-scope = ["refund", "invoice"]  # the labels its records may carry; it trains only those\n'
             f'\n# [policy]                       # limits no server request can override (see README)\n'

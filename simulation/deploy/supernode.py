@@ -18,6 +18,9 @@ import subprocess
 import sys
 import tomllib
 from pathlib import Path
+from typing import Any
+
+import tomli_w
 
 from client.approved_code import KIT_KEY as APPROVED_KEY
 from client.approved_code import UnapprovedCode, fab_sha256
@@ -32,6 +35,7 @@ DEPARTMENT_KIT_FILES = ("ca.crt", "node.key", "department.toml")
 # A department's SuperNode rides out a network outage or a server restart of up to an hour (it
 # reconnects by itself); a kit that cannot work at all (another CA) is refused before it starts.
 MAX_WAIT_S = 3600
+NODE_CONFIG_FILE = "node-config.toml"  # in the state folder: what the ClientApp reads as its node config
 
 
 def read_kit(kit: Path, *, insecure: bool) -> dict:
@@ -73,22 +77,15 @@ def supernode_command(
 ) -> tuple[list[str], dict[str, str]]:
     settings = read_kit(kit, insecure=insecure)
     name = settings["department"]
-    quoted = [c for c in (columns.text, columns.label) if '"' in c or "\\" in c]
-    if quoted:
-        raise ConfigError(f"column names may not hold quotes or backslashes (got {', '.join(map(repr, quoted))})")
     load_records(data, columns=columns.without_department())  # a broken data file is reported here, before the node joins
     state = (state_dir or kit / "state").resolve()
-    node_config = f'department="{name}" data-path="{data.resolve()}" state-dir="{state}"'
-    node_config += f' text-column="{columns.text}" label-column="{columns.label}"'
+    node_config: dict[str, Any] = {"department": name, "data-path": str(data.resolve()), "state-dir": str(state),
+                                   "text-column": columns.text, "label-column": columns.label}
     if not insecure:  # the ClientApp signs every reply with the kit's key (shared.reply_signature)
-        node_config += f' signing-key="{(kit / "node.key").resolve()}"'
+        node_config["signing-key"] = str((kit / "node.key").resolve())
     own = department_own_settings(kit, settings, epsilon=epsilon)
     refuse_a_spent_budget(name, state=state, budget=own.get("epsilon"), kit=kit)
-    for key, value in own.items():
-        if key == SCOPE_KEY:
-            node_config += f' {key}="{value}"'
-        else:
-            node_config += f" {key}={str(value).lower() if isinstance(value, bool) else value}"
+    node_config.update(own)
     address = superlink or settings["superlink"]
     if insecure and speaks_tls(address):
         raise ConfigError(f"--insecure: the SuperLink at {address} speaks TLS, so a plain connection cannot reach it "
@@ -102,9 +99,11 @@ def supernode_command(
         raise ConfigError(f"{kit / 'department.toml'}: '{APPROVED_KEY}' must list the SHA-256 of the app code (FAB) "
                           "this department approved; `fedpriv department approve --kit KIT --app DIR` adds one")
     state.mkdir(parents=True, exist_ok=True)  # only once every setting has been validated
+    node_config_file = state / NODE_CONFIG_FILE  # Flower reads a --node-config that names a .toml file
+    node_config_file.write_text(tomli_w.dumps(node_config))
     pin = [arg for digest in approved for arg in ("--approved-fab-sha256", digest)]
     # Not flower-supernode itself: the same SuperNode, started so that it runs only approved FABs.
-    command = [sys.executable, "-m", "client.approved_code", *pin, "--superlink", address, "--node-config", node_config,
+    command = [sys.executable, "-m", "client.approved_code", *pin, "--superlink", address, "--node-config", str(node_config_file),
                "--port", str(free_port()), "--max-wait-time", str(MAX_WAIT_S)]
     if insecure:
         command.append("--insecure")
@@ -185,9 +184,9 @@ def approve(kit: Path, *, app: Path | None, sha256: str | None) -> str:
     if digest not in approved:
         approved.append(digest)
     path = kit / "department.toml"
-    line = f"{APPROVED_KEY} = [{', '.join(chr(34) + h + chr(34) for h in approved)}]"
+    line = tomli_w.dumps({APPROVED_KEY: approved}).strip()
     text = path.read_text()
-    pattern = re.compile(rf"^{re.escape(APPROVED_KEY)}\s*=.*$", re.MULTILINE)
+    pattern = re.compile(rf"^{re.escape(APPROVED_KEY)}\s*=\s*\[[^\]]*\]", re.MULTILINE)  # the whole list, one line or many
     if pattern.search(text):
         text = pattern.sub(line, text, count=1)
     else:  # top-level keys come before any [table]

@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -88,7 +89,7 @@ class RunConfig:
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> RunConfig:
         """Build from Flower's ``context.run_config`` (kebab-case keys, scalar values)."""
-        known = {f.name: f for f in dataclasses.fields(cls)}
+        known = typing.get_type_hints(cls)
         values: dict[str, Any] = {}
         problems: list[str] = []
         for key, raw in run_config.items():
@@ -97,7 +98,7 @@ class RunConfig:
                 problems.append(f"unknown setting '{key}'")
                 continue
             try:
-                values[name] = _coerce(name, str(known[name].type), raw)
+                values[name] = _coerce(name, known[name], raw)
             except ValueError as exc:
                 problems.append(f"'{key}': {exc}")
         if problems:
@@ -140,7 +141,8 @@ class RunConfig:
         return self.secagg_max_weight / self.secagg_clipping_range
 
 
-def _coerce(name: str, annotation: str, raw: Any) -> Any:
+def _coerce(name: str, kind: Any, raw: Any) -> Any:
+    """A run config value (TOML scalars; lists travel as text) as the setting's declared type."""
     if name == "labels":
         if raw in ("", None):
             return ()
@@ -154,21 +156,21 @@ def _coerce(name: str, annotation: str, raw: Any) -> Any:
         if not isinstance(parsed, list) or not all(isinstance(x, str) for x in parsed):
             raise ValueError("expected a JSON list of label names")
         return tuple(parsed)
-    if annotation == "tuple[str, ...]":
+    if kind == tuple[str, ...]:
         if not isinstance(raw, str):
             raise ValueError(f"expected a comma-separated string, got {raw!r}")
         return tuple(part.strip() for part in raw.split(",") if part.strip())
-    if annotation == "bool":
+    if kind is bool:
         if isinstance(raw, bool):
             return raw
         if isinstance(raw, str) and raw.lower() in ("true", "false"):
             return raw.lower() == "true"
         raise ValueError(f"expected true or false, got {raw!r}")
-    if annotation == "int":
+    if kind is int:
         if isinstance(raw, bool) or not isinstance(raw, int):
             raise ValueError(f"expected an integer, got {raw!r}")
         return raw
-    if annotation == "float":
+    if kind is float:
         if isinstance(raw, bool) or not isinstance(raw, (int, float)):
             raise ValueError(f"expected a number, got {raw!r}")
         return float(raw)

@@ -9,7 +9,7 @@ from typing import Annotated
 import click
 import typer
 
-from shared.config import DEFAULTS, default_rounds
+from shared.config import DEFAULTS
 from shared.data import Columns
 from shared.errors import ConfigError
 from simulation.bench.command import bench
@@ -117,14 +117,11 @@ def simulate(
         if batch_size is not None and batch_size < 1:
             raise typer.BadParameter(f"must be >= 1 (got {batch_size})", param_hint="--batch-size")
         request = SimulationRequest(
-            data=data, test_data=test_data, columns=Columns(text_column, label_column, department_column), partition=partition, departments=departments, alpha=alpha,
-            rounds=rounds if rounds is not None else default_rounds(dp=not no_dp, epsilon=epsilon, head_init=head_init),
-            head_init=head_init, local_epochs=local_epochs, batch_size=batch_size, learning_rate=learning_rate,
-            momentum=momentum, statistics_share=statistics_share, max_grad_norm=max_grad_norm, epsilon=epsilon, delta=delta, accountant=accountant, model=model,
-            lora_r=lora_r, lora_layers=lora_layers, lora_alpha=lora_alpha, lora_targets=opt.module_names(lora_targets),
-            max_length=max_length, fraction_train=fraction_train, val_fraction=val_fraction, dp=not no_dp, secagg=not no_secagg, secagg_num_shares=secagg_num_shares, audit_updates=audit_updates, out=out, seed=seed, feature_cache=feature_cache,
-            policies=opt.department_policies(budget or [], policy or [], label_scope or []), min_departments=min_departments,
-            declared_scopes=not no_declared_scopes, distributed_noise=distributed_noise,
+            data=data, test_data=test_data, columns=Columns(text_column, label_column, department_column),
+            partition=partition, departments=departments, alpha=alpha, batch_size=batch_size, seed=seed,
+            training=opt.training_settings(ctx.params) | {"audit_updates": audit_updates, "distributed_noise": distributed_noise},
+            feature_cache=feature_cache, out=out, policies=opt.department_policies(budget or [], policy or [], label_scope or []),
+            declared_scopes=not no_declared_scopes,
         )
         status = simulate_federation(request, console=console)
     if status["state"] != "completed":

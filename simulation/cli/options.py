@@ -66,6 +66,35 @@ def module_names(text: str) -> tuple[str, ...]:
     return tuple(name.strip() for name in text.split(",") if name.strip())
 
 
+# The training options `simulate` and `run` share (the aliases above), each a RunConfig setting:
+# by its own name, or renamed / negated here. One place turns a command's values into settings.
+TRAINING_OPTIONS = (
+    "rounds", "head_init", "local_epochs", "learning_rate", "momentum", "statistics_share", "max_grad_norm",
+    "epsilon", "delta", "accountant", "model", "lora_r", "lora_layers", "lora_alpha", "lora_targets", "max_length",
+    "fraction_train", "val_fraction", "no_dp", "no_secagg", "secagg_num_shares", "min_departments",
+)
+RENAMED = {"rounds": "num_server_rounds", "epsilon": "target_epsilon", "delta": "target_delta"}
+NEGATED = {"no_dp": "dp", "no_secagg": "secagg"}
+
+
+def training_settings(params: dict[str, Any]) -> dict[str, Any]:
+    """RunConfig keyword arguments from a command's training options (``ctx.params``); the rounds follow
+    epsilon when ``--rounds`` is left out (``shared.config.default_rounds``)."""
+    from shared.config import default_rounds
+
+    settings: dict[str, Any] = {}
+    for name in TRAINING_OPTIONS:
+        value = params[name]
+        if name in NEGATED:
+            settings[NEGATED[name]] = not value
+        else:
+            settings[RENAMED.get(name, name)] = module_names(value) if name == "lora_targets" else value
+    if settings["num_server_rounds"] is None:
+        settings["num_server_rounds"] = default_rounds(dp=settings["dp"], epsilon=settings["target_epsilon"],
+                                                       head_init=settings["head_init"])
+    return settings
+
+
 def _policy_value(text: str) -> bool | int | float:
     if text.lower() in ("true", "false"):
         return text.lower() == "true"

@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from shared.config import DEFAULTS, RunConfig, default_rounds
+from shared.config import DEFAULTS, RunConfig
 from shared.data import Columns
 from shared.errors import ConfigError, FedprivError
 from simulation.cli import options as opt
@@ -202,6 +202,7 @@ def department_start(
 
 
 def run(
+    ctx: typer.Context,
     kit: Annotated[Path, typer.Option(help="The server kit (its .flwr connection is written by `server start`).")],
     labels_file: Annotated[Path | None, typer.Option(help="The federation's labels, one per line (`fedpriv labels DATA...` writes it).")] = None,
     min_departments: Annotated[int | None, typer.Option(help="Departments a round needs: the run waits until that many are connected, and ends when fewer can still train.")] = None,
@@ -259,14 +260,8 @@ def run(
             raise ConfigError([f"{name} is required for a new run" for name in missing], source="fedpriv run options")
         labels = tuple(line.strip() for line in labels_file.read_text().splitlines() if line.strip())
         config = RunConfig(
-            num_server_rounds=rounds if rounds is not None else default_rounds(dp=not no_dp, epsilon=epsilon, head_init=head_init),
-            head_init=head_init, local_epochs=local_epochs, target_epsilon=epsilon, target_delta=delta,
-            model=model, batch_size=batch_size, learning_rate=learning_rate, momentum=momentum,
-            statistics_share=statistics_share, max_grad_norm=max_grad_norm,
-            accountant=accountant, lora_r=lora_r, lora_layers=lora_layers, lora_alpha=lora_alpha,
-            lora_targets=opt.module_names(lora_targets), max_length=max_length, fraction_train=fraction_train,
-            val_fraction=val_fraction, labels=labels, min_departments=min_departments, dp=not no_dp,
-            secagg=not no_secagg, secagg_num_shares=secagg_num_shares, secagg_timeout_s=secagg_timeout, secagg_max_weight=secagg_max_weight, transport=transport, run_uid=uuid.uuid4().hex[:12],
+            **opt.training_settings(ctx.params), batch_size=batch_size, labels=labels, secagg_timeout_s=secagg_timeout,
+            secagg_max_weight=secagg_max_weight, transport=transport, run_uid=uuid.uuid4().hex[:12],
             # the provisioned key of every department: each reply must be signed by its department's
             department_keys=json.dumps(json.loads((kit / "departments.json").read_text())["departments"])
             if transport == "tls+node-auth" else "",

@@ -28,53 +28,34 @@ from simulation.local.prepare import DataPlan, Federation, partition_data, plan_
 from simulation.local.resume import resume_config
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SimulationRequest:
+    """What `fedpriv simulate` was asked: the data and how to split it, and the run's settings."""
+
     data: Path | None
     test_data: Path | None
     columns: Columns
     partition: str | None
     departments: int | None
     alpha: float
-    rounds: int
-    head_init: str
-    local_epochs: int
-    batch_size: int | None
-    learning_rate: float
-    max_grad_norm: float
-    momentum: float
-    statistics_share: float
-    epsilon: float
-    delta: float
-    accountant: str
-    model: str
-    lora_r: int
-    lora_layers: int
-    lora_alpha: int
-    lora_targets: tuple[str, ...]
-    max_length: int
-    fraction_train: float
-    val_fraction: float
-    dp: bool
-    secagg: bool
-    secagg_num_shares: int
-    audit_updates: bool
+    batch_size: int | None  # None: at most a quarter of the smallest department
+    seed: int
+    training: dict[str, Any]  # RunConfig settings from the shared training options (simulation.cli.options)
     feature_cache: Path | None
     out: Path | None
-    seed: int
     policies: dict[str, dict[str, Any]]  # department -> its own budget and site policy (client.site_policy)
-    min_departments: int
     declared_scopes: bool = True
-    distributed_noise: bool = False
 
 
 def simulate_federation(request: SimulationRequest, *, console: Console) -> dict[str, Any]:
     from shared.model import MINILM, TINY, load_backbone
 
-    if request.model not in (MINILM, TINY) and not Path(request.model).expanduser().is_dir():
-        raise ConfigError(f"--model {request.model}: not 'minilm', 'tiny' or an existing model folder")
+    training = dict(request.training)
+    model = training.pop("model")
+    if model not in (MINILM, TINY) and not Path(model).expanduser().is_dir():
+        raise ConfigError(f"--model {model}: not 'minilm', 'tiny' or an existing model folder")
     if request.policies:  # refused here, before any file is written, not on the department's first round
-        promised = RunConfig(target_epsilon=request.epsilon, target_delta=request.delta)
+        promised = RunConfig(target_epsilon=training["target_epsilon"], target_delta=training["target_delta"])
         for name, policy in request.policies.items():
             SitePolicy.from_mapping(policy, department=name, run=promised)
     data_plan = DataPlan(
@@ -84,36 +65,26 @@ def simulate_federation(request: SimulationRequest, *, console: Console) -> dict
     )
     partitioned = partition_data(data_plan)
     policies = dict(request.policies)
-    if request.distributed_noise:
+    if training["distributed_noise"]:
         # The simulated departments are the user's to speak for: each consents, and trusts at least the
         # smallest aggregate SecAgg+ can unmask (its reconstruction threshold) to add the other shares.
         smallest = max(2, math.ceil(RECONSTRUCTION_THRESHOLD * len(partitioned.shares)))
         for name in partitioned.shares:
             policies[name] = {"distributed-noise": True, "min-departments": smallest, **policies.get(name, {})}
-    val_fraction = request.val_fraction
     # Departments keep a test split of their own only when the server has no test set.
     test_fraction = 0.0 if partitioned.test is not None else DEFAULTS.test_fraction
-    fractions = {"val_fraction": val_fraction, "test_fraction": test_fraction, "seed": request.seed}
+    fractions = {"val_fraction": training.pop("val_fraction"), "test_fraction": test_fraction, "seed": request.seed}
     batch_size = request.batch_size or max(1, min(DEFAULTS.batch_size, partitioned.smallest_train_split(**fractions) // 4))
     out = run_dir_path(request.out)
     federation = plan_federation(
-        partitioned, out_dir=out, batch_size=batch_size, delta=request.delta, dp=request.dp,
+        partitioned, out_dir=out, batch_size=batch_size, delta=training["target_delta"], dp=training["dp"],
         policies=policies, **fractions
     )
     config = RunConfig(
-        num_server_rounds=request.rounds, head_init=request.head_init, local_epochs=request.local_epochs, batch_size=batch_size,
-        learning_rate=request.learning_rate, max_grad_norm=request.max_grad_norm, momentum=request.momentum,
-        statistics_share=request.statistics_share,
-        target_epsilon=request.epsilon, target_delta=request.delta, dp=request.dp, accountant=request.accountant,
-        model=str(Path(request.model).expanduser().resolve()) if request.model not in (MINILM, TINY) else request.model,
-        lora_r=request.lora_r, lora_layers=request.lora_layers, lora_alpha=request.lora_alpha,
-        lora_targets=request.lora_targets, max_length=request.max_length, fraction_train=request.fraction_train,
-        labels=federation.labels,
-        min_departments=min(request.min_departments, len(federation.departments)),
-        val_fraction=val_fraction, test_fraction=test_fraction, seed=request.seed, out_dir=str(out),
-        partition_dir=str(federation.partition_dir),
+        **training | {"min_departments": min(training["min_departments"], len(federation.departments))}, **fractions,
+        model=str(Path(model).expanduser().resolve()) if model not in (MINILM, TINY) else model,
+        batch_size=batch_size, labels=federation.labels, out_dir=str(out), partition_dir=str(federation.partition_dir),
         test_data=str(federation.test_file) if federation.test_file else "",
-        secagg=request.secagg, distributed_noise=request.distributed_noise, secagg_num_shares=request.secagg_num_shares, audit_updates=request.audit_updates,
         feature_cache=str(request.feature_cache.expanduser().resolve()) if request.feature_cache else "", run_uid=uuid.uuid4().hex[:12],
         # The tightest SecAgg+ weight bound that fits every department: the finest quantization.
         secagg_max_weight=max(d.train_records for d in federation.departments),

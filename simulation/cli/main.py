@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import signal
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import click
 import typer
@@ -57,6 +57,7 @@ app.add_typer(department_app, name="department")
 
 
 @app.command()
+@opt.with_training_options
 def simulate(
     ctx: typer.Context,
     data: Annotated[Path | None, typer.Option(help="CSV/JSONL file (text,label[,department]) or the CLINC150 folder. Default: the built-in synthetic demo corpus.")] = None,
@@ -67,28 +68,7 @@ def simulate(
     partition: Annotated[str | None, typer.Option(help="column | domain | dirichlet | iid. Default: domain for CLINC150, else column.")] = None,
     departments: Annotated[int | None, typer.Option(help="Number of departments for dirichlet / iid (default 4).")] = None,
     alpha: Annotated[float, typer.Option(help="Dirichlet concentration for --partition dirichlet.")] = 0.5,
-    rounds: opt.Rounds = None,
-    head_init: opt.HeadInit = DEFAULTS.head_init,
-    local_epochs: opt.LocalEpochs = DEFAULTS.local_epochs,
     batch_size: Annotated[int | None, typer.Option(help=f"Expected batch size (Poisson sampling). Default: {DEFAULTS.batch_size}, at most a quarter of the smallest department.")] = None,
-    learning_rate: opt.LearningRate = DEFAULTS.learning_rate,
-    momentum: opt.Momentum = DEFAULTS.momentum,
-    statistics_share: opt.StatisticsShare = DEFAULTS.statistics_share,
-    max_grad_norm: opt.MaxGradNorm = DEFAULTS.max_grad_norm,
-    epsilon: opt.Epsilon = DEFAULTS.target_epsilon,
-    delta: opt.Delta = DEFAULTS.target_delta,
-    accountant: opt.Accountant = DEFAULTS.accountant,
-    model: opt.Model = DEFAULTS.model,
-    lora_r: opt.LoraR = DEFAULTS.lora_r,
-    lora_layers: opt.LoraLayers = DEFAULTS.lora_layers,
-    lora_alpha: opt.LoraAlpha = DEFAULTS.lora_alpha,
-    lora_targets: opt.LoraTargets = ",".join(DEFAULTS.lora_targets),
-    max_length: opt.MaxLength = DEFAULTS.max_length,
-    fraction_train: opt.FractionTrain = DEFAULTS.fraction_train,
-    val_fraction: opt.ValFraction = DEFAULTS.val_fraction,
-    no_dp: opt.NoDp = False,
-    no_secagg: opt.NoSecagg = False,
-    secagg_num_shares: opt.SecaggNumShares = DEFAULTS.secagg_num_shares,
     audit_updates: Annotated[bool, typer.Option("--audit-updates", help="Save each department's raw delta (its own folder) and what the server received (masked under SecAgg+), for audits.")] = False,
     out: opt.Out = None,
     feature_cache: Annotated[Path | None, typer.Option(help="One folder where departments and server cache their embeddings of the frozen backbone, reused by later runs on the same data (default: inside the run folder).")] = None,
@@ -100,6 +80,8 @@ def simulate(
     label_scope: Annotated[list[str] | None, typer.Option(help="NAME=LABEL[,LABEL...]: the labels that department declares it holds (repeatable); it trains only their rows of the head, so its noise lands only there. CLINC150 by domain and the demo corpus declare theirs.")] = None,
     min_departments: Annotated[int, typer.Option(help="The run ends when fewer departments than this can still train (budgets spent).")] = DEFAULTS.min_departments,
     resume: Annotated[Path | None, typer.Option(help="Continue this stopped run folder from its last completed round, with its own settings.")] = None,
+    *,
+    training: dict[str, Any],  # the shared training options (simulation.cli.options.TRAINING)
 ) -> None:
     """Run a federation of departments on this machine with Flower's simulation engine."""
     from simulation.local.simulate import SimulationRequest, resume_federation, simulate_federation
@@ -119,7 +101,8 @@ def simulate(
         request = SimulationRequest(
             data=data, test_data=test_data, columns=Columns(text_column, label_column, department_column),
             partition=partition, departments=departments, alpha=alpha, batch_size=batch_size, seed=seed,
-            training=opt.training_settings(ctx.params) | {"audit_updates": audit_updates, "distributed_noise": distributed_noise},
+            training=training | {"audit_updates": audit_updates, "distributed_noise": distributed_noise,
+                                 "min_departments": min_departments},
             feature_cache=feature_cache, out=out, policies=opt.department_policies(budget or [], policy or [], label_scope or []),
             declared_scopes=not no_declared_scopes,
         )

@@ -1,13 +1,18 @@
-"""Training options shared by `fedpriv simulate` and `fedpriv run`, declared once; the run folder rule."""
+"""The training options `fedpriv simulate` and `fedpriv run` share, declared once (``TRAINING``); the run folder rule."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import time
+import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
+from shared.config import DEFAULTS, default_rounds
 from shared.errors import ConfigError
 
 Rounds = Annotated[int | None, typer.Option(help="Federated rounds: round 1 releases DP class statistics (stage 1); any later rounds fine-tune the head with DP-SGD. Default: 31 at epsilon >= 8 or without DP, else 1 (stage 2 costs accuracy at small epsilon; see BENCHMARKS.md).")]
@@ -66,25 +71,40 @@ def module_names(text: str) -> tuple[str, ...]:
     return tuple(name.strip() for name in text.split(",") if name.strip())
 
 
-# The training options `simulate` and `run` share (the aliases above), each a RunConfig setting:
-# by its own name, or renamed / negated here. One place turns a command's values into settings.
-TRAINING_OPTIONS = (
-    "rounds", "head_init", "local_epochs", "learning_rate", "momentum", "statistics_share", "max_grad_norm",
-    "epsilon", "delta", "accountant", "model", "lora_r", "lora_layers", "lora_alpha", "lora_targets", "max_length",
-    "fraction_train", "val_fraction", "no_dp", "no_secagg", "secagg_num_shares", "min_departments",
-)
+# The training options `simulate` and `run` share: each declared once here (its option, help and
+# default) and each a RunConfig setting, by its own name or renamed / negated below.
+TRAINING: dict[str, tuple[Any, Any]] = {
+    "rounds": (Rounds, None),
+    "head_init": (HeadInit, DEFAULTS.head_init),
+    "local_epochs": (LocalEpochs, DEFAULTS.local_epochs),
+    "learning_rate": (LearningRate, DEFAULTS.learning_rate),
+    "momentum": (Momentum, DEFAULTS.momentum),
+    "statistics_share": (StatisticsShare, DEFAULTS.statistics_share),
+    "max_grad_norm": (MaxGradNorm, DEFAULTS.max_grad_norm),
+    "epsilon": (Epsilon, DEFAULTS.target_epsilon),
+    "delta": (Delta, DEFAULTS.target_delta),
+    "accountant": (Accountant, DEFAULTS.accountant),
+    "model": (Model, DEFAULTS.model),
+    "lora_r": (LoraR, DEFAULTS.lora_r),
+    "lora_layers": (LoraLayers, DEFAULTS.lora_layers),
+    "lora_alpha": (LoraAlpha, DEFAULTS.lora_alpha),
+    "lora_targets": (LoraTargets, ",".join(DEFAULTS.lora_targets)),
+    "max_length": (MaxLength, DEFAULTS.max_length),
+    "fraction_train": (FractionTrain, DEFAULTS.fraction_train),
+    "val_fraction": (ValFraction, DEFAULTS.val_fraction),
+    "no_dp": (NoDp, False),
+    "no_secagg": (NoSecagg, False),
+    "secagg_num_shares": (SecaggNumShares, DEFAULTS.secagg_num_shares),
+}
 RENAMED = {"rounds": "num_server_rounds", "epsilon": "target_epsilon", "delta": "target_delta"}
 NEGATED = {"no_dp": "dp", "no_secagg": "secagg"}
 
 
-def training_settings(params: dict[str, Any]) -> dict[str, Any]:
-    """RunConfig keyword arguments from a command's training options (``ctx.params``); the rounds follow
-    epsilon when ``--rounds`` is left out (``shared.config.default_rounds``)."""
-    from shared.config import default_rounds
-
+def training_settings(values: dict[str, Any]) -> dict[str, Any]:
+    """RunConfig keyword arguments from the training options' values; the rounds follow epsilon when
+    ``--rounds`` is left out (``shared.config.default_rounds``)."""
     settings: dict[str, Any] = {}
-    for name in TRAINING_OPTIONS:
-        value = params[name]
+    for name, value in values.items():
         if name in NEGATED:
             settings[NEGATED[name]] = not value
         else:
@@ -93,6 +113,26 @@ def training_settings(params: dict[str, Any]) -> dict[str, Any]:
         settings["num_server_rounds"] = default_rounds(dp=settings["dp"], epsilon=settings["target_epsilon"],
                                                        head_init=settings["head_init"])
     return settings
+
+
+def with_training_options(command: Callable[..., None]) -> Callable[..., None]:
+    """The command with every training option added to its signature (what Typer reads); it receives
+    them as one ``training`` argument: RunConfig settings (``training_settings``)."""
+    hints = typing.get_type_hints(command, include_extras=True)
+    own = [p.replace(annotation=hints.get(p.name, p.annotation))
+           for p in inspect.signature(command).parameters.values() if p.name != "training"]
+    shared = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
+              for name, (annotation, default) in TRAINING.items()]
+
+    @functools.wraps(command)
+    def with_options(*args: Any, **kwargs: Any) -> None:
+        values = {name: kwargs.pop(name) for name in TRAINING}
+        return command(*args, **kwargs, training=training_settings(values))
+
+    del with_options.__wrapped__  # Typer reads the signature below, not the command's own
+    with_options.__signature__ = inspect.Signature(own + shared)  # type: ignore[attr-defined]
+    with_options.__annotations__ = {p.name: p.annotation for p in own + shared}
+    return with_options
 
 
 def _policy_value(text: str) -> bool | int | float:

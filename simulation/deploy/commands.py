@@ -9,7 +9,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -201,41 +201,22 @@ def department_start(
     _serve_until_interrupted(process, "the SuperNode", follow=(state_dir or kit / "state") / ACTIVITY_FILE, log=log)
 
 
+@opt.with_training_options
 def run(
-    ctx: typer.Context,
     kit: Annotated[Path, typer.Option(help="The server kit (its .flwr connection is written by `server start`).")],
     labels_file: Annotated[Path | None, typer.Option(help="The federation's labels, one per line (`fedpriv labels DATA...` writes it).")] = None,
     min_departments: Annotated[int | None, typer.Option(help="Departments a round needs: the run waits until that many are connected, and ends when fewer can still train.")] = None,
-    rounds: opt.Rounds = None,
-    head_init: opt.HeadInit = DEFAULTS.head_init,
-    local_epochs: opt.LocalEpochs = DEFAULTS.local_epochs,
     batch_size: Annotated[int, typer.Option(help="Expected batch size (Poisson sampling).")] = DEFAULTS.batch_size,
-    learning_rate: opt.LearningRate = DEFAULTS.learning_rate,
-    momentum: opt.Momentum = DEFAULTS.momentum,
-    statistics_share: opt.StatisticsShare = DEFAULTS.statistics_share,
-    max_grad_norm: opt.MaxGradNorm = DEFAULTS.max_grad_norm,
-    epsilon: opt.Epsilon = DEFAULTS.target_epsilon,
-    delta: opt.Delta = DEFAULTS.target_delta,
-    accountant: opt.Accountant = DEFAULTS.accountant,
-    model: opt.Model = DEFAULTS.model,
-    lora_r: opt.LoraR = DEFAULTS.lora_r,
-    lora_layers: opt.LoraLayers = DEFAULTS.lora_layers,
-    lora_alpha: opt.LoraAlpha = DEFAULTS.lora_alpha,
-    lora_targets: opt.LoraTargets = ",".join(DEFAULTS.lora_targets),
-    max_length: opt.MaxLength = DEFAULTS.max_length,
-    fraction_train: opt.FractionTrain = DEFAULTS.fraction_train,
-    val_fraction: opt.ValFraction = DEFAULTS.val_fraction,
     test_data: opt.TestData = None,
     secagg_max_weight: Annotated[int, typer.Option(help="SecAgg+ bound on a department's training records.")] = DEFAULTS.secagg_max_weight,
-    no_dp: opt.NoDp = False,
-    no_secagg: opt.NoSecagg = False,
-    secagg_num_shares: opt.SecaggNumShares = DEFAULTS.secagg_num_shares,
     secagg_timeout: Annotated[float, typer.Option(help="Seconds a SecAgg+ stage waits for a department before dropping it (the round goes on while the reconstruction threshold holds).")] = DEFAULTS.secagg_timeout_s,
     out: opt.Out = None,
     resume: Annotated[Path | None, typer.Option(help="Continue this stopped run folder from its last completed round (its own settings; only --kit is used).")] = None,
     budget: opt.DepartmentOwned = None,
     policy: opt.DepartmentOwned = None,
     label_scope: opt.DepartmentOwned = None,
+    *,
+    training: dict[str, Any],  # the shared training options (simulation.cli.options.TRAINING)
 ) -> None:
     """Run a federation on the deployed SuperLink (`flwr run` underneath), with the training options of `simulate`."""
     from simulation.deploy.launcher import submit_run
@@ -260,7 +241,7 @@ def run(
             raise ConfigError([f"{name} is required for a new run" for name in missing], source="fedpriv run options")
         labels = tuple(line.strip() for line in labels_file.read_text().splitlines() if line.strip())
         config = RunConfig(
-            **opt.training_settings(ctx.params), batch_size=batch_size, labels=labels, secagg_timeout_s=secagg_timeout,
+            **training, min_departments=min_departments, batch_size=batch_size, labels=labels, secagg_timeout_s=secagg_timeout,
             secagg_max_weight=secagg_max_weight, transport=transport, run_uid=uuid.uuid4().hex[:12],
             # the provisioned key of every department: each reply must be signed by its department's
             department_keys=json.dumps(json.loads((kit / "departments.json").read_text())["departments"])

@@ -8,23 +8,22 @@ rounds; everything that matters for privacy is on disk (``client.privacy.Privacy
 
 from __future__ import annotations
 
-import functools
 import json
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import numpy as np
 import torch
 from flwr.client import NumPyClient
-from torch.utils.data import TensorDataset
 
 from client.activity import activity_line, record_activity
 from client.class_statistics import plan_stage_one, release_statistics
-from client.department_data import DepartmentData, DepartmentSettings, load_department
+from client.department_data import DepartmentSettings
 from client.dp_training import train_plain, train_private
 from client.label_scope import scoped_head
+from client.prepared_data import PreparedData, prepare, shared_classifier, train_features
 from client.privacy import MECHANISM_CLASS_COUNTS, MECHANISM_CLASS_SUMS, PrivacyLedger
 from client.secure_aggregation import MASKED_BY_SECAGG, check_weight, out_of_range, update_delta
 from client.update_replay import load_update, request_key, save_update
@@ -34,60 +33,10 @@ from shared.config import RunConfig
 from shared.data import safe_name
 from shared.errors import BudgetExhausted, ConfigError, DataError, FedprivError, LedgerError, TrainingError
 from shared.evaluation import evaluate_module
-from shared.features import cached_features, labelled_dataset
-from shared.model import TextClassifier, build_classifier, load_backbone, trainable_names
+from shared.model import load_backbone, trainable_names
 from shared.params import get_trainable, set_trainable
 from shared.reply_signature import reply_message, sign
-from shared.top_layers import CachedTopLayers, top_layer_dataset
-
-
-@functools.lru_cache(maxsize=2)
-def shared_classifier(
-    model: str, num_labels: int, lora_r: int, lora_alpha: int, lora_targets: tuple[str, ...], lora_layers: int = 0,
-) -> TextClassifier:
-    """One classifier per process: all departments served by a process share its frozen backbone."""
-    backbone = load_backbone(model)
-    return build_classifier(
-        backbone, num_labels=num_labels, lora_r=lora_r, lora_alpha=lora_alpha, lora_targets=lora_targets,
-        lora_layers=lora_layers,
-    )
-
-
-@dataclass(frozen=True)
-class PreparedData:
-    department: DepartmentData
-    train: TensorDataset  # (*inputs, labels): (features,) head-only, (input_ids, attention_mask) with LoRA
-    val: TensorDataset
-    test: TensorDataset | None
-
-
-@functools.lru_cache(maxsize=16)
-def prepare(settings: DepartmentSettings, config: RunConfig) -> PreparedData:
-    department = load_department(settings, config)
-    backbone = load_backbone(config.model)
-
-    def tensors(records) -> TensorDataset:
-        if config.lora_layers:  # stage 2 on the top layers: cached states at their input
-            return top_layer_dataset(backbone, records, labels=config.labels, max_length=config.max_length,
-                                     count=config.lora_layers)
-        return labelled_dataset(
-            backbone, records, labels=config.labels, max_length=config.max_length,
-            head_only=config.head_only, cache_dir=settings.feature_cache,
-        )
-
-    test = tensors(department.test) if department.test else None
-    return PreparedData(department, tensors(department.train), tensors(department.val), test)
-
-
-def train_features(settings: DepartmentSettings, config: RunConfig, data: PreparedData) -> tuple[torch.Tensor, torch.Tensor]:
-    """The training records' frozen-backbone features (N, H) and label indices (N,), for stage 1."""
-    if config.head_only:
-        features, targets = data.train.tensors
-        return features, targets
-    texts = [r.text for r in data.department.train]
-    features = cached_features(load_backbone(config.model), texts, max_length=config.max_length,
-                               cache_dir=settings.feature_cache)
-    return features, data.train.tensors[-1]
+from shared.top_layers import CachedTopLayers
 
 
 def shareable_reason(error: FedprivError) -> str:

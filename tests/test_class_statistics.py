@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from client.class_statistics import StatisticsPlan, class_sums, plan_statistics, release_statistics
-from client.department import DepartmentClient, prepare, shared_classifier
+from client.department import DepartmentClient
 from client.department_data import resolve_department
+from client.prepared_data import prepare, shared_classifier
 from client.privacy import MECHANISM_CLASS_COUNTS, MECHANISM_CLASS_SUMS, MECHANISM_DP_SGD, PrivacyLedger
 from server.class_statistics import federation_sums, nearest_class_mean_head
 from shared import protocol
@@ -218,6 +219,6 @@ def test_a_consenting_department_adds_its_share_and_its_ledger_records_both_epsi
 
 
 def client_features(client, config):
-    from client.department import train_features
+    from client.prepared_data import train_features
 
     return train_features(client.settings, config, prepare(client.settings, config))

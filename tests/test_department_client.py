@@ -7,8 +7,9 @@ import re
 import numpy as np
 import pytest
 
-from client.department import DepartmentClient, prepare, shared_classifier
+from client.department import DepartmentClient
 from client.department_data import resolve_department
+from client.prepared_data import prepare, shared_classifier
 from client.privacy import LEDGER_FILE, PrivacyLedger
 from shared import protocol
 from shared.config import RunConfig
@@ -209,7 +210,7 @@ def test_each_round_a_department_serves_is_one_line_of_its_activity_log(tmp_path
 
 
 def client_records(client):
-    from client.department import prepare
+    from client.prepared_data import prepare
 
     return prepare(client.settings, client.config).department.train
 

@@ -5,6 +5,10 @@ Partitioners, all deterministic for a given seed:
 - ``by_domain``: a mapping domain -> labels, e.g. CLINC150's 10 domains (label-disjoint departments);
 - ``dirichlet``: label skew, each label's records spread over departments by Dirichlet(alpha);
 - ``iid``: a uniform random split.
+
+They are written here rather than taken from flwr-datasets, whose partitioners work on Hugging Face
+``datasets`` objects: that package (and pyarrow) would be a large dependency of every department
+for four short functions over plain records.
 """
 
 from __future__ import annotations

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from client.class_statistics import class_sums, plan_stage_one, release_statistics
+from shared import protocol
 from shared.accounting import epsilon_of
 from shared.config import RunConfig
 from shared.data import DEFAULT_COLUMNS, Columns
@@ -114,9 +115,9 @@ def _dp_sgd_scores(backbone, settings, data, config: RunConfig, *, canaries: int
 
 
 STAGES = {
-    "class-statistics": ("stage 1: each department's class-statistics release (white-box: canary features at the "
+    protocol.STAGE_STATISTICS: ("stage 1: each department's class-statistics release (white-box: canary features at the "
                          "release, scored against the department's exact sums)", _stage_one_scores),
-    "dp-sgd": ("stage 2: each department's DP-SGD rounds (canary records with labels of their own, scored by how much "
+    protocol.STAGE_DP_SGD: ("stage 2: each department's DP-SGD rounds (canary records with labels of their own, scored by how much "
                "training raised their own logit)", _dp_sgd_scores),
 }
 
@@ -175,7 +176,7 @@ def audit_departments(config: RunConfig, departments: list, *, canaries: int, se
         raise DataError(f"--canaries must be at least 10 (got {canaries}): fewer guesses cannot bound epsilon")
     backbone = load_backbone(config.model)
     rng = np.random.default_rng(seed)
-    stages = [name for name, ran in (("class-statistics", config.statistics_round), ("dp-sgd", config.dp_sgd_rounds)) if ran]
+    stages = [name for name, ran in ((protocol.STAGE_STATISTICS, config.statistics_round), (protocol.STAGE_DP_SGD, config.dp_sgd_rounds)) if ran]
     confidence = 1 - (1 - CONFIDENCE) / len(stages)  # every stage's bound holds together at CONFIDENCE
     results = []
     for stage in stages:

@@ -181,6 +181,12 @@ class FedprivStrategy(FedAvg):
                 "no aggregate this round: secure aggregation halted (fewer departments than its threshold "
                 "answered) or every department failed; the global model is unchanged"
             ])
+        if self.run_config.dp:
+            # Under DP a department keeps its evaluation to itself (the server picks the model it would
+            # evaluate): asking would cost every department a message and a model load per round for
+            # nothing. The server's own test split is the evaluation; the round's record is complete.
+            self.recorder.flush_round(current.number)
+            return []
         last = current.number == self.run_config.num_server_rounds
         request = protocol.EvaluateRequest(server_round=current.number, backbone_fingerprint=self.backbone_fingerprint,
                                            split=protocol.SPLIT_TEST if last else protocol.SPLIT_VAL)

@@ -119,3 +119,11 @@ def test_flowers_secagg_workflow_drives_the_strategy_to_the_weighted_average(tmp
     np.testing.assert_allclose(np.concatenate([a.ravel() for a in parameters_to_ndarrays(fed.latest_parameters)]),
                                expected, atol=1e-3)  # the strategy added the unmasked average to the model
     assert fed.recorder.rounds[1]["aggregate_check"] == "passed"
+
+
+def test_under_dp_no_department_is_asked_to_evaluate_and_the_round_is_recorded(tmp_path):
+    fed = strategy(tmp_path, secagg=False, dp=True, head_init="zeros", num_server_rounds=2)
+    begin(fed, "hr", "it")
+    fed.aggregate_fit(1, [reply("hr", honest(0.1), 100), reply("it", honest(0.1), 100)], [])
+    assert fed.configure_evaluate(1, fed.latest_parameters, online("hr", "it")) == []  # they would withhold it
+    assert [json.loads(line)["round"] for line in (tmp_path / "rounds.jsonl").read_text().splitlines()] == [1]

@@ -19,7 +19,7 @@ from flwr.server import Grid, LegacyContext, ServerConfig
 from flwr.server.workflow import DefaultWorkflow
 
 from server.evaluation import make_server_evaluator
-from server.run_folder import AUDIT_DIR, CHECKPOINTS_DIR
+from server.run_folder import CHECKPOINTS_DIR
 from server.run_record import RunRecorder
 from server.secure_aggregation import AuditedSecAggPlusWorkflow
 from server.strategy import FederationEnded, FedprivStrategy
@@ -46,9 +46,6 @@ def run_federation(grid: Grid, context: Context, config: RunConfig, recorder: Ru
     if resumes_a_trained_model(config, recorder):
         set_trainable(classifier, resume_parameters(config, backbone_fingerprint=backbone.fingerprint,
                                                     names=trainable_names(classifier)))
-    audit_dir = Path(config.out_dir) / AUDIT_DIR if config.audit_updates else None
-    if audit_dir is not None:
-        audit_dir.mkdir(parents=True, exist_ok=True)
     strategy = FedprivStrategy(
         config=config,
         recorder=recorder,
@@ -61,7 +58,7 @@ def run_federation(grid: Grid, context: Context, config: RunConfig, recorder: Ru
     )
     remaining = config.num_server_rounds - config.resume_after_round
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=remaining), strategy=strategy)
-    fit_workflow = AuditedSecAggPlusWorkflow(config=config, audit_dir=audit_dir) if config.secagg else None
+    fit_workflow = AuditedSecAggPlusWorkflow(config=config, audit_dir=recorder.audit_dir) if config.secagg else None
     try:
         DefaultWorkflow(fit_workflow=fit_workflow)(grid, legacy)
     except FederationEnded as ended:

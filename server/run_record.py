@@ -39,7 +39,11 @@ class RunRecorder:
         self.rounds: dict[int, dict[str, Any]] = {}
         self.started = time.time()
         self.ended_early = ""
+        # with audit-updates: what the server held of each round (masked replies, unmasked aggregates)
+        self.audit_dir = out_dir / AUDIT_DIR if config.audit_updates else None
         out_dir.mkdir(parents=True, exist_ok=True)
+        if self.audit_dir is not None:
+            self.audit_dir.mkdir(exist_ok=True)
         (out_dir / LEDGERS_DIR).mkdir(exist_ok=True)
         feed = out_dir / ROUNDS_FILE
         if config.resume_after_round:
@@ -92,10 +96,8 @@ class RunRecorder:
 
     def record_aggregate(self, server_round: int, average: list[np.ndarray]) -> None:
         """With ``audit-updates``: the aggregate the server unmasked, for the audit beside each department's reply."""
-        if self.config.audit_updates:
-            folder = self.out_dir / AUDIT_DIR
-            folder.mkdir(exist_ok=True)
-            np.savez(folder / f"aggregate-round-{server_round:03d}.npz", *average)
+        if self.audit_dir is not None:
+            np.savez(self.audit_dir / f"aggregate-round-{server_round:03d}.npz", *average)
 
     def record_model(self, server_round: int, arrays: dict[str, np.ndarray], *, backbone_fingerprint: str) -> None:
         """The global trainable parameters after a round: the checkpoint a resumed run starts from."""

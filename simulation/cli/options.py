@@ -71,33 +71,43 @@ def module_names(text: str) -> tuple[str, ...]:
     return tuple(name.strip() for name in text.split(",") if name.strip())
 
 
-# The training options `simulate` and `run` share: each declared once here (its option, help and
-# default) and each a RunConfig setting, by its own name or renamed / negated below.
-TRAINING: dict[str, tuple[Any, Any]] = {
-    "rounds": (Rounds, None),
-    "head_init": (HeadInit, DEFAULTS.head_init),
-    "local_epochs": (LocalEpochs, DEFAULTS.local_epochs),
-    "learning_rate": (LearningRate, DEFAULTS.learning_rate),
-    "momentum": (Momentum, DEFAULTS.momentum),
-    "statistics_share": (StatisticsShare, DEFAULTS.statistics_share),
-    "max_grad_norm": (MaxGradNorm, DEFAULTS.max_grad_norm),
-    "epsilon": (Epsilon, DEFAULTS.target_epsilon),
-    "delta": (Delta, DEFAULTS.target_delta),
-    "accountant": (Accountant, DEFAULTS.accountant),
-    "model": (Model, DEFAULTS.model),
-    "lora_r": (LoraR, DEFAULTS.lora_r),
-    "lora_layers": (LoraLayers, DEFAULTS.lora_layers),
-    "lora_alpha": (LoraAlpha, DEFAULTS.lora_alpha),
-    "lora_targets": (LoraTargets, ",".join(DEFAULTS.lora_targets)),
-    "max_length": (MaxLength, DEFAULTS.max_length),
-    "fraction_train": (FractionTrain, DEFAULTS.fraction_train),
-    "val_fraction": (ValFraction, DEFAULTS.val_fraction),
-    "no_dp": (NoDp, False),
-    "no_secagg": (NoSecagg, False),
-    "secagg_num_shares": (SecaggNumShares, DEFAULTS.secagg_num_shares),
+# The training options `simulate` and `run` share, each declared once here (its option and help above),
+# each a RunConfig setting by its own name or renamed / negated below; its default is that setting's.
+TRAINING: dict[str, Any] = {
+    "rounds": Rounds,
+    "head_init": HeadInit,
+    "local_epochs": LocalEpochs,
+    "learning_rate": LearningRate,
+    "momentum": Momentum,
+    "statistics_share": StatisticsShare,
+    "max_grad_norm": MaxGradNorm,
+    "epsilon": Epsilon,
+    "delta": Delta,
+    "accountant": Accountant,
+    "model": Model,
+    "lora_r": LoraR,
+    "lora_layers": LoraLayers,
+    "lora_alpha": LoraAlpha,
+    "lora_targets": LoraTargets,
+    "max_length": MaxLength,
+    "fraction_train": FractionTrain,
+    "val_fraction": ValFraction,
+    "no_dp": NoDp,
+    "no_secagg": NoSecagg,
+    "secagg_num_shares": SecaggNumShares,
 }
 RENAMED = {"rounds": "num_server_rounds", "epsilon": "target_epsilon", "delta": "target_delta"}
 NEGATED = {"no_dp": "dp", "no_secagg": "secagg"}
+
+
+def _default(name: str) -> Any:
+    """An option's default: its setting's default (``--rounds`` left out: rounds follow epsilon)."""
+    if name == "rounds":
+        return None
+    if name in NEGATED:
+        return False  # the setting is on by default; the option switches it off
+    value = getattr(DEFAULTS, RENAMED.get(name, name))
+    return ",".join(value) if isinstance(value, tuple) else value
 
 
 def training_settings(values: dict[str, Any]) -> dict[str, Any]:
@@ -121,8 +131,8 @@ def with_training_options(command: Callable[..., None]) -> Callable[..., None]:
     hints = typing.get_type_hints(command, include_extras=True)
     own = [p.replace(annotation=hints.get(p.name, p.annotation))
            for p in inspect.signature(command).parameters.values() if p.name != "training"]
-    shared = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
-              for name, (annotation, default) in TRAINING.items()]
+    shared = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=option, default=_default(name))
+              for name, option in TRAINING.items()]
 
     @functools.wraps(command)
     def with_options(*args: Any, **kwargs: Any) -> None:

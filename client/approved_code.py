@@ -14,13 +14,12 @@ Approving a new version (README, "Approved code"): the department reviews the co
 FAB with ``flwr build`` (deterministic: fixed timestamps) or ``fedpriv department approve --kit KIT
 --app DIR``, and adds its hash to the kit; the old hash can stay or be removed.
 
-    python -m client.approved_code --approved-fab-sha256 H [--approved-fab-sha256 H2] FLOWER_SUPERNODE_ARGS...
+``client.department_supernode`` is the SuperNode process that installs it.
 """
 
 from __future__ import annotations
 
 import hashlib
-import sys
 from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
@@ -59,7 +58,7 @@ def approved_only(get_fab: Callable[[str, int], Any], approved: Collection[str])
     return checked
 
 
-def install(approved: Collection[str]) -> None:
+def install_approval(approved: Collection[str]) -> None:
     """Make this process's SuperNode fetch FABs only through ``approved_only``."""
     if not approved:
         raise UnapprovedCode(f"no approved app code: the kit's department.toml has no {KIT_KEY}")
@@ -71,28 +70,3 @@ def install(approved: Collection[str]) -> None:
         return original(*args, get_fab=approved_only(get_fab, approved), **kwargs)
 
     setattr(supernode, "_pull_and_store_message", pull_approved)  # Flower's function, replaced
-
-
-def main(argv: list[str]) -> None:
-    approved, rest = [], []
-    index = 0
-    while index < len(argv):
-        if argv[index] == "--approved-fab-sha256" and index + 1 < len(argv):
-            approved.append(argv[index + 1])
-            index += 2
-        else:
-            rest.append(argv[index])
-            index += 1
-    install(approved)
-    from flwr.supernode.cli import flower_supernode
-
-    sys.argv = ["flower-supernode", *rest]
-    try:
-        flower_supernode()
-    except UnapprovedCode as refused:
-        print(f"fedpriv: {refused}", file=sys.stderr)
-        raise SystemExit(3) from None
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

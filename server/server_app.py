@@ -8,6 +8,7 @@ from flwr.common import Context
 from flwr.server import Grid, ServerApp
 
 from server.federation import run_federation
+from server.prompt_grid import PromptGrid
 from server.report import write_report
 from server.run_record import RunRecorder
 from shared.config import RunConfig
@@ -26,7 +27,7 @@ def main(grid: Grid, context: Context) -> None:
     config = RunConfig.from_run_config(context.run_config)
     recorder = RunRecorder(Path(config.out_dir), config=config, run_id=context.run_id)
     try:
-        run_federation(grid, context, config, recorder)
+        run_federation(PromptGrid(grid), context, config, recorder)
     except FedprivError as exc:
         recorder.finish(state="failed", message=str(exc))
         raise

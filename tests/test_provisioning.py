@@ -155,7 +155,7 @@ def test_a_kits_budget_policy_and_label_scope_reach_the_department(tmp_path, kit
 def test_a_department_runs_only_the_app_code_it_approved(tmp_path, kits):
     from types import SimpleNamespace
 
-    from client.approved_code import UnapprovedCode, approved_only, fab_sha256, install
+    from client.approved_code import UnapprovedCode, approved_only, fab_sha256, install_approval
     from simulation.deploy.launcher import app_dir
     from simulation.deploy.supernode import approve, supernode_command
 
@@ -164,7 +164,7 @@ def test_a_department_runs_only_the_app_code_it_approved(tmp_path, kits):
     data.write_text("text,label\nmy leave request,leave\n")
     command, _ = supernode_command(kits.department_kits["hr"], data=data, superlink=None, state_dir=tmp_path / "s",
                                    insecure=False, epsilon=None)
-    assert command[1:3] == ["-m", "client.approved_code"] and command[command.index("--approved-fab-sha256") + 1] == APPROVED
+    assert command[1:3] == ["-m", "client.department_supernode"] and command[command.index("--approved-fab-sha256") + 1] == APPROVED
 
     # the attack: the server ships modified client code; its FAB hash differs, the SuperNode refuses it
     genuine, modified = b"fab of the reviewed code", b"fab with a client/site_policy.py that ignores budgets"
@@ -181,12 +181,12 @@ def test_a_department_runs_only_the_app_code_it_approved(tmp_path, kits):
 
     original = start_client_internal._pull_and_store_message
     try:
-        install({"a" * 64})
+        install_approval({"a" * 64})
         assert start_client_internal._pull_and_store_message is not original
     finally:
         start_client_internal._pull_and_store_message = original
     with pytest.raises(UnapprovedCode, match="no approved app code"):
-        install(set())
+        install_approval(set())
 
     # approving a new version adds its hash (the FAB `flwr run .` would build from the reviewed folder)
     kit = tmp_path / "kit"
@@ -236,7 +236,7 @@ def test_department_start_refuses_a_budget_its_ledger_has_spent_and_says_what_to
     assert "department hr: its budget epsilon=4.0 is spent" in message and "raise its budget knowingly" in message
     # a raised budget (the department's own decision) starts, as does a fresh department
     command, _ = supernode_command(kit, data=data, superlink="127.0.0.1:1", state_dir=state, insecure=True, epsilon=6.0)
-    assert "client.approved_code" in command
+    assert "client.department_supernode" in command
     supernode_command(kit, data=data, superlink="127.0.0.1:1", state_dir=tmp_path / "fresh", insecure=True, epsilon=4.0)
 
 
@@ -380,7 +380,8 @@ def test_the_fab_ships_the_apps_and_everything_they_import_and_nothing_else(tmp_
         sources = {name: fab.read(name).decode() for name in shipped}
     assert {name.split("/")[0] for name in shipped} == {"server", "client", "shared"}
     assert "server/server_app.py" in shipped and "client/client_app.py" in shipped
-    assert "client/approved_code.py" not in shipped  # the department's own SuperNode runs it, from its install
+    # the department's own SuperNode runs these, from its install
+    assert "client/approved_code.py" not in shipped and "client/department_supernode.py" not in shipped
     first_party = ("server", "client", "shared", "simulation", "tests")
     missing = []
     for name, source in sources.items():

@@ -64,8 +64,14 @@ SUPEREXEC_POLL_INTERVAL_S = "0.1"
 
 
 def environment(home: Path) -> dict[str, str]:
-    """This process's environment with the offline switches, a shorter SuperExec poll and the given FLWR_HOME."""
+    """This process's environment with the offline switches, a shorter SuperExec poll and the given FLWR_HOME.
+
+    This environment's scripts come first on PATH: Flower's SuperLink and SuperNode start
+    ``flower-superexec``, and it ``flwr-serverapp``/``flwr-clientapp``, by name, so a ``fedpriv``
+    called by its full path from a virtual environment that is not activated still finds them.
+    """
     env = dict(apply_offline_defaults(dict(os.environ)))
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), *filter(None, [env.get("PATH")])])
     env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", SUPEREXEC_POLL_INTERVAL_S)
     env["FLWR_HOME"] = str(home)
     return env

@@ -103,7 +103,7 @@ def supernode_command(
     node_config_file.write_text(tomli_w.dumps(node_config))
     pin = [arg for digest in approved for arg in ("--approved-fab-sha256", digest)]
     # Not flower-supernode itself: the same SuperNode, started so that it runs only approved FABs.
-    command = [sys.executable, "-m", "client.approved_code", *pin, "--superlink", address, "--node-config", str(node_config_file),
+    command = [sys.executable, "-m", "client.department_supernode", *pin, "--superlink", address, "--node-config", str(node_config_file),
                "--port", str(free_port()), "--max-wait-time", str(MAX_WAIT_S)]
     if insecure:
         command.append("--insecure")

@@ -1,0 +1,100 @@
+"""Deployed rounds wait less: the ServerApp and each department's SuperNode pull promptly, same contract."""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from client.approved_code import UnapprovedCode
+from client.department_supernode import install_prompt_pulls, prompt_pulls
+from server.prompt_grid import PromptGrid
+
+
+class ScriptedGrid:
+    """A grid whose replies to pushed messages appear at the given pull (1-based), or never (None)."""
+
+    def __init__(self, *, ready_at: dict[str, int | None]) -> None:
+        self.ready_at = ready_at
+        self.pulls = 0
+        self.pushed: list[str] = []
+
+    def push_messages(self, messages):
+        self.pushed = [message.id for message in messages]
+        return list(self.pushed)
+
+    def pull_messages(self, message_ids):
+        self.pulls += 1
+        wanted = set(message_ids)
+        return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=mid))
+                for mid, at in self.ready_at.items() if mid in wanted and at is not None and at <= self.pulls]
+
+    def get_node_ids(self):
+        return [11, 12]
+
+
+def messages(*ids: str) -> list[SimpleNamespace]:
+    return [SimpleNamespace(id=mid) for mid in ids]
+
+
+def test_the_server_collects_every_reply_as_soon_as_it_is_in_not_3_s_later():
+    flower = ScriptedGrid(ready_at={"a": 1, "b": 4})
+    grid = PromptGrid(flower, poll_interval_s=0.01)  # type: ignore[arg-type]
+    started = time.monotonic()
+    replies = grid.send_and_receive(messages("a", "b"), timeout=None)
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == ["a", "b"]
+    assert flower.pulls == 4  # pulled until the last reply, not once more
+    assert time.monotonic() - started < 1.0  # Flower's own grid would have slept 3 s three times
+    assert list(grid.get_node_ids()) == [11, 12]  # everything else is the wrapped grid's
+
+
+def test_the_server_stops_waiting_at_the_timeout_with_the_replies_it_has():
+    flower = ScriptedGrid(ready_at={"a": 2, "b": None})
+    grid = PromptGrid(flower, poll_interval_s=0.01)  # type: ignore[arg-type]
+    started = time.monotonic()
+    replies = grid.send_and_receive(messages("a", "b"), timeout=0.2)
+    assert [r.metadata.reply_to_message_id for r in replies] == ["a"]
+    assert 0.2 <= time.monotonic() - started < 1.0
+
+
+def test_a_department_pulls_again_until_a_message_arrives_and_passes_refusals_on():
+    answers = iter([None, None, 7])
+    calls = []
+
+    def pull(*args, **kwargs):
+        calls.append((args, kwargs))
+        return next(answers)
+
+    assert prompt_pulls(pull, interval_s=0.001)("state", get_fab="f") == 7
+    assert calls == [(("state",), {"get_fab": "f"})] * 3
+
+    def refusing(*args, **kwargs):
+        raise UnapprovedCode("not approved")
+
+    with pytest.raises(UnapprovedCode):  # the approval check still stops the SuperNode
+        prompt_pulls(refusing, interval_s=0.001)()
+
+
+def test_the_prompt_pull_is_what_flowers_supernode_loop_calls():
+    from flwr.supernode import start_client_internal
+
+    original = start_client_internal._pull_and_store_message
+    try:
+        install_prompt_pulls(interval_s=0.001)
+        assert start_client_internal._pull_and_store_message is not original
+        assert start_client_internal._pull_and_store_message.__name__ == "pull_until_a_message"
+    finally:
+        start_client_internal._pull_and_store_message = original
+
+
+def test_flower_processes_find_this_environments_commands_without_an_activated_environment(tmp_path, monkeypatch):
+    import sys
+    from pathlib import Path
+
+    from simulation.deploy.processes import environment
+
+    monkeypatch.setenv("PATH", "/usr/bin")
+    env = environment(tmp_path)
+    assert env["PATH"].split(":")[0] == str(Path(sys.executable).parent)
+    assert (Path(env["PATH"].split(":")[0]) / "flower-superexec").exists()

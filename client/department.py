@@ -183,8 +183,9 @@ class DepartmentClient(NumPyClient):
         scope_rows = [cfg.labels.index(label) for label in scope] if scope else None
         shares, refused = policy.noise_shares(requested=cfg.distributed_noise and cfg.dp, secagg=secagg)
         refusals += refused
-        if shares > 1 and scope_rows is None:
-            scope_rows = list(range(len(cfg.labels)))  # no count-based selection on a noise share: every row
+        if shares > 1:  # a noise share on every row, in or out of a scope, so that every row of the sum has the
+            # whole release's noise (a label one department alone holds would otherwise carry one share); no counts
+            scope_rows = list(range(len(cfg.labels)))
         features, targets = train_features(self.settings, cfg, data)
         plan, ledger = None, None
         if cfg.dp:

@@ -31,7 +31,7 @@ def unit_features(count: int, dim: int = 8, *, seed: int = 0) -> torch.Tensor:
 @pytest.mark.parametrize(("epsilon", "sigma"), [(1.0, 3.765), (3.0, 1.395), (8.0, 0.601)])
 def test_sums_only_release_is_calibrated_to_pinned_prv_values(epsilon, sigma):
     plan = plan_statistics(target_epsilon=epsilon, delta=1e-5, prior=[], accountant="prv", count_share=0.1,
-                           threshold=3.0, release_counts=False)
+                           count_offset=0.5, full_weight_count=100.0, release_counts=False)
     assert plan.counts_sigma == 0 and plan.mechanisms == [(plan.sums_sigma, 1.0, 1)]
     assert plan.sums_sigma == pytest.approx(sigma, abs=0.005)
     assert epsilon_of(plan.mechanisms, delta=1e-5, accountant="prv") <= epsilon + 1e-9
@@ -41,7 +41,7 @@ def test_sums_only_release_is_calibrated_to_pinned_prv_values(epsilon, sigma):
 def test_counts_and_sums_split_one_gaussian_budget_and_compose_with_earlier_spending(accountant):
     prior = [(1.2, 0.05, 40)]  # an earlier DP-SGD run on the same records
     plan = plan_statistics(target_epsilon=6.0, delta=1e-5, prior=prior, accountant=accountant, count_share=0.1,
-                           threshold=3.0, release_counts=True)
+                           count_offset=0.5, full_weight_count=100.0, release_counts=True)
     combined = 1 / math.sqrt(1 / plan.counts_sigma**2 + 1 / plan.sums_sigma**2)
     assert plan.counts_sigma == pytest.approx(combined / math.sqrt(0.1))
     assert plan.sums_sigma == pytest.approx(combined / math.sqrt(0.9))
@@ -66,26 +66,40 @@ def test_features_beyond_unit_norm_are_refused():
                            scope_rows=None, generator=None)
 
 
-def test_noise_on_released_rows_has_the_ledger_sigma_and_other_rows_stay_exactly_zero():
+def test_row_weights_grow_with_the_noisy_count_from_zero_to_one():
+    plan = StatisticsPlan(sums_sigma=0.7, counts_sigma=2.0, count_offset=0.5, full_weight_count=100.0)
+    weights = plan.row_weights(torch.tensor([-5.0, 1.0, 1.5, 51.0, 101.0, 500.0], dtype=torch.float64))
+    assert weights.tolist() == pytest.approx([0.0, 0.0, 0.005, 0.5, 1.0, 1.0])
+
+
+def test_noise_on_released_rows_has_the_ledger_sigma_and_rows_of_weight_zero_stay_exactly_zero():
     features = unit_features(60)
     targets = torch.tensor([0] * 30 + [1] * 30)  # labels 2 and 3: no records
-    plan = StatisticsPlan(sums_sigma=0.7, counts_sigma=2.0, threshold=3.0)
+    plan = StatisticsPlan(sums_sigma=0.7, counts_sigma=2.0, count_offset=0.5, full_weight_count=100.0)
     exact, _ = class_sums(features, targets, num_labels=4)
-    noise = []
+    noise, empty_rows_released = [], 0
     for seed in range(200):
         release = release_statistics(features, targets, num_labels=4, plan=plan, scope_rows=None,
                                      generator=torch.Generator().manual_seed(seed))
-        assert release.released_labels == 2  # 30 records clear 3 x 2.0; an empty label almost never does
-        assert torch.equal(release.sums[2:], torch.zeros(2, 8, dtype=torch.float64))
-        noise.append((release.sums[:2] - exact[:2]).flatten())
+        assert torch.equal(release.weights, plan.row_weights(release.counts))  # read off the released counts only
+        assert bool((release.weights[:2] > 0.2).all())  # 30 records: weight about (30 - 1) / 100
+        for row in range(4):
+            if release.weights[row] == 0:
+                assert torch.equal(release.sums[row], torch.zeros(8, dtype=torch.float64))
+            else:  # the weight multiplies the already noised sum: the Gaussian mechanism, then post-processing
+                noise.append(release.sums[row] / release.weights[row] - exact[row])
+                empty_rows_released += row >= 2
+        assert release.released_labels == int((release.weights > 0).sum())
     assert float(torch.cat(noise).std()) == pytest.approx(0.7, rel=0.05)
+    assert 0.2 * 400 < empty_rows_released < 0.42 * 400  # P(noise > 0.5 deviations) = 0.31, each with a tiny weight
 
 
 def test_a_declared_scope_releases_its_rows_only_and_no_counts():
-    plan = StatisticsPlan(sums_sigma=0.5, counts_sigma=0.0, threshold=3.0)
+    plan = StatisticsPlan(sums_sigma=0.5, counts_sigma=0.0, count_offset=0.5, full_weight_count=100.0)
     release = release_statistics(unit_features(10), torch.zeros(10, dtype=torch.long), num_labels=3, plan=plan,
                                  scope_rows=[0, 2], generator=torch.Generator().manual_seed(0))
     assert torch.equal(release.counts, torch.zeros(3, dtype=torch.float64))
+    assert release.weights.tolist() == [1.0, 0.0, 1.0]  # the declared rows, whole
     assert torch.equal(release.sums[1], torch.zeros(8, dtype=torch.float64)) and release.released_labels == 2
     assert bool((release.sums[2] != 0).all())  # noise only: the scope's empty label
 
@@ -109,7 +123,7 @@ def test_without_noise_the_federated_head_equals_the_centralized_one():
 
 def test_stage_one_composes_with_dp_sgd_in_the_ledger(tmp_path):
     ledger = PrivacyLedger(tmp_path, department="hr")
-    plan = StatisticsPlan(sums_sigma=1.5, counts_sigma=4.5, threshold=3.0)
+    plan = StatisticsPlan(sums_sigma=1.5, counts_sigma=4.5, count_offset=0.5, full_weight_count=100.0)
     names = [MECHANISM_CLASS_COUNTS, MECHANISM_CLASS_SUMS]
     ledger.record(run="r", server_round=1, mechanisms=list(zip(names, plan.mechanisms, strict=True)),
                   accountant="prv", delta=1e-5, budget=8.0)
@@ -222,3 +236,29 @@ def client_features(client, config):
     from client.prepared_data import train_features
 
     return train_features(client.settings, config, prepare(client.settings, config))
+
+
+def test_under_distributed_noise_a_declared_scope_still_adds_a_noise_share_to_every_row(tmp_path):
+    """The attack this closes: with shares only on its scope's rows, a label that one department alone
+    declares would carry one 1/sqrt(m) share in the aggregate, not a whole release's noise, and the
+    epsilon its ledger records against the aggregate would not hold."""
+    from shared.data import Record, write_jsonl
+    from tests.test_department_client import TEXTS
+
+    shared_classifier.cache_clear()
+    prepare.cache_clear()
+    scope = ("expense", "password")
+    write_jsonl([Record(f"{t} {i}", label) for label in scope for t in TEXTS[label] for i in range(12)],
+                tmp_path / "finance.jsonl")
+    config = RunConfig(model="tiny", labels=LABELS, batch_size=16, target_delta=1e-4, secagg_max_weight=200,
+                       out_dir=str(tmp_path / "out"), target_epsilon=3.0, distributed_noise=True)
+    node = {"department": "finance", "data-path": str(tmp_path / "finance.jsonl"), "state-dir": str(tmp_path / "state"),
+            "distributed-noise": "true", "min-departments": 4, "label-scope": ",".join(scope)}
+    client = DepartmentClient(config=config, settings=resolve_department(config, node), run_id=7)
+    arrays, _, metrics = fit(client, get_trainable(client.classifier), statistics_request(config) | {protocol.AGGREGATE_SIZE: 4})
+    assert metrics[protocol.STATUS] == protocol.STATUS_TRAINED
+    entry = PrivacyLedger(tmp_path / "state", department="finance").entries[-1]
+    assert entry.noise_shares == 4
+    outside = arrays[0][LABELS.index("room")]  # not in its scope: no records, but its share of the noise
+    assert np.all(outside != 0) and float(outside.std()) * config.statistics_scale == pytest.approx(
+        entry.noise_multiplier / 2, rel=0.35)

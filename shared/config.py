@@ -32,8 +32,10 @@ class RunConfig:
     num_server_rounds: int = 1
     head_init: str = "class-statistics"  # "zeros": no stage 1, every round DP-SGD from a zero head
     statistics_share: float = 0.35  # of the run's epsilon, for stage 1 when DP-SGD rounds follow it
-    statistics_count_share: float = 0.1  # of stage 1's noise precision, for the noisy counts that pick the labels
-    statistics_count_threshold: float = 3.0  # a label is released above this many count-noise deviations
+    statistics_count_share: float = 0.1  # of stage 1's noise precision, for the noisy counts that weigh the rows
+    # a class-sum row's weight: clip((noisy count - offset x count-noise deviation) / full-weight count, 0, 1)
+    statistics_count_offset: float = 0.5
+    statistics_full_weight_count: float = 100.0
     ncm_logit_scale: float = 30.0
     # Stage 1 with distributed noise: each consenting department adds only its share of the noise,
     # so the SecAgg+ sum carries one release's worth (client.site_policy, distributed-noise)
@@ -200,8 +202,9 @@ def _validate(cfg: RunConfig) -> list[str]:
     need(0 < cfg.statistics_share <= 1, f"statistics-share must be in (0, 1] (got {cfg.statistics_share})")
     need(0 < cfg.statistics_count_share < 1,
          f"statistics-count-share must be in (0, 1) (got {cfg.statistics_count_share})")
-    need(cfg.statistics_count_threshold >= 0,
-         f"statistics-count-threshold must be >= 0 (got {cfg.statistics_count_threshold})")
+    need(cfg.statistics_count_offset >= 0, f"statistics-count-offset must be >= 0 (got {cfg.statistics_count_offset})")
+    need(cfg.statistics_full_weight_count > 0,
+         f"statistics-full-weight-count must be > 0 (got {cfg.statistics_full_weight_count})")
     need(cfg.secagg or not cfg.distributed_noise, "distributed-noise needs SecAgg+ (a noise share alone protects nothing)")
     need(cfg.ncm_logit_scale > 0, f"ncm-logit-scale must be > 0 (got {cfg.ncm_logit_scale})")
     need(cfg.local_epochs >= 1, f"local-epochs must be >= 1 (got {cfg.local_epochs})")

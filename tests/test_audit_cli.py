@@ -4,6 +4,7 @@ of the noise its ledger charges exits 2 with "privacy bug"."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -59,7 +60,7 @@ def test_the_canary_audit_sees_a_leak_bounds_a_private_run_and_catches_a_broken_
     real = class_statistics.release_statistics
 
     def broken(*args, plan, **kwargs):  # the ledger charges for the plan's noise; the release adds 1% of it
-        weak = class_statistics.StatisticsPlan(plan.sums_sigma / 100, plan.counts_sigma / 100, plan.threshold)
+        weak = dataclasses.replace(plan, sums_sigma=plan.sums_sigma / 100, counts_sigma=plan.counts_sigma / 100)
         return real(*args, plan=weak, **kwargs)
 
     monkeypatch.setattr(canary_audit, "release_statistics", broken)

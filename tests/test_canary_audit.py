@@ -3,6 +3,7 @@ of a correct release, and it catches a release that adds less noise than its led
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +52,7 @@ def test_a_release_with_a_hundredth_of_its_noise_is_caught(monkeypatch):
     real = class_statistics.release_statistics
 
     def broken(*args, plan, **kwargs):
-        weak = class_statistics.StatisticsPlan(plan.sums_sigma / 100, plan.counts_sigma / 100, plan.threshold)
+        weak = dataclasses.replace(plan, sums_sigma=plan.sums_sigma / 100, counts_sigma=plan.counts_sigma / 100)
         return real(*args, plan=weak, **kwargs)
 
     monkeypatch.setattr(canary_audit, "release_statistics", broken)
@@ -101,8 +102,6 @@ def test_dp_sgd_rounds_stay_below_their_claim_and_a_hundredth_of_the_noise_is_ca
     config = training_config(target_epsilon=1.0)
     bound, claimed = audited_training(config, state=tmp_path)
     assert 0 < claimed < 1.0 and bound.epsilon <= claimed  # the DP-SGD rounds' share of the run's epsilon
-
-    import dataclasses
 
     import simulation.audit.canary_training as canary_training
 

@@ -13,8 +13,9 @@ knows the department's records and sees exactly what the department would releas
 - Each canary is included with probability 1/2; the department then runs its own stage-1
   calibration (``plan_stage_one``: the run's epsilon, the department's budget and policy) and its
   own mechanism (``release_statistics``, fresh noise).
-- A canary's score is the released row minus the exact sum of the department's real records
-  there, projected on the canary's direction: 1 plus the row's noise when included, the noise
+- A canary's score is the released row, divided by its weight (public post-processing of the noisy
+  counts, which the auditor undoes to see the mechanism's own output), minus the exact sum of the
+  department's real records there, projected on the canary's direction: 1 plus the row's noise when included, the noise
   alone when not. Guesses come from the public midpoint 1/2; the bound is
   ``simulation.audit.one_run``'s, against the largest epsilon any audited department claims.
 
@@ -78,8 +79,10 @@ def audit_department_release(
         plan=plan, scope_rows=scope_rows, generator=torch.Generator().manual_seed(secrets.randbits(63)),
     )
     exact, _ = class_sums(features, targets, num_labels=num_labels)  # the department's own records
-    released = release.sums.any(dim=1).numpy()
-    residual = (release.sums - exact).numpy()[rows]
+    weights = release.weights.numpy()
+    released = weights > 0
+    noisy_sums = np.divide(release.sums.numpy(), weights[:, None], out=np.zeros(exact.shape), where=released[:, None])
+    residual = (noisy_sums - exact.numpy())[rows]
     scores = np.einsum("ij,ij->i", residual, directions)
     scores[~released[rows]] = 0.5  # a row the release withheld says nothing: least confident, last guessed
     return scores, included, claimed

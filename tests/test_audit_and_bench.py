@@ -78,3 +78,25 @@ def test_the_one_sided_clopper_pearson_bound_is_the_beta_quantile():
     for failures, trials in ((0, 10), (3, 50), (49, 50), (10, 1000)):
         assert _upper(failures, trials) == pytest.approx(beta.ppf(CONFIDENCE, failures + 1, trials - failures), rel=1e-9)
     assert _upper(5, 5) == 1.0
+
+
+def test_the_stage_one_weight_sweep_scores_every_design_on_every_split_and_epsilon(tmp_path):
+    from simulation.bench.stage_one_weights import EPSILONS, WEIGHTINGS, weight_sweep, weight_sweep_markdown
+
+    domains = {"banking": ["balance", "transfer", "freeze"], "travel": ["flight", "hotel", "visa"]}
+    intents = [i for group in domains.values() for i in group]
+
+    def split(count: int, tag: str) -> list[list[str]]:
+        return [[f"{tag} {intent} request number {i}", intent] for intent in intents for i in range(count)]
+
+    data = tmp_path / "clinc150"
+    data.mkdir()
+    test = [["what is my balance", "balance"]]
+    (data / "data_full.json").write_text(json.dumps({"train": split(12, "train"), "val": split(3, "val"), "test": test,
+                                                      "oos_train": [], "oos_val": [], "oos_test": []}))
+    (data / "domains.json").write_text(json.dumps(domains))
+    sweep = weight_sweep(data=data, out=tmp_path / "out", model="tiny", draws=1)
+    assert len(sweep["cells"]) == 2 * len(EPSILONS) * len(WEIGHTINGS)
+    assert all(0.0 <= cell["val_accuracy"] <= 1.0 and len(cell["draws"]) == 1 for cell in sweep["cells"])
+    markdown = "\n".join(weight_sweep_markdown(sweep))
+    assert "(default)" in markdown and "Dirichlet(0.5), epsilon 8" in markdown

@@ -1,6 +1,6 @@
 """`fedpriv bench`: every performance number of fedpriv, measured side by side in one invocation.
 
-    fedpriv bench [--quick] [--out DIR] [--only accuracy|overhead|secagg|scale|audit]
+    fedpriv bench [--quick] [--out DIR] [--only accuracy|overhead|secagg|scale|audit|out-of-scope|stage-one-weights]
 
 Writes DIR/BENCHMARKS.md (the machine, the exact command, one table per piece) and
 DIR/bench-results/<piece>.json; the runs, logs and caches go to DIR/bench-results/work/.
@@ -26,7 +26,7 @@ import typer
 from simulation.cli.console import console
 from simulation.local.clinc150 import default_location, is_clinc150_dir
 
-PIECES = ("accuracy", "overhead", "secagg", "scale", "audit", "out-of-scope")
+PIECES = ("accuracy", "overhead", "secagg", "scale", "audit", "out-of-scope", "stage-one-weights")
 
 
 @dataclass(frozen=True)
@@ -192,6 +192,18 @@ def bench(
                          *out_of_scope_markdown(rows, default=DEFAULT_THRESHOLD), ""]
         else:
             skipped("9. Out-of-scope requests")
+
+    if "stage-one-weights" in pieces:
+        if has_clinc:
+            from simulation.bench.stage_one_weights import weight_sweep, weight_sweep_markdown
+
+            console.print("[bold]stage-1 row weights[/] (CLINC150 validation split)")
+            sweep = weight_sweep(data=clinc, out=work, model=model, draws=1 if quick else 3)
+            save("stage_one_weights", sweep)
+            sections += ["## 10. Stage 1's row weights (CLINC150 validation split: train -> val)", "",
+                         *weight_sweep_markdown(sweep), ""]
+        else:
+            skipped("10. Stage 1's row weights")
 
     header = _header(results["machine"], command)
     (out / "BENCHMARKS.md").write_text("\n".join([*header, *sections]))

@@ -63,7 +63,7 @@ def export_model(
     if not _link_backbone(Path(backbone.source), folder / "backbone"):
         backbone.model.save_pretrained(folder / "backbone")
         backbone.tokenizer.save_pretrained(folder / "backbone")
-    lora = classifier.encoder is not backbone.model
+    lora = classifier.adapted
     if lora:
         classifier.encoder.save_pretrained(folder / "adapter")
     save_file(

@@ -16,7 +16,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +33,35 @@ TINY_SEED = 20240531  # every process must build the same random tiny backbone
 
 @dataclass(frozen=True)
 class Backbone:
-    model: Any  # a Hugging Face PreTrainedModel (its typing stops at nn.Module's __getattr__)
-    tokenizer: Any
+    """The frozen public backbone.
+
+    What identifies it (source, hidden size, fingerprint) is read from its folder's files; the
+    Hugging Face model and tokenizer load on first use of ``model`` or ``tokenizer``. A department
+    that trains the head on cached features therefore never imports transformers nor loads the
+    weights: in deployment, where every message starts a fresh ClientApp process, that was 1.4 s
+    of each department's round.
+    """
+
+    source: str
     hidden_size: int
     fingerprint: str  # identifies the frozen weights; server and departments must agree on it
-    source: str
+    load: Callable[[], tuple[Any, Any]] = field(repr=False, compare=False)  # -> (model, tokenizer)
+
+    @functools.cached_property
+    def _loaded(self) -> tuple[Any, Any]:
+        model, tokenizer = self.load()
+        model.eval()
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        return model, tokenizer
+
+    @property
+    def model(self) -> Any:  # a Hugging Face PreTrainedModel (its typing stops at nn.Module's __getattr__)
+        return self._loaded[0]
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._loaded[1]
 
 
 def minilm_path() -> Path:
@@ -47,45 +72,62 @@ def minilm_path() -> Path:
 
 @functools.lru_cache(maxsize=4)
 def load_backbone(spec: str) -> Backbone:
-    """Load the frozen backbone once per process: 'minilm', 'tiny' or a local model folder."""
-    from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
-
+    """The frozen backbone, once per process: 'minilm', 'tiny' or a local model folder."""
     if spec == TINY:
-        tokenizer = AutoTokenizer.from_pretrained(minilm_path())
-        config = BertConfig(
-            vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-            intermediate_size=64, max_position_embeddings=128,
+        return _tiny_backbone()
+    path = minilm_path() if spec == MINILM else Path(spec).expanduser()
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ModelError(
+            f"model {spec!r}: {path} is not a Hugging Face model folder (no config.json); "
+            "use 'minilm', 'tiny' or a folder saved with save_pretrained"
         )
-        with torch.random.fork_rng():
-            torch.manual_seed(TINY_SEED)
-            model = BertModel(config, add_pooling_layer=False)
-        fingerprint = _state_fingerprint(model)
-        source = "tiny random BERT (tests only)"
-    else:
-        path = minilm_path() if spec == MINILM else Path(spec).expanduser()
-        if not (path / "config.json").is_file():
-            raise ModelError(
-                f"model {spec!r}: {path} is not a Hugging Face model folder (no config.json); "
-                "use 'minilm', 'tiny' or a folder saved with save_pretrained"
-            )
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"model {spec!r}: {config_file} is not readable JSON: {exc}") from None
+
+    def load() -> tuple[Any, Any]:
+        from transformers import AutoModel, AutoTokenizer
+
         try:
-            tokenizer = AutoTokenizer.from_pretrained(path)
-            model = AutoModel.from_pretrained(path)
+            return AutoModel.from_pretrained(path), AutoTokenizer.from_pretrained(path)
         except (OSError, ValueError) as exc:
             raise ModelError(f"model {spec!r}: cannot load from {path}: {exc}") from None
-        fingerprint = _state_fingerprint(model)
-        source = str(path)
-    model.eval()
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-    return Backbone(model, tokenizer, int(model.config.hidden_size), fingerprint, source)
+
+    hidden_size = config.get("hidden_size") if isinstance(config, dict) else None
+    if not isinstance(hidden_size, int):  # an architecture that names it otherwise: ask transformers
+        loaded = load()
+        return Backbone(str(path), int(loaded[0].config.hidden_size), _folder_fingerprint(path), lambda: loaded)
+    return Backbone(str(path), hidden_size, _folder_fingerprint(path), load)
 
 
-def _state_fingerprint(model: Any) -> str:
+def _tiny_backbone() -> Backbone:
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=128,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(TINY_SEED)
+        model = BertModel(config, add_pooling_layer=False)
     digest = hashlib.sha256(json.dumps(model.config.to_diff_dict(), sort_keys=True, default=str).encode())
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().contiguous().numpy().tobytes())
+    return Backbone("tiny random BERT (tests only)", 32, digest.hexdigest()[:16], lambda: (model, tokenizer))
+
+
+def _folder_fingerprint(path: Path) -> str:
+    """SHA-256 over every file of the model folder (relative name and content): weights, config, tokenizer."""
+    digest = hashlib.sha256()
+    for file in sorted(f for f in path.rglob("*") if f.is_file()):
+        digest.update(file.relative_to(path).as_posix().encode() + b"\0")
+        with file.open("rb") as content:
+            for chunk in iter(lambda: content.read(1 << 20), b""):
+                digest.update(chunk)
     return digest.hexdigest()[:16]
 
 
@@ -112,15 +154,28 @@ def encode(encoder: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
 
 
 class TextClassifier(nn.Module):
-    """Backbone (+ LoRA) -> mean pooling -> linear head."""
+    """Backbone (+ LoRA) -> mean pooling -> linear head.
 
-    encoder: Any  # the backbone, or its PEFT wrapper
+    With LoRA the encoder is the classifier's own adapted copy (a submodule, trained); without, it
+    is the shared frozen backbone, not a submodule and loaded only when a forward pass needs it.
+    """
+
     head: nn.Linear
 
-    def __init__(self, *, encoder: nn.Module, hidden_size: int, num_labels: int) -> None:
+    def __init__(self, *, backbone: Backbone, adapted: nn.Module | None, num_labels: int) -> None:
         super().__init__()
-        self.encoder = encoder
-        self.head = nn.Linear(hidden_size, num_labels)
+        self.backbone = backbone  # not a module: never trained, and loaded on first use
+        if adapted is not None:  # registered by hand: add_module's hasattr check would read the property
+            self._modules["encoder"] = adapted
+        self.head = nn.Linear(backbone.hidden_size, num_labels)
+
+    @property
+    def adapted(self) -> bool:
+        return "encoder" in self._modules
+
+    @property
+    def encoder(self) -> Any:
+        return self._modules["encoder"] if self.adapted else self.backbone.model
 
     def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return encode(self.encoder, input_ids, attention_mask)
@@ -140,7 +195,7 @@ def build_classifier(
     """
     if num_labels < 2:
         raise ModelError(f"a classifier needs at least 2 labels (got {num_labels})")
-    encoder = backbone.model
+    adapted = None
     if lora_r > 0:
         import copy
 
@@ -156,13 +211,13 @@ def build_classifier(
             if lora_layers > depth:
                 raise ModelError(f"lora-layers={lora_layers}: the backbone has only {depth} layers")
             layers: dict[str, Any] = {"layers_to_transform": list(range(depth - lora_layers, depth)), "layers_pattern": "layer"} if lora_layers else {}
-            encoder = get_peft_model(
+            adapted = get_peft_model(
                 base, LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=list(lora_targets),
                                  **layers)
             )
         except ValueError as exc:
             raise ModelError(f"lora-targets {','.join(lora_targets)}: {exc}") from None
-    return TextClassifier(encoder=encoder, hidden_size=backbone.hidden_size, num_labels=num_labels)
+    return TextClassifier(backbone=backbone, adapted=adapted, num_labels=num_labels)
 
 
 def trainable_names(model: nn.Module) -> list[str]:

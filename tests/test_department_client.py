@@ -230,3 +230,23 @@ def test_a_deployed_department_reads_its_file_with_its_own_column_names(tmp_path
     unmapped, _ = make_client(tmp_path / "unmapped", node_extra={"data-path": str(renamed)})
     reason, log = failure(unmapped, fit(unmapped, get_trainable(unmapped.classifier), fit_request(config, 1)))
     assert "missing or empty" in log and "missing or empty" not in reason  # a data error's text stays home
+
+
+def test_a_later_round_on_cached_features_never_loads_the_backbone(tmp_path):
+    """In deployment every message starts a fresh process: a head-only round reads its cached features,
+    so it must not spend a second loading the Transformer (nor importing transformers) it does not run."""
+    from shared.model import load_backbone
+
+    client, config = make_client(tmp_path)
+    start = get_trainable(client.classifier)
+    delta, _, metrics = fit(client, start, fit_request(config, 1))  # embeds its records once: loads the backbone
+    assert metrics[protocol.STATUS] == protocol.STATUS_TRAINED
+
+    shared_classifier.cache_clear()  # a new process
+    prepare.cache_clear()
+    load_backbone.cache_clear()
+    restarted, _ = make_client(tmp_path)
+    params = [s + d for s, d in zip(start, delta, strict=True)]
+    _, _, metrics = fit(restarted, params, fit_request(config, 2))
+    assert metrics[protocol.STATUS] == protocol.STATUS_TRAINED
+    assert "_loaded" not in load_backbone("tiny").__dict__  # model and tokenizer never touched

@@ -53,3 +53,21 @@ def test_tiny_backbone_is_identical_in_every_process(tiny_backbone):
 def test_unknown_model_path_is_a_clear_error(tmp_path):
     with pytest.raises(ModelError, match="not a Hugging Face model folder"):
         load_backbone(str(tmp_path / "nowhere"))
+
+
+def test_a_model_folder_is_identified_by_every_file_before_anything_loads(tmp_path, tiny_backbone):
+    folder = tmp_path / "model"
+    tiny_backbone.model.save_pretrained(folder)
+    tiny_backbone.tokenizer.save_pretrained(folder)
+    load_backbone.cache_clear()
+    backbone = load_backbone(str(folder))
+    assert backbone.hidden_size == 32 and "_loaded" not in backbone.__dict__
+    (folder / "tokenizer_config.json").write_text((folder / "tokenizer_config.json").read_text() + " ")  # any file counts
+    load_backbone.cache_clear()
+    assert load_backbone(str(folder)).fingerprint != backbone.fingerprint
+    assert backbone.model.config.hidden_size == 32  # loads on first use
+    (folder / "config.json").write_text("{not json")
+    load_backbone.cache_clear()
+    with pytest.raises(ModelError, match="config.json is not readable JSON"):
+        load_backbone(str(folder))
+    load_backbone.cache_clear()

@@ -58,7 +58,10 @@ def main(argv: list[str]) -> None:
             index += 1
     install_approval(approved)
     install_prompt_pulls()
+    from flwr.supercore.logger import update_console_handler
     from flwr.supernode.cli import flower_supernode
+
+    update_console_handler(timestamps=True, colored=False)  # its output is the department's log file
 
     sys.argv = ["flower-supernode", *rest]
     try:

@@ -7,10 +7,12 @@ sensitivity 1. The department releases, with the Gaussian mechanism,
 - noisy per-class record counts (sensitivity 1; noise ``counts_sigma``);
 - noisy per-class feature sums (sensitivity 1; noise ``sums_sigma``), each row multiplied by a
   weight read off its noisy count: w = clip((noisy count - ``count_offset`` count-noise
-  deviations) / ``full_weight_count``, 0, 1). A label the department does not hold gets weight 0
-  (almost always: exact zeros, no noise), a label it holds little of a small weight, one it holds
-  ``full_weight_count`` records of or more weight 1. The weights are post-processing of the noisy
-  counts and multiply the already noised sums, so they cost nothing beyond the two mechanisms.
+  deviations) / ``full_weight_count``, 0, 1) (default offset 0, full weight at 100 records). A label
+  the department does not hold gets weight 0 half the time (an exact zero row) and otherwise a
+  weight of the order of the count noise over 100, a label it holds little of a small weight, one
+  it holds ``full_weight_count`` records of or more weight 1. The weights are post-processing of
+  the noisy counts and multiply the already noised sums, so they cost nothing beyond the two
+  mechanisms.
 
 Why weights rather than a yes/no threshold: the federation adds the departments' rows, and a row's
 signal grows with its record count while every releasing department adds the same noise, so the
@@ -19,7 +21,7 @@ threshold of 3 count-noise deviations was right where each label lives in one de
 domain) and lost whole labels where labels are spread thinly over many (Dirichlet splits at
 epsilon 1: no department cleared it); releasing every row drowned the by-domain case in the noise
 of nine departments without the label. The weights match the threshold by domain and beat both
-under label skew (CLINC150 validation split, README "Stage 1").
+under label skew (CLINC150 validation split: ``fedpriv bench --only stage-one-weights``).
 
 The two are sequentially composed Gaussian mechanisms on the whole data set: two ledger lines
 (sigma, sampling rate 1, 1 step) in the department's accountant. Their noise comes from one

@@ -34,7 +34,7 @@ class RunConfig:
     statistics_share: float = 0.35  # of the run's epsilon, for stage 1 when DP-SGD rounds follow it
     statistics_count_share: float = 0.1  # of stage 1's noise precision, for the noisy counts that weigh the rows
     # a class-sum row's weight: clip((noisy count - offset x count-noise deviation) / full-weight count, 0, 1)
-    statistics_count_offset: float = 0.5
+    statistics_count_offset: float = 0.0
     statistics_full_weight_count: float = 100.0
     ncm_logit_scale: float = 30.0
     # Stage 1 with distributed noise: each consenting department adds only its share of the noise,

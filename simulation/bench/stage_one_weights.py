@@ -27,10 +27,10 @@ EPSILONS = (1.0, 3.0, 8.0)
 WEIGHTINGS: tuple[tuple[str, float, float] | tuple[str, None, None], ...] = (
     ("threshold 3 deviations (earlier default)", 3.0, 1e-9),
     ("every row, no counts", None, None),
-    ("weights, offset 0, full at 100", 0.0, 100.0),
     (f"weights, offset {DEFAULTS.statistics_count_offset:g}, full at {DEFAULTS.statistics_full_weight_count:g} (default)",
      DEFAULTS.statistics_count_offset, DEFAULTS.statistics_full_weight_count),
-    ("weights, offset 0.5, full at 25", 0.5, 25.0),
+    ("weights, offset 0.5, full at 100", 0.5, 100.0),
+    ("weights, offset 0, full at 25", 0.0, 25.0),
 )
 
 

@@ -192,6 +192,8 @@ def write_report(run_dir: Path) -> Path:
         "<h2>Privacy audit</h2>", _audit(run_dir),
     ]
     path = run_dir / REPORT_FILE
-    path.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>fedpriv report</title>"
-                    f"<style>{STYLE}</style></head><body>{''.join(sections)}</body></html>")
+    tmp = path.with_suffix(".html.tmp")  # whole or not at all: `fedpriv run` stops following when it appears
+    tmp.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>fedpriv report</title>"
+                   f"<style>{STYLE}</style></head><body>{''.join(sections)}</body></html>")
+    tmp.replace(path)
     return path

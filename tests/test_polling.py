@@ -98,3 +98,34 @@ def test_flower_processes_find_this_environments_commands_without_an_activated_e
     env = environment(tmp_path)
     assert env["PATH"].split(":")[0] == str(Path(sys.executable).parent)
     assert (Path(env["PATH"].split(":")[0]) / "flower-superexec").exists()
+
+
+class RunningForever:
+    """A `flwr run --stream` that never exits on its own (it notices the end seconds after the ServerApp)."""
+
+    def poll(self):
+        return None
+
+
+def test_fedpriv_run_returns_once_the_report_is_written_not_when_flwr_run_exits(tmp_path, monkeypatch):
+    import os
+
+    from server import run_folder
+    from simulation.deploy import launcher
+
+    seen = []
+    (tmp_path / run_folder.REPORT_FILE).write_text("<html>an older attempt's report</html>")  # a resumed run's folder
+    os.utime(tmp_path / run_folder.REPORT_FILE, ns=(1, 1))
+    (tmp_path / run_folder.ROUNDS_FILE).write_text('{"round": 1}\n{"round": 2}\n')
+    run_folder.write_status(tmp_path, state=run_folder.COMPLETED)  # final status: the export and report follow
+    monkeypatch.setattr(launcher, "FINISH_GRACE_S", 0.5)
+    started = time.monotonic()
+    launcher._follow(tmp_path, RunningForever(), seen.append)  # type: ignore[arg-type]
+    assert time.monotonic() - started >= 0.5  # the old report does not count: it waited for a new one
+    assert [r["round"] for r in seen] == [1, 2]
+
+    (tmp_path / run_folder.REPORT_FILE).write_text("<html>this run's report</html>")  # written after the status
+    monkeypatch.setattr(launcher, "FINISH_GRACE_S", 60.0)
+    started = time.monotonic()
+    launcher._follow(tmp_path, RunningForever(), lambda _: None)  # type: ignore[arg-type]
+    assert time.monotonic() - started < 1.0

@@ -20,11 +20,14 @@ from typing import Any
 import tomli_w
 
 from server import run_folder
-from server.run_folder import ROUNDS_FILE, RUN_CONFIG_FILE
+from server.run_folder import REPORT_FILE, ROUNDS_FILE, RUN_CONFIG_FILE, STATUS_FILE
 from simulation.deploy.processes import CONNECTION, FlowerProcessError, environment, executable, flwr_home, free_port, stop
 from simulation.deploy.superlink import wait_until_up
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
+# A run that finished without a report (no round completed) is followed this much longer, for `flwr run`
+# to exit with its last log lines, before fedpriv stops waiting for it.
+FINISH_GRACE_S = 15.0
 
 
 def app_dir() -> Path:
@@ -122,7 +125,7 @@ def run_simulation(
 
 def _follow(run_dir: Path, process: subprocess.Popen, on_round: Callable[[dict[str, Any]], None]) -> None:
     feed = run_dir / ROUNDS_FILE
-    seen = 0
+    seen, finished_at = 0, 0.0
     while True:
         finished = process.poll() is not None
         if feed.exists():
@@ -131,13 +134,22 @@ def _follow(run_dir: Path, process: subprocess.Popen, on_round: Callable[[dict[s
             for line in lines[seen:]:
                 on_round(json.loads(line))
             seen = len(lines)
-        if finished:
+        if finished or _run_folder_complete(run_dir):
             return
         if run_folder.read_status(run_dir).get("state") in run_folder.FINISHED_STATES:
-            # The ServerApp is done; give the stream a moment to drain, then stop waiting.
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                pass
-            continue
-        time.sleep(0.5)
+            finished_at = finished_at or time.monotonic()
+            if time.monotonic() - finished_at > FINISH_GRACE_S:
+                return
+        time.sleep(0.2)
+
+
+def _run_folder_complete(run_dir: Path) -> bool:
+    """The ServerApp's last act is the report, written after the final status: once a report newer than
+    the status is there, the run folder is complete (``flwr run --stream`` takes several more seconds to
+    notice that the run ended). A run that finished no round writes no report: see ``FINISH_GRACE_S``."""
+    status, report = run_dir / STATUS_FILE, run_dir / REPORT_FILE
+    if not (status.is_file() and report.is_file()):
+        return False
+    if run_folder.read_status(run_dir).get("state") not in run_folder.FINISHED_STATES:
+        return False
+    return report.stat().st_mtime_ns >= status.stat().st_mtime_ns

@@ -78,7 +78,7 @@ def secagg_vs_plain(run_dir: Path) -> dict[str, float]:
 
 def deployment_round_times(out: Path, *, rounds: int) -> dict[str, Any]:
     """Provision, start a TLS SuperLink and 3 department SuperNodes on loopback (demo data, MiniLM),
-    run `fedpriv run`, and stop every process by PID."""
+    once all 3 are online run `fedpriv run` (its wall time is ``run_wall_s``), and stop every process by PID."""
     import os
     import signal
     import subprocess
@@ -110,6 +110,10 @@ def deployment_round_times(out: Path, *, rounds: int) -> dict[str, Any]:
             started.append(subprocess.Popen(
                 [fedpriv, "department", "start", "--kit", str(bench / "kits" / name), "--data", str(bench / f"{name}.jsonl")],
                 stdout=(bench / f"{name}.out").open("w"), stderr=subprocess.STDOUT))
+        while (bench / "server.out").read_text().count(": online") < len(departments):  # deployed, then run
+            if any(process.poll() is not None for process in started):
+                raise FedprivError(f"a SuperNode or the SuperLink stopped; see {bench}/*.out")
+            time.sleep(0.5)
         command = [fedpriv, "run", "--kit", str(bench / "kits" / "server"), "--labels-file", str(bench / "labels.txt"),
                    "--min-departments", "3", "--rounds", str(rounds), "--batch-size", "32", "--out", str(bench / "run")]
         started_run = time.perf_counter()

@@ -66,14 +66,25 @@ def test_a_department_pulls_again_until_a_message_arrives_and_passes_refusals_on
         calls.append((args, kwargs))
         return next(answers)
 
-    assert prompt_pulls(pull, interval_s=0.001)("state", get_fab="f") == 7
+    assert prompt_pulls(pull, active_s=0.001, idle_s=0.001)("state", get_fab="f") == 7
     assert calls == [(("state",), {"get_fab": "f"})] * 3
 
     def refusing(*args, **kwargs):
         raise UnapprovedCode("not approved")
 
     with pytest.raises(UnapprovedCode):  # the approval check still stops the SuperNode
-        prompt_pulls(refusing, interval_s=0.001)()
+        prompt_pulls(refusing, active_s=0.001, idle_s=0.001)()
+
+
+def test_a_department_pulls_often_while_a_run_is_active_and_seldom_when_idle(monkeypatch):
+    import client.department_supernode as supernode
+
+    slept = []
+    monkeypatch.setattr(supernode.time, "sleep", slept.append)
+    answers = iter([None, 1, None, None, 2])
+    pulling = prompt_pulls(lambda: next(answers), active_s=0.2, idle_s=2.0, window_s=60.0)
+    assert pulling() == 1 and slept == [2.0]  # no message yet: idle
+    assert pulling() == 2 and slept == [2.0, 0.2, 0.2]  # a message a moment ago: the next stage is due
 
 
 def test_the_prompt_pull_is_what_flowers_supernode_loop_calls():
@@ -81,7 +92,7 @@ def test_the_prompt_pull_is_what_flowers_supernode_loop_calls():
 
     original = start_client_internal._pull_and_store_message
     try:
-        install_prompt_pulls(interval_s=0.001)
+        install_prompt_pulls()
         assert start_client_internal._pull_and_store_message is not original
         assert start_client_internal._pull_and_store_message.__name__ == "pull_until_a_message"
     finally:

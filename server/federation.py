@@ -13,13 +13,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from flwr.common import Context, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server import Grid, LegacyContext, ServerConfig
 from flwr.server.workflow import DefaultWorkflow
 
 from server.evaluation import make_server_evaluator
-from server.run_folder import CHECKPOINTS_DIR
+from server.run_folder import CHECKPOINTS_DIR, MOMENTUM_PREFIX
 from server.run_record import RunRecorder
 from server.secure_aggregation import AuditedSecAggPlusWorkflow
 from server.strategy import FederationEnded, FedprivStrategy
@@ -43,15 +44,18 @@ def run_federation(grid: Grid, context: Context, config: RunConfig, recorder: Ru
         )
         torch.nn.init.zeros_(classifier.head.weight)
         torch.nn.init.zeros_(classifier.head.bias)
+    velocity = None
     if resumes_a_trained_model(config, recorder):
-        set_trainable(classifier, resume_parameters(config, backbone_fingerprint=backbone.fingerprint,
-                                                    names=trainable_names(classifier)))
+        parameters, velocity = resume_parameters(config, backbone_fingerprint=backbone.fingerprint,
+                                                 names=trainable_names(classifier))
+        set_trainable(classifier, parameters)
     strategy = FedprivStrategy(
         config=config,
         recorder=recorder,
         parameter_names=trainable_names(classifier),
         backbone_fingerprint=backbone.fingerprint,
         initial_parameters=ndarrays_to_parameters(get_trainable(classifier)),
+        velocity=velocity,
         evaluate_fn=make_server_evaluator(
             config=config, classifier=classifier, backbone=backbone, cache_dir=Path(config.feature_cache or Path(config.out_dir) / "feature-cache")
         ),
@@ -88,8 +92,11 @@ def resumes_a_trained_model(config: RunConfig, recorder: RunRecorder) -> bool:
                for r in recorder.rounds.values())
 
 
-def resume_parameters(config: RunConfig, *, backbone_fingerprint: str, names: list[str]) -> list:
-    """The global parameters after the newest checkpointed round <= ``resume-after-round``."""
+def resume_parameters(
+    config: RunConfig, *, backbone_fingerprint: str, names: list[str]
+) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+    """The global parameters after the newest checkpointed round <= ``resume-after-round``, and the
+    server's momentum then (None after the statistics round, which starts it afresh)."""
     folder = Path(config.out_dir) / CHECKPOINTS_DIR
     candidates = sorted(folder.glob("round-*.safetensors")) if folder.is_dir() else []
     usable = [c for c in candidates if int(c.stem.split("-")[1]) <= config.resume_after_round]
@@ -101,8 +108,12 @@ def resume_parameters(config: RunConfig, *, backbone_fingerprint: str, names: li
         problems.append(f"{usable[-1]}: saved for another label set")
     if metadata.get("backbone_fingerprint") != backbone_fingerprint:
         problems.append(f"{usable[-1]}: saved for another backbone")
-    if sorted(arrays) != sorted(names):
+    momentum = sorted(name for name in arrays if name.startswith(MOMENTUM_PREFIX))
+    if sorted(set(arrays) - set(momentum)) != sorted(names):
         problems.append(f"{usable[-1]}: its parameters do not match this model (LoRA settings changed?)")
+    elif momentum and momentum != sorted(MOMENTUM_PREFIX + name for name in names):
+        problems.append(f"{usable[-1]}: its server momentum does not match its parameters")
     if problems:
         raise ConfigError(problems, source="checkpoint to resume from")
-    return [arrays[name] for name in names]
+    velocity = [arrays[MOMENTUM_PREFIX + name] for name in names] if momentum else None
+    return [arrays[name] for name in names], velocity

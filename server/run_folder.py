@@ -35,6 +35,7 @@ PLOT_FILE = "accuracy_epsilon.png"
 REPORT_FILE = "report.html"
 LEDGERS_DIR = "ledgers"
 CHECKPOINTS_DIR = "checkpoints"
+MOMENTUM_PREFIX = "server-momentum/"  # a checkpoint's keys for the server's momentum, beside the parameters
 AUDIT_DIR = "audit"
 LEDGER_LINE_KEYS = ("index", "noise_multiplier", "sample_rate", "steps", "accountant", "delta", "epsilon")
 

@@ -19,6 +19,7 @@ from server.run_folder import (
     CHECKPOINTS_DIR,
     LEDGERS_DIR,
     METRICS_FILE,
+    MOMENTUM_PREFIX,
     ROUNDS_FILE,
     json_line,
     ledger_copy_path,
@@ -99,10 +100,15 @@ class RunRecorder:
         if self.audit_dir is not None:
             np.savez(self.audit_dir / f"aggregate-round-{server_round:03d}.npz", *average)
 
-    def record_model(self, server_round: int, arrays: dict[str, np.ndarray], *, backbone_fingerprint: str) -> None:
-        """The global trainable parameters after a round: the checkpoint a resumed run starts from."""
+    def record_model(
+        self, server_round: int, arrays: dict[str, np.ndarray], *, velocity: dict[str, np.ndarray] | None,
+        backbone_fingerprint: str,
+    ) -> None:
+        """The global trainable parameters after a round, and the server's momentum (keys under
+        ``MOMENTUM_PREFIX``): the checkpoint a resumed run starts from."""
+        momentum = {MOMENTUM_PREFIX + name: v for name, v in (velocity or {}).items()}
         save_checkpoint(
-            self.out_dir / CHECKPOINTS_DIR / f"round-{server_round:03d}.safetensors", arrays,
+            self.out_dir / CHECKPOINTS_DIR / f"round-{server_round:03d}.safetensors", arrays | momentum,
             {"round": server_round, "run_id": self.run_id, "label_fingerprint": self.config.label_fingerprint,
              "backbone_fingerprint": backbone_fingerprint},
         )

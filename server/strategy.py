@@ -4,9 +4,10 @@
 - begin each round once (``begin_round``): its run number, its stage, the departments it asks (only
   those with budget left), or ``FederationEnded`` when fewer than ``min-departments`` remain;
 - send each department a ``protocol.FitRequest`` / ``EvaluateRequest``;
-- refuse what no honest department sends (``server.update_checks``), then add the average delta
-  (directly, or SecAgg+'s unmasked weighted average) to the global parameters, or, in the
-  statistics round, build the nearest-class-mean head from the summed class statistics;
+- refuse what no honest department sends (``server.update_checks``), then move the global
+  parameters by the average delta (directly, or SecAgg+'s unmasked weighted average) with the
+  server's momentum (FedAvgM: v = server-momentum x v + average delta), or, in the statistics
+  round, build the nearest-class-mean head from the summed class statistics;
 - hand everything to the run record (``server.run_record``), which persists it.
 It stays a plain legacy ``Strategy`` so that Flower's SecAgg+ workflow can drive it unchanged.
 """
@@ -57,13 +58,14 @@ class _NotIn(Criterion):
 class FedprivStrategy(FedAvg):
     def __init__(
         self, *, config: RunConfig, recorder: RunRecorder, parameter_names: list[str], backbone_fingerprint: str,
-        initial_parameters: Parameters, evaluate_fn: EvaluateFn | None,
+        initial_parameters: Parameters, evaluate_fn: EvaluateFn | None, velocity: list[np.ndarray] | None = None,
     ) -> None:
         self.run_config = config
         self.recorder = recorder
         self.parameter_names = parameter_names
         self.backbone_fingerprint = backbone_fingerprint
         self.latest_parameters = initial_parameters
+        self.velocity = velocity  # the server's momentum; None: no DP-SGD round since the start or stage 1
         self.exhausted: dict[str, str] = {}  # node id -> department, for departments out of budget
         self.round: RoundState | None = None
         super().__init__(
@@ -152,10 +154,15 @@ class FedprivStrategy(FedAvg):
         current_arrays = parameters_to_ndarrays(self.latest_parameters)
         if current.stage == protocol.STAGE_STATISTICS:
             arrays = self._statistics_head(current_arrays, average, departments=len(trained))
+            self.velocity = None
         else:
-            arrays = [(g + d).astype(np.float32) for g, d in zip(current_arrays, average, strict=True)]
+            self.velocity = average if self.velocity is None else [
+                config.server_momentum * v + d for v, d in zip(self.velocity, average, strict=True)]
+            arrays = [(g + v).astype(np.float32) for g, v in zip(current_arrays, self.velocity, strict=True)]
         self.recorder.record_aggregate(number, average)
-        self.recorder.record_model(number, dict(zip(self.parameter_names, arrays, strict=True)),
+        names = self.parameter_names
+        self.recorder.record_model(number, dict(zip(names, arrays, strict=True)),
+                                   velocity=None if self.velocity is None else dict(zip(names, self.velocity, strict=True)),
                                    backbone_fingerprint=self.backbone_fingerprint)
         self.latest_parameters = ndarrays_to_parameters(arrays)
         return self.latest_parameters, metrics

@@ -26,12 +26,14 @@ def test_round_trip_with_labels():
 
 def test_every_problem_is_reported_at_once():
     with pytest.raises(ConfigError) as info:
-        RunConfig(target_epsilon=0, target_delta=1.5, batch_size=0, accountant="moments", learning_rate=-1)
+        RunConfig(target_epsilon=0, target_delta=1.5, batch_size=0, accountant="moments", learning_rate=-1,
+                  server_momentum=1.0)
     message = str(info.value)
     for fragment in ("target-epsilon must be > 0 (got 0)", "target-delta must be in (0, 1) (got 1.5)",
-                     "batch-size must be >= 1 (got 0)", "accountant must be one of", "learning-rate must be > 0"):
+                     "batch-size must be >= 1 (got 0)", "accountant must be one of", "learning-rate must be > 0",
+                     "server-momentum must be in [0, 1) (got 1.0)"):
         assert fragment in message
-    assert len(info.value.problems) == 5
+    assert len(info.value.problems) == 6
 
 
 def test_types_and_unknown_keys_from_run_config():

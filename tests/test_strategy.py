@@ -127,3 +127,44 @@ def test_under_dp_no_department_is_asked_to_evaluate_and_the_round_is_recorded(t
     fed.aggregate_fit(1, [reply("hr", honest(0.1), 100), reply("it", honest(0.1), 100)], [])
     assert fed.configure_evaluate(1, fed.latest_parameters, online("hr", "it")) == []  # they would withhold it
     assert [json.loads(line)["round"] for line in (tmp_path / "rounds.jsonl").read_text().splitlines()] == [1]
+
+
+def test_the_server_moves_the_model_with_momentum_over_dp_sgd_rounds_and_a_resume_keeps_it(tmp_path):
+    from server.federation import resume_parameters
+
+    def run_round(fed, flower_round: int, value: float) -> list[np.ndarray]:
+        begin(fed, "hr", "it", flower_round=flower_round)
+        parameters, _ = fed.aggregate_fit(flower_round, [reply("hr", honest(value), 50), reply("it", honest(value), 50)], [])
+        fed.configure_evaluate(flower_round, parameters, online("hr", "it"))
+        fed.aggregate_evaluate(flower_round, [], [])
+        return parameters_to_ndarrays(parameters)
+
+    settings = dict(secagg=False, dp=False, head_init="zeros", num_server_rounds=3, server_momentum=0.5)
+    fed = strategy(tmp_path / "whole", **settings)
+    moved = [run_round(fed, r, value)[1][0] for r, value in ((1, 0.1), (2, 0.2), (3, 0.4))]
+    # v1 = 0.1, v2 = 0.5 x 0.1 + 0.2 = 0.25, v3 = 0.5 x 0.25 + 0.4 = 0.525
+    np.testing.assert_allclose(moved, [0.1, 0.35, 0.875], rtol=1e-6)
+
+    fed = strategy(tmp_path / "stopped", **settings)
+    run_round(fed, 1, 0.1), run_round(fed, 2, 0.2)
+    resumed = strategy(tmp_path / "stopped", **settings | {"resume_after_round": 2})
+    config = resumed.run_config
+    parameters, velocity = resume_parameters(config, backbone_fingerprint="f", names=resumed.parameter_names)
+    resumed.latest_parameters, resumed.velocity = ndarrays_to_parameters(parameters), velocity
+    assert run_round(resumed, 1, 0.4)[1][0] == pytest.approx(0.875)  # as if it had never stopped
+
+    plain = strategy(tmp_path / "plain", **settings | {"server_momentum": 0.0})
+    assert [run_round(plain, r, value)[1][0] for r, value in ((1, 0.1), (2, 0.2))] == pytest.approx([0.1, 0.3])
+
+
+def test_the_statistics_round_starts_the_server_momentum_afresh(tmp_path):
+    fed = strategy(tmp_path, secagg=False, dp=False, num_server_rounds=3, server_momentum=0.5)
+    fed.velocity = honest(1.0)  # as if earlier DP-SGD rounds had left momentum
+    begin(fed, "hr", "it")
+    statistics = [np.array([[1.0, 0, 0], [0, 1.0, 0]], np.float32), np.array([1.0, 1.0], np.float32)]
+    fed.aggregate_fit(1, [reply("hr", statistics, 1), reply("it", statistics, 1)], [])
+    assert fed.velocity is None
+    head = parameters_to_ndarrays(fed.latest_parameters)
+    begin(fed, "hr", "it", flower_round=2)
+    fed.aggregate_fit(2, [reply("hr", honest(0.1), 50), reply("it", honest(0.1), 50)], [])
+    np.testing.assert_allclose(parameters_to_ndarrays(fed.latest_parameters)[1], head[1] + 0.1, rtol=1e-6)

@@ -137,7 +137,8 @@ def secagg_runs(*, data: Path, out: Path, sizes: list[int], rounds: int, repeats
             for secagg in (False, True):
                 name = f"secagg-{departments}-{'on' if secagg else 'off'}-{repeat}"
                 args = ["--data", str(data), "--partition", "iid", "--departments", str(departments),
-                        "--rounds", str(rounds), "--model", model, "--audit-updates"] + ([] if secagg else ["--no-secagg"])
+                        "--rounds", str(rounds), "--model", model, "--audit-updates",
+                        "--server-momentum", "0"] + ([] if secagg else ["--no-secagg"])  # the model: the sum of the aggregates
                 run = measured_run(name, args, out)
                 run_dir = Path(run["run_dir"])
                 rows.append({

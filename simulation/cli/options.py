@@ -15,12 +15,13 @@ import typer
 from shared.config import DEFAULTS, default_rounds
 from shared.errors import ConfigError
 
-Rounds = Annotated[int | None, typer.Option(help="Federated rounds: round 1 releases DP class statistics (stage 1); any later rounds fine-tune the head with DP-SGD. Default: 31 at epsilon >= 8 or without DP, else 1 (stage 2 costs accuracy at small epsilon; see BENCHMARKS.md).")]
+Rounds = Annotated[int | None, typer.Option(help="Federated rounds: round 1 releases DP class statistics (stage 1); any later rounds fine-tune the head with DP-SGD. Default: 21 at epsilon >= 8 or without DP, else 1 (stage 2 costs accuracy at small epsilon; see BENCHMARKS.md).")]
 HeadInit = Annotated[str, typer.Option(help="class-statistics: round 1 builds the head from each department's DP class statistics (default); zeros: every round is DP-SGD from a zero head (the earlier design).")]
 LocalEpochs = Annotated[int, typer.Option(help="Local epochs per round.")]
 LearningRate = Annotated[float, typer.Option(help="Local SGD learning rate.")]
 StatisticsShare = Annotated[float, typer.Option(help="When DP-SGD rounds follow stage 1: the share of each department's epsilon that stage 1's class statistics spend (the rest is DP-SGD's).")]
 Momentum = Annotated[float, typer.Option(help="SGD momentum of the DP-SGD rounds.")]
+ServerMomentum = Annotated[float, typer.Option(help="The server's momentum over DP-SGD rounds (FedAvgM; post-processing, no privacy cost); 0: plain FedAvg.")]
 MaxGradNorm = Annotated[float, typer.Option(help="Per-sample clipping bound.")]
 Epsilon = Annotated[float, typer.Option(help="Each department's privacy budget epsilon over the whole run (a department may set a lower one).")]
 Delta = Annotated[float, typer.Option(help="Each department's delta; must be below 1/records.")]
@@ -79,6 +80,7 @@ TRAINING: dict[str, Any] = {
     "local_epochs": LocalEpochs,
     "learning_rate": LearningRate,
     "momentum": Momentum,
+    "server_momentum": ServerMomentum,
     "statistics_share": StatisticsShare,
     "max_grad_norm": MaxGradNorm,
     "epsilon": Epsilon,

@@ -10,6 +10,9 @@
   round, build the nearest-class-mean head from the summed class statistics;
 - hand everything to the run record (``server.run_record``), which persists it.
 It stays a plain legacy ``Strategy`` so that Flower's SecAgg+ workflow can drive it unchanged.
+Flower's own ``FedAvgM`` is not used for the momentum: it averages full weights (departments send
+deltas, and stage 1 sends class statistics), starts its momentum at Flower's round 1 (which a
+resumed run restarts at) and keeps it where no checkpoint can save it.
 """
 
 from __future__ import annotations

@@ -168,3 +168,13 @@ def test_the_statistics_round_starts_the_server_momentum_afresh(tmp_path):
     begin(fed, "hr", "it", flower_round=2)
     fed.aggregate_fit(2, [reply("hr", honest(0.1), 50), reply("it", honest(0.1), 50)], [])
     np.testing.assert_allclose(parameters_to_ndarrays(fed.latest_parameters)[1], head[1] + 0.1, rtol=1e-6)
+
+
+def test_one_rounds_aggregate_moves_the_model_by_at_most_twice_itself_at_server_momentum_one_half(tmp_path):
+    fed = strategy(tmp_path, secagg=False, dp=False, head_init="zeros", num_server_rounds=30, server_momentum=0.5)
+    for flower_round in range(1, 31):  # one round's aggregate of 0.1, then 29 rounds of nothing
+        begin(fed, "hr", "it", flower_round=flower_round)
+        value = 0.1 if flower_round == 1 else 0.0
+        fed.aggregate_fit(flower_round, [reply("hr", honest(value), 50), reply("it", honest(value), 50)], [])
+    moved = parameters_to_ndarrays(fed.latest_parameters)[1][0]
+    assert 0.19 < moved <= 0.2 + 1e-6  # 0.1 x (1 + 0.5 + 0.25 + ...) -> 0.1 / (1 - 0.5)

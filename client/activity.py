@@ -14,12 +14,12 @@ from typing import Any
 from shared import protocol
 
 ACTIVITY_FILE = "activity.log"
-STAGE_WORDS = {protocol.STAGE_STATISTICS: "class statistics"}
+STAGE_WORDS = {protocol.STAGE_FEATURE_MEAN: "feature mean", protocol.STAGE_STATISTICS: "class statistics"}
 
 
 def activity_line(*, department: str, run: str, server_round: int, stage: str, metrics: dict[str, Any], records: int | None) -> str:
     status = str(metrics.get(protocol.STATUS, "?"))
-    what = "released" if status == protocol.STATUS_TRAINED and stage == protocol.STAGE_STATISTICS else (
+    what = "released" if status == protocol.STATUS_TRAINED and stage in STAGE_WORDS else (
         "trained" if status == protocol.STATUS_TRAINED else status.replace("-", " "))
     parts = [f"{time.strftime('%H:%M:%S')} {department}: {what} round {server_round} ({STAGE_WORDS.get(stage, 'DP-SGD')}, run {run})"]
     if metrics.get(protocol.EPSILON) is not None:

@@ -106,20 +106,29 @@ def plan_statistics(
     return plan(high)
 
 
-def plan_stage_one(
-    config: RunConfig, *, budget: float, delta: float, prior: list[Mechanism], release_counts: bool
-) -> StatisticsPlan:
-    """A department's stage-1 release in ``config``'s run: one release, so calibrated to what the
-    department may still spend (its own budget when that is below the run's epsilon), of which
-    ``statistics-share`` when DP-SGD rounds follow."""
+def stage_one_target(config: RunConfig, *, budget: float, delta: float, before_stage: list[Mechanism]) -> float:
+    """The epsilon a department's ledger may reach by the end of stage 1 (feature mean and class
+    statistics together): what it may still spend (its own budget when that is below the run's
+    epsilon), of which ``statistics-share`` when DP-SGD rounds follow. ``before_stage``: its ledger
+    before this run's stage 1 began."""
     target = min(budget, config.target_epsilon)
     if config.dp_sgd_rounds:
-        before = epsilon_of(prior, delta=delta, accountant=config.accountant)
+        before = epsilon_of(before_stage, delta=delta, accountant=config.accountant)
         target = before + config.statistics_share * (target - before)
+    return target
+
+
+def plan_stage_one(
+    config: RunConfig, *, budget: float, delta: float, prior: list[Mechanism], before_stage: list[Mechanism],
+    release_counts: bool,
+) -> StatisticsPlan:
+    """A department's class-statistics release in ``config``'s run: the rest of stage 1's epsilon
+    (``stage_one_target``) after ``prior``, which holds this run's feature-mean release if it had one."""
     return plan_statistics(
-        target_epsilon=target, delta=delta, prior=prior, accountant=config.accountant,
-        count_share=config.statistics_count_share, count_offset=config.statistics_count_offset,
-        full_weight_count=config.statistics_full_weight_count, release_counts=release_counts,
+        target_epsilon=stage_one_target(config, budget=budget, delta=delta, before_stage=before_stage), delta=delta,
+        prior=prior, accountant=config.accountant, count_share=config.statistics_count_share,
+        count_offset=config.statistics_count_offset, full_weight_count=config.statistics_full_weight_count,
+        release_counts=release_counts,
     )
 
 

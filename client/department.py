@@ -19,16 +19,18 @@ import torch
 from flwr.client import NumPyClient
 
 from client.activity import activity_line, record_activity
-from client.class_statistics import plan_stage_one, release_statistics
+from client.class_statistics import StatisticsPlan, plan_stage_one, release_statistics
 from client.department_data import DepartmentSettings
 from client.dp_training import train_plain, train_private
+from client.feature_mean import FeatureMeanPlan, plan_feature_mean, release_feature_mean
 from client.label_scope import scoped_head
 from client.prepared_data import PreparedData, prepare, shared_classifier, train_features
-from client.privacy import MECHANISM_CLASS_COUNTS, MECHANISM_CLASS_SUMS, PrivacyLedger
+from client.privacy import MECHANISM_CLASS_COUNTS, MECHANISM_CLASS_SUMS, MECHANISM_FEATURE_MEAN, PrivacyLedger
 from client.secure_aggregation import MASKED_BY_SECAGG, check_weight, out_of_range, update_delta
 from client.update_replay import load_update, request_key, save_update
 from shared import protocol, secagg_masks
 from shared.accounting import epsilon_of
+from shared.centering import CENTERING_PARAMETER
 from shared.config import RunConfig
 from shared.data import safe_name
 from shared.errors import BudgetExhausted, ConfigError, DataError, FedprivError, LedgerError, TrainingError
@@ -69,7 +71,7 @@ class DepartmentClient(NumPyClient):
     def _trained_module(self) -> torch.nn.Module:
         if self.config.lora_layers:
             return CachedTopLayers(self.classifier, count=self.config.lora_layers)
-        return self.classifier.head if self.config.head_only else self.classifier
+        return self.classifier.feature_head() if self.config.head_only else self.classifier
 
     @contextmanager
     def _module_to_train(self) -> Iterator[torch.nn.Module]:
@@ -79,8 +81,8 @@ class DepartmentClient(NumPyClient):
             yield self._trained_module()
             return
         rows = [self.config.labels.index(label) for label in scope]
-        with scoped_head(self.classifier, rows) as head:
-            yield head if self.config.head_only else self._trained_module()
+        with scoped_head(self.classifier, rows):
+            yield self._trained_module()
 
     @property
     def run(self) -> str:
@@ -139,7 +141,7 @@ class DepartmentClient(NumPyClient):
         if secagg:
             check_weight(department=self.settings.name, num_examples=len(data.train),
                          max_weight=self.config.secagg_max_weight)
-        if request.stage == protocol.STAGE_STATISTICS:
+        if request.stage in (protocol.STAGE_FEATURE_MEAN, protocol.STAGE_STATISTICS):
             delta, num_examples, metrics = self._release(parameters, data, request, secagg=secagg)
         else:
             delta, num_examples, metrics = self._train(parameters, data, request, secagg=secagg)
@@ -170,12 +172,13 @@ class DepartmentClient(NumPyClient):
     def _release(
         self, parameters: list[np.ndarray], data: PreparedData, request: protocol.FitRequest, *, secagg: bool
     ) -> tuple[list[np.ndarray], int, dict]:
-        """Stage 1: the DP class-statistics release, shaped like the head, scaled into SecAgg+'s range.
+        """Stage 1: the DP feature-mean release (in the centring's slot) or the DP class-statistics
+        release on centred features (in the head's), scaled into SecAgg+'s range.
 
         Sent with weight secagg-max-weight (every department the same), so SecAgg+'s weighted
         average times the number of departments is the plain sum (``server.class_statistics``).
         """
-        server_round = request.server_round
+        server_round, mean_round = request.server_round, request.stage == protocol.STAGE_FEATURE_MEAN
         metrics: dict = {protocol.DEPARTMENT: self.settings.name, protocol.DP_ENABLED: self.config.dp}
         cfg, policy = self.config, self.settings.policy
         refusals = policy.refusals_of_request(secagg=secagg, aggregate_size=request.aggregate_size)
@@ -187,7 +190,8 @@ class DepartmentClient(NumPyClient):
             # whole release's noise (a label one department alone holds would otherwise carry one share); no counts
             scope_rows = list(range(len(cfg.labels)))
         features, targets = train_features(self.settings, cfg, data)
-        plan, ledger = None, None
+        plan: FeatureMeanPlan | StatisticsPlan | None = None
+        ledger = None
         if cfg.dp:
             ledger = PrivacyLedger(self.settings.state_dir, department=self.settings.name)
             ledger.check_anchor(request.ledger_indexes.get(safe_name(self.settings.name), 0))
@@ -195,8 +199,12 @@ class DepartmentClient(NumPyClient):
             before = ledger.spent(delta=policy.delta, accountant=cfg.accountant)
             metrics.update({protocol.DELTA: policy.delta, protocol.BUDGET: budget, protocol.EPSILON: before})
             try:
-                plan = plan_stage_one(cfg, budget=budget, delta=policy.delta, prior=ledger.history,
-                                      release_counts=scope_rows is None)
+                if mean_round:
+                    plan = plan_feature_mean(cfg, budget=budget, delta=policy.delta, prior=ledger.history)
+                else:  # stage 1 began before this run's feature mean
+                    before_stage = ledger.history_without(run=self.run, mechanism=MECHANISM_FEATURE_MEAN)
+                    plan = plan_stage_one(cfg, budget=budget, delta=policy.delta, prior=ledger.history,
+                                          before_stage=before_stage, release_counts=scope_rows is None)
             except BudgetExhausted as exhausted:
                 return self._declined(parameters, metrics, status=protocol.STATUS_BUDGET_EXHAUSTED, reason=str(exhausted))
             after = epsilon_of(ledger.history + plan.mechanisms, delta=policy.delta, accountant=cfg.accountant)
@@ -205,27 +213,37 @@ class DepartmentClient(NumPyClient):
             refusals.append("this department's site policy limits the privacy cost of a round; a --no-dp run has none")
         if refusals:
             return self._declined(parameters, metrics, status=protocol.STATUS_POLICY_REFUSED, reason="; ".join(refusals))
-        release = release_statistics(
-            features, targets, num_labels=len(cfg.labels), plan=plan.shared_by(shares) if plan else None,
-            scope_rows=scope_rows,
-            generator=torch.Generator().manual_seed(secrets.randbits(63)),
-        )
-        metrics.update({protocol.STATUS: protocol.STATUS_TRAINED, protocol.RELEASED_LABELS: release.released_labels})
+        generator = torch.Generator().manual_seed(secrets.randbits(63))
+        by_name: dict[str, torch.Tensor]
+        if mean_round:
+            mean_plan = plan if isinstance(plan, FeatureMeanPlan) else None
+            by_name = {CENTERING_PARAMETER: release_feature_mean(
+                features, plan=mean_plan.shared_by(shares) if mean_plan else None, generator=generator)}
+            names = [MECHANISM_FEATURE_MEAN]
+        else:
+            statistics_plan = plan if isinstance(plan, StatisticsPlan) else None
+            release = release_statistics(
+                self.classifier.centering(features), targets, num_labels=len(cfg.labels),
+                plan=statistics_plan.shared_by(shares) if statistics_plan else None, scope_rows=scope_rows,
+                generator=generator,
+            )
+            metrics[protocol.RELEASED_LABELS] = release.released_labels
+            by_name = {"head.weight": release.sums, "head.bias": release.counts}
+            names = ([MECHANISM_CLASS_COUNTS] if statistics_plan and statistics_plan.counts_sigma else []) + [MECHANISM_CLASS_SUMS]
+        metrics[protocol.STATUS] = protocol.STATUS_TRAINED
         if ledger is not None and plan is not None:
-            names = ([MECHANISM_CLASS_COUNTS] if plan.counts_sigma else []) + [MECHANISM_CLASS_SUMS]
             entries = ledger.record(
                 run=self.run, server_round=server_round, mechanisms=list(zip(names, plan.mechanisms, strict=True)),
                 accountant=cfg.accountant, delta=policy.delta, budget=policy.effective_budget(cfg), noise_shares=shares,
             )
             metrics.update({
-                protocol.EPSILON: entries[-1].epsilon, protocol.NOISE_MULTIPLIER: plan.sums_sigma,
+                protocol.EPSILON: entries[-1].epsilon,
+                protocol.NOISE_MULTIPLIER: plan.sums_sigma if isinstance(plan, StatisticsPlan) else plan.noise_multiplier,
                 protocol.LEDGER_ENTRY: "\n".join(json.dumps(asdict(e)) for e in entries),
             })
-        scale = cfg.statistics_scale
-        by_name = {"head.weight": release.sums / scale, "head.bias": release.counts / scale}
-        names = trainable_names(self.classifier)
-        arrays = [np.asarray(by_name[n], dtype=np.float32) if n in by_name else np.zeros_like(p, dtype=np.float32)
-                  for n, p in zip(names, parameters, strict=True)]
+        scale = cfg.feature_mean_scale if mean_round else cfg.statistics_scale
+        arrays = [np.asarray(by_name[n] / scale, dtype=np.float32) if n in by_name else np.zeros_like(p, dtype=np.float32)
+                  for n, p in zip(trainable_names(self.classifier), parameters, strict=True)]
         return arrays, cfg.secagg_max_weight, metrics
 
     def _train(
@@ -248,10 +266,10 @@ class DepartmentClient(NumPyClient):
             metrics.update({protocol.STATUS: protocol.STATUS_TRAINED, protocol.TRAIN_LOSS: result.mean_loss})
             return update_delta(get_trainable(self.classifier), parameters), len(data.train), metrics
 
-        planned_rounds = cfg.num_server_rounds - (1 if cfg.statistics_round else 0)
+        planned_rounds = cfg.dp_sgd_rounds
         if planned_rounds < 1:
             raise ConfigError(f"round {server_round} asks for DP-SGD, but the run plans none "
-                              f"({cfg.num_server_rounds} round(s), the first for class statistics)",
+                              f"({cfg.num_server_rounds} round(s), all of them stage 1)",
                               source=f"request to department {self.settings.name}")
         ledger = PrivacyLedger(self.settings.state_dir, department=self.settings.name)
         ledger.check_anchor(request.ledger_indexes.get(safe_name(self.settings.name), 0))

@@ -104,7 +104,7 @@ class LedgerEntry:
     epsilon: float  # after this round, over every line up to and including it
     budget: float
     time: float
-    mechanism: str = "dp-sgd"  # or "class-counts" / "class-sums": the Gaussian releases of stage 1
+    mechanism: str = "dp-sgd"  # or "feature-mean" / "class-counts" / "class-sums": the Gaussian releases of stage 1
     # distributed noise: the department added noise_multiplier / sqrt(noise_shares), trusting SecAgg+
     # and noise_shares - 1 other departments for the rest. epsilon is against the aggregate;
     # own_epsilon is what its release alone would guarantee should it ever be unmasked.
@@ -115,6 +115,7 @@ class LedgerEntry:
 MECHANISM_DP_SGD = "dp-sgd"
 MECHANISM_CLASS_COUNTS = "class-counts"
 MECHANISM_CLASS_SUMS = "class-sums"
+MECHANISM_FEATURE_MEAN = "feature-mean"  # round 1 with centring: [feature sum, record count] (client.feature_mean)
 
 
 class PrivacyLedger:
@@ -176,6 +177,10 @@ class PrivacyLedger:
     @property
     def history(self) -> list[Mechanism]:
         return _mechanisms(self.entries)
+
+    def history_without(self, *, run: str, mechanism: str) -> list[Mechanism]:
+        """The history less ``run``'s lines of ``mechanism``: what the ledger held before that run began it."""
+        return _mechanisms([e for e in self.entries if not (e.run == run and e.mechanism == mechanism)])
 
     def spent(self, *, delta: float, accountant: str) -> float:
         return epsilon_of(self.history, delta=delta, accountant=accountant)

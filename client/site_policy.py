@@ -31,6 +31,7 @@ from client.privacy import PrivacyPlan
 
 if TYPE_CHECKING:
     from client.class_statistics import StatisticsPlan
+    from client.feature_mean import FeatureMeanPlan
 from shared.config import RunConfig
 from shared.errors import ConfigError
 
@@ -126,7 +127,7 @@ class SitePolicy:
             )
         return refusals
 
-    def refusals_of_round(self, plan: PrivacyPlan | StatisticsPlan, *, before: float, after: float) -> list[str]:
+    def refusals_of_round(self, plan: PrivacyPlan | StatisticsPlan | FeatureMeanPlan, *, before: float, after: float) -> list[str]:
         refusals = []
         if self.min_noise_multiplier is not None and plan.noise_multiplier < self.min_noise_multiplier:
             refusals.append(

@@ -28,7 +28,7 @@ def make_server_evaluator(
         backbone, records, labels=config.labels, max_length=config.max_length,
         head_only=config.head_only, cache_dir=cache_dir,
     )
-    module = classifier.head if config.head_only else classifier
+    module = classifier.feature_head() if config.head_only else classifier
 
     def evaluate(server_round: int, arrays: list[np.ndarray], _config: dict) -> tuple[float, dict]:
         set_trainable(classifier, arrays)

@@ -92,7 +92,8 @@ def _summary(metrics: dict[str, Any], status: dict[str, Any]) -> str:
     config = metrics.get("config", {})
     statistics, rounds = config.get("head-init") == "class-statistics", int(config.get("num-server-rounds", 1))
     mechanisms = ", then DP-SGD" if statistics and rounds > 1 else "" if statistics else "DP-SGD"
-    mechanisms = ("Gaussian class statistics" if statistics else "") + mechanisms
+    centring = statistics and float(config.get("centering-share", 0)) > 0
+    mechanisms = ("Gaussian feature mean, " if centring else "") + ("Gaussian class statistics" if statistics else "") + mechanisms
     dp = (f"{mechanisms}, run epsilon {config.get('target-epsilon')}, delta {config.get('target-delta')}, "
           f"{config.get('accountant')} accountant" if metrics.get("dp")
           else "<span class='bad'>NO differential privacy (--no-dp): no privacy guarantee holds</span>")
@@ -119,7 +120,11 @@ def _ledger(ledger: list[LedgerRow]) -> str:
     return _table(["department", "epsilon spent", "budget", "delta", "rounds trained", "status", "server's recomputation"], rows)
 
 
-ROUND_STAGES = {True: "1: class statistics", False: "2: DP-SGD"}
+def _stage(metrics: dict[str, Any], number: int) -> str:
+    """A round's stage in the run's words: stage 1's releases, or stage 2's DP-SGD."""
+    if number == metrics.get("centering_round"):
+        return "1: feature mean"
+    return "1: class statistics" if number == metrics.get("statistics_round") else "2: DP-SGD"
 
 
 def _rounds(metrics: dict[str, Any]) -> str:
@@ -134,7 +139,7 @@ def _rounds(metrics: dict[str, Any]) -> str:
         check_cell = {"passed": "<span class='ok'>passed</span>", "rejected": "<span class='bad'>rejected</span>"}.get(
             check, "-")
         rows.append([
-            str(entry["round"]), html.escape(ROUND_STAGES.get(entry["round"] == metrics.get("statistics_round"), "")),
+            str(entry["round"]), html.escape(_stage(metrics, entry["round"])),
             _fmt(entry.get("accuracy")), _fmt(entry.get("loss")), _fmt(entry.get("train_loss")),
             check_cell, "on" if entry.get("secure_aggregation") else "off", str(trained),
             html.escape(", ".join(declined)) or "-",

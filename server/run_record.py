@@ -145,6 +145,7 @@ class RunRecorder:
             "dp": self.config.dp,
             "secure_aggregation": self.config.secagg,
             "transport": self.config.transport,
+            "centering_round": self.config.centering_round or None,
             "statistics_round": self.config.statistics_round or None,
             "initial": self.rounds.get(0),
             "rounds": finished,

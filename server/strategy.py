@@ -4,10 +4,13 @@
 - begin each round once (``begin_round``): its run number, its stage, the departments it asks (only
   those with budget left), or ``FederationEnded`` when fewer than ``min-departments`` remain;
 - send each department a ``protocol.FitRequest`` / ``EvaluateRequest``;
-- refuse what no honest department sends (``server.update_checks``), then move the global
-  parameters by the average delta (directly, or SecAgg+'s unmasked weighted average) with the
-  server's momentum (FedAvgM: v = server-momentum x v + average delta), or, in the statistics
-  round, build the nearest-class-mean head from the summed class statistics;
+- refuse what no honest department sends (``server.update_checks``), then, by the round's stage:
+  in the feature-mean round, set the centring's statistics to the federation's summed release
+  (``shared.centering``); in the statistics round, build the nearest-class-mean head from the
+  summed class statistics; in a DP-SGD round, move the trained parameters by the average delta
+  (directly, or SecAgg+'s unmasked weighted average) with the server's momentum (FedAvgM:
+  v = server-momentum x v + average delta). Each stage changes only its own parameters: what a
+  department sends in any other slot is ignored;
 - hand everything to the run record (``server.run_record``), which persists it.
 It stays a plain legacy ``Strategy`` so that Flower's SecAgg+ workflow can drive it unchanged.
 Flower's own ``FedAvgM`` is not used for the momentum: it averages full weights (departments send
@@ -41,6 +44,7 @@ from server.round_state import RoundState, decline_notes, department_replies
 from server.run_folder import ledger_indexes
 from server.run_record import RunRecorder
 from shared import protocol, secagg_masks
+from shared.centering import CENTERING_PARAMETER
 from shared.config import RunConfig
 
 EvaluateFn = Callable[[int, list, dict[str, Scalar]], tuple[float, dict[str, Scalar]] | None]
@@ -96,7 +100,8 @@ class FedprivStrategy(FedAvg):
             )
         asked = client_manager.sample(num_clients=max(int(len(eligible) * self.fraction_fit), needed),
                                       min_num_clients=needed, criterion=_NotIn(set(self.exhausted)))
-        stage = protocol.STAGE_STATISTICS if number == self.run_config.statistics_round else protocol.STAGE_DP_SGD
+        stage = {self.run_config.centering_round: protocol.STAGE_FEATURE_MEAN,
+                 self.run_config.statistics_round: protocol.STAGE_STATISTICS}.get(number, protocol.STAGE_DP_SGD)
         self.round = RoundState(flower_round=flower_round, number=number, stage=stage, asked=list(asked))
         return self.round
 
@@ -155,12 +160,17 @@ class FedprivStrategy(FedAvg):
                                          "sent values no honest department sends)"])
         self.recorder.record_aggregate_check(number, passed=True)
         current_arrays = parameters_to_ndarrays(self.latest_parameters)
-        if current.stage == protocol.STAGE_STATISTICS:
+        if current.stage == protocol.STAGE_FEATURE_MEAN:
+            arrays = self._centering_statistics(current_arrays, average, departments=len(trained))
+            self.velocity = None
+        elif current.stage == protocol.STAGE_STATISTICS:
             arrays = self._statistics_head(current_arrays, average, departments=len(trained))
             self.velocity = None
         else:
-            self.velocity = average if self.velocity is None else [
-                config.server_momentum * v + d for v, d in zip(self.velocity, average, strict=True)]
+            centering = self.parameter_names.index(CENTERING_PARAMETER)  # set in round 1, never trained
+            moved = [np.zeros_like(a) if i == centering else a for i, a in enumerate(average)]
+            self.velocity = moved if self.velocity is None else [
+                config.server_momentum * v + d for v, d in zip(self.velocity, moved, strict=True)]
             arrays = [(g + v).astype(np.float32) for g, v in zip(current_arrays, self.velocity, strict=True)]
         self.recorder.record_aggregate(number, average)
         names = self.parameter_names
@@ -174,6 +184,13 @@ class FedprivStrategy(FedAvg):
         self.recorder.record_failures(number, notes)
         self.recorder.record_aggregate_check(number, passed=False)
         return None, {}
+
+    def _centering_statistics(self, current: list[np.ndarray], average: list[np.ndarray], *, departments: int) -> list[np.ndarray]:
+        """The feature-mean round: the federation's summed [feature sum, record count] becomes the
+        centring's statistics; every other parameter stays as it is."""
+        index = self.parameter_names.index(CENTERING_PARAMETER)
+        summed = federation_sums([average[index]], departments=departments, scale=self.run_config.feature_mean_scale)[0]
+        return [summed.astype(np.float32) if i == index else array for i, array in enumerate(current)]
 
     def _statistics_head(self, current: list[np.ndarray], average: list[np.ndarray], *, departments: int) -> list[np.ndarray]:
         """Stage 1: the nearest-class-mean head from the federation's class sums; LoRA stays as it is."""

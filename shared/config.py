@@ -27,10 +27,13 @@ HEAD_INITS = ("class-statistics", "zeros")
 class RunConfig:
     """Every setting of one federated run; invalid values raise ``ConfigError`` listing all of them."""
 
-    # Round 1 releases DP class statistics (stage 1, ``head-init = "class-statistics"``); any further
-    # rounds fine-tune with DP-SGD from the head it builds. The CLI's default is ``default_rounds``.
-    num_server_rounds: int = 1
+    # Stage 1 (``head-init = "class-statistics"``): round 1 releases the DP feature mean that features
+    # are centred on (``shared.centering``; not with centering-share 0), the next round DP class
+    # statistics; any further rounds fine-tune with DP-SGD from the head they build. The CLI's
+    # default is ``default_rounds``.
+    num_server_rounds: int = 2
     head_init: str = "class-statistics"  # "zeros": no stage 1, every round DP-SGD from a zero head
+    centering_share: float = 0.05  # of stage 1's noise precision, for the feature mean; 0: no centring round
     statistics_share: float = 0.35  # of the run's epsilon, for stage 1 when DP-SGD rounds follow it
     statistics_count_share: float = 0.1  # of stage 1's noise precision, for the noisy counts that weigh the rows
     # a class-sum row's weight: clip((noisy count - offset x count-noise deviation) / full-weight count, 0, 1)
@@ -132,18 +135,29 @@ class RunConfig:
         return self.lora_r == 0
 
     @property
+    def centering_round(self) -> int:
+        """The round in which departments release the feature mean that features are centred on; 0: none."""
+        return 1 if self.head_init == "class-statistics" and self.centering_share > 0 else 0
+
+    @property
     def statistics_round(self) -> int:
         """The round in which departments release class statistics; 0: none."""
-        return 1 if self.head_init == "class-statistics" else 0
+        return self.centering_round + 1 if self.head_init == "class-statistics" else 0
 
     @property
     def dp_sgd_rounds(self) -> int:
-        return self.num_server_rounds - (1 if self.statistics_round else 0)
+        return self.num_server_rounds - self.statistics_round
 
     @property
     def statistics_scale(self) -> float:
         """Public bound that brings a class sum or count (at most secagg-max-weight records) into SecAgg+'s range."""
         return self.secagg_max_weight / self.secagg_clipping_range
+
+    @property
+    def feature_mean_scale(self) -> float:
+        """The same for the feature mean, whose record count is secagg-max-weight for the largest department
+        (simulations set it so): into half the range, so that its noise is not clipped."""
+        return 2 * self.statistics_scale
 
 
 def _coerce(name: str, kind: Any, raw: Any) -> Any:
@@ -202,6 +216,11 @@ def _validate(cfg: RunConfig) -> list[str]:
             problems.append(f"{f.name.replace('_', '-')} must be a finite number (got {value})")
     need(cfg.num_server_rounds >= 1, f"num-server-rounds must be >= 1 (got {cfg.num_server_rounds})")
     need(cfg.head_init in HEAD_INITS, f"head-init must be one of {HEAD_INITS} (got {cfg.head_init!r})")
+    need(cfg.num_server_rounds >= cfg.statistics_round,
+         f"num-server-rounds must be >= {cfg.statistics_round} (got {cfg.num_server_rounds}): stage 1 is round "
+         f"{cfg.statistics_round}" + (" after the feature mean (centering-share 0: no feature-mean round)"
+                                      if cfg.centering_round else ""))
+    need(0 <= cfg.centering_share < 1, f"centering-share must be in [0, 1) (got {cfg.centering_share})")
     need(0 < cfg.statistics_share <= 1, f"statistics-share must be in (0, 1] (got {cfg.statistics_share})")
     need(0 < cfg.statistics_count_share < 1,
          f"statistics-count-share must be in (0, 1) (got {cfg.statistics_count_share})")
@@ -260,8 +279,9 @@ STAGE_TWO_MIN_EPSILON = 8.0
 STAGE_TWO_ROUNDS = 20
 
 
-def default_rounds(*, dp: bool, epsilon: float, head_init: str) -> int:
+def default_rounds(*, dp: bool, epsilon: float, head_init: str, centering_share: float) -> int:
     """The number of rounds a run has when the user names none (see STAGE_TWO_MIN_EPSILON)."""
     if head_init != "class-statistics":
         return STAGE_TWO_ROUNDS  # every round is DP-SGD from a zero head
-    return 1 + STAGE_TWO_ROUNDS if (not dp or epsilon >= STAGE_TWO_MIN_EPSILON) else 1
+    stage_one = 2 if centering_share > 0 else 1
+    return stage_one + STAGE_TWO_ROUNDS if (not dp or epsilon >= STAGE_TWO_MIN_EPSILON) else stage_one

@@ -3,7 +3,8 @@
     model/
       backbone/             AutoModel.from_pretrained / AutoTokenizer.from_pretrained
       adapter/              PeftModel.from_pretrained(backbone, "adapter")   (only when LoRA was trained)
-      head.safetensors      weight (L, H), bias (L,) of the linear head
+      head.safetensors      weight (L, H), bias (L,) of the linear head; centre (H,): the federation's DP mean
+                            feature, which features are moved away from before the head (``shared.centering``)
       fedpriv_model.json    labels in head order, pooling, max length, privacy summary
       README.md             the ten lines that load it without fedpriv
 """
@@ -49,6 +50,8 @@ states = encoder(**batch, output_hidden_states=True).hidden_states
 mask = batch["attention_mask"].unsqueeze(-1).float()
 pooled = sum((h * mask).sum(1) / mask.sum(1) for h in states[-2:]) / 2  # last two layers, averaged
 features = torch.nn.functional.normalize(pooled, dim=-1)
+if head["centre"].any():  # the federation's mean feature (a DP release)
+    features = torch.nn.functional.normalize(features - head["centre"], dim=-1)
 probabilities = (features @ head["weight"].T + head["bias"]).softmax(-1)
 print(meta["labels"][int(probabilities.argmax())])
 ```
@@ -67,7 +70,8 @@ def export_model(
     if lora:
         classifier.encoder.save_pretrained(folder / "adapter")
     save_file(
-        {"weight": classifier.head.weight.detach().contiguous(), "bias": classifier.head.bias.detach().contiguous()},
+        {"weight": classifier.head.weight.detach().contiguous(), "bias": classifier.head.bias.detach().contiguous(),
+         "centre": classifier.centering.centre.detach().contiguous()},
         str(folder / "head.safetensors"),
     )
     manifest = {
@@ -102,6 +106,7 @@ class ExportedModel:
     encoder: torch.nn.Module
     tokenizer: Any
     head: torch.nn.Linear
+    centre: torch.Tensor  # (H,); zeros: features are not centred
     labels: list[str]
     max_length: int
     manifest: dict[str, Any]  # fedpriv_model.json: labels, pooling, the run's privacy summary
@@ -110,7 +115,10 @@ class ExportedModel:
     def predict(self, texts: Sequence[str]) -> torch.Tensor:
         """Class probabilities, (N, L) in ``labels`` order."""
         batch = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
-        return self.head(encode(self.encoder, batch["input_ids"], batch["attention_mask"])).softmax(dim=-1)
+        features = encode(self.encoder, batch["input_ids"], batch["attention_mask"])
+        if self.centre.any():
+            features = torch.nn.functional.normalize(features - self.centre, dim=-1)
+        return self.head(features).softmax(dim=-1)
 
 
 def load_exported(folder: Path) -> ExportedModel:
@@ -130,10 +138,13 @@ def load_exported(folder: Path) -> ExportedModel:
             encoder = PeftModel.from_pretrained(encoder, folder / "adapter")
         weights = load_file(str(folder / "head.safetensors"))
         head = torch.nn.Linear(weights["weight"].shape[1], weights["weight"].shape[0])
+        centre = weights.pop("centre", torch.zeros(head.in_features))  # models exported before centring have none
         head.load_state_dict(weights)
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
         raise ModelError(f"{folder}: cannot load the exported model ({type(exc).__name__}: {exc})") from None
     if head.out_features != len(labels):
         raise ModelError(f"{folder}: head has {head.out_features} outputs but {MANIFEST} lists {len(labels)} labels")
     encoder.eval()
-    return ExportedModel(encoder, tokenizer, head, labels, max_length, manifest)
+    if centre.shape != (head.in_features,):
+        raise ModelError(f"{folder}: head.safetensors' centre has shape {tuple(centre.shape)}, expected ({head.in_features},)")
+    return ExportedModel(encoder, tokenizer, head, centre, labels, max_length, manifest)

@@ -4,9 +4,12 @@
       -> backbone (frozen; LoRA adapters on ``lora_targets`` when lora-r > 0)   (B, T, H)
       -> mean pooling over real tokens of each of the last two layers, their average,
          L2 normalisation                                                      (B, H)
+      -> centring on the federation's DP mean feature, L2 normalisation        (B, H)
+         (``shared.centering``; the identity until round 1 has released the mean)
       -> head: Linear(H, num_labels)                                          (B, L)
 
-Only the LoRA adapters and the head are trainable; they are all that is ever transmitted.
+Only the LoRA adapters and the head are trainable; they and the centring's statistics (set by the
+server, never trained) are all that is ever transmitted.
 With lora-r = 0 the backbone is a fixed public feature extractor, so departments embed their
 texts once (``shared.features``) and train the head on the cached features.
 """
@@ -24,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from shared.centering import CENTERING_PARAMETER, FeatureCentering
 from shared.errors import ModelError
 
 TINY = "tiny"
@@ -154,7 +158,7 @@ def encode(encoder: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
 
 
 class TextClassifier(nn.Module):
-    """Backbone (+ LoRA) -> mean pooling -> linear head.
+    """Backbone (+ LoRA) -> mean pooling -> centring -> linear head.
 
     With LoRA the encoder is the classifier's own adapted copy (a submodule, trained); without, it
     is the shared frozen backbone, not a submodule and loaded only when a forward pass needs it.
@@ -168,6 +172,7 @@ class TextClassifier(nn.Module):
         if adapted is not None:  # registered by hand: add_module's hasattr check would read the property
             self._modules["encoder"] = adapted
         self.head = nn.Linear(backbone.hidden_size, num_labels)
+        self.centering = FeatureCentering(backbone.hidden_size)
 
     @property
     def adapted(self) -> bool:
@@ -181,7 +186,11 @@ class TextClassifier(nn.Module):
         return encode(self.encoder, input_ids, attention_mask)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(input_ids, attention_mask))
+        return self.head(self.centering(self.features(input_ids, attention_mask)))
+
+    def feature_head(self) -> nn.Module:
+        """What runs on cached (uncentred) features: centring, then the head, as one module."""
+        return nn.Sequential(self.centering, self.head)
 
 
 def build_classifier(
@@ -221,5 +230,6 @@ def build_classifier(
 
 
 def trainable_names(model: nn.Module) -> list[str]:
-    """Names of the parameters that are trained and transmitted, in a fixed order."""
-    return [name for name, p in model.named_parameters() if p.requires_grad]
+    """Names of the parameters that are trained and transmitted (with the centring's statistics,
+    transmitted but never trained), in a fixed order."""
+    return [name for name, p in model.named_parameters() if p.requires_grad or name == CENTERING_PARAMETER]

@@ -22,7 +22,8 @@ from flwr.common import Scalar
 from shared.errors import ConfigError
 
 SERVER_ROUND = "server-round"
-STAGE = "stage"  # what a round asks for: a class-statistics release (stage 1) or DP-SGD training
+STAGE = "stage"  # what a round asks for: a feature-mean or class-statistics release (stage 1), or DP-SGD training
+STAGE_FEATURE_MEAN = "feature-mean"
 STAGE_STATISTICS = "class-statistics"
 STAGE_DP_SGD = "dp-sgd"
 AGGREGATE_SIZE = "aggregate-size"
@@ -101,7 +102,7 @@ class FitRequest:
     def from_config(cls, config: dict[str, Any], *, department: str) -> FitRequest:
         read = _Reader(config)
         request = cls(
-            server_round=read.get(SERVER_ROUND, int), stage=read.get(STAGE, str, choices=(STAGE_STATISTICS, STAGE_DP_SGD)),
+            server_round=read.get(SERVER_ROUND, int), stage=read.get(STAGE, str, choices=(STAGE_FEATURE_MEAN, STAGE_STATISTICS, STAGE_DP_SGD)),
             aggregate_size=read.get(AGGREGATE_SIZE, int), backbone_fingerprint=read.get(BACKBONE_FINGERPRINT, str),
             secagg_masks=read.get(SECAGG_MASKS, str), ledger_indexes=_ledger_indexes(read.get(LEDGER_INDEXES, str), read),
         )

@@ -8,7 +8,8 @@ DP-SGD then runs only the top k layers per step. Measured here (Opacus hooks, Lo
 
     states (B, T, H) at the input of layer L - k, attention mask (B, T)
       -> the top k layers of the classifier's own encoder (shared modules: training them trains it)
-      -> the classifier's pooling (the last two layers' mean-pooled states, averaged) -> its head
+      -> the classifier's pooling (the last two layers' mean-pooled states, averaged) -> its centring
+      -> its head
 
 ``tests/test_top_layers.py`` checks that this forward equals the classifier's full forward and that
 Opacus' per-sample gradients through it equal a per-example loop.
@@ -42,6 +43,7 @@ class CachedTopLayers(nn.Module):
         super().__init__()
         self.bert = [_bert(classifier.encoder)]  # a list: not registered, the layers below are not trained
         self.layers = nn.ModuleList(list(self.bert[0].encoder.layer)[-count:])
+        self.centering = classifier.centering  # no trained parameter: Opacus leaves it alone
         self.head = classifier.head
 
     def forward(self, states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -53,7 +55,7 @@ class CachedTopLayers(nn.Module):
         for layer in self.layers:
             hidden = layer(hidden, extended)
             outputs.append(hidden)
-        return self.head(mean_pool(tuple(outputs), attention_mask))
+        return self.head(self.centering(mean_pool(tuple(outputs), attention_mask)))
 
 
 def top_layer_dataset(

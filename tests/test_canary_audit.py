@@ -34,14 +34,14 @@ def audited(config: RunConfig, *, canaries: int = 360, scope: list[int] | None =
 
 
 def test_an_exact_release_gives_away_every_canary():
-    bound, claimed = audited(RunConfig(model="tiny", labels=LABELS, dp=False, num_server_rounds=1))
+    bound, claimed = audited(RunConfig(model="tiny", labels=LABELS, dp=False, num_server_rounds=1, centering_share=0.0))
     assert claimed is None and bound.correct == bound.guesses == 360 and bound.epsilon > 3.5
 
 
 @pytest.mark.parametrize("epsilon", [1.0, 8.0])
 @pytest.mark.parametrize("scope", [None, [0, 1, 2]])
 def test_a_correct_release_stays_below_its_claim(epsilon, scope):
-    config = RunConfig(model="tiny", labels=LABELS, target_epsilon=epsilon, num_server_rounds=1)
+    config = RunConfig(model="tiny", labels=LABELS, target_epsilon=epsilon, num_server_rounds=1, centering_share=0.0)
     for seed in range(3):
         bound, claimed = audited(config, scope=scope, seed=seed)
         assert claimed == pytest.approx(epsilon, rel=2e-3) and bound.epsilon <= claimed
@@ -56,7 +56,7 @@ def test_a_release_with_a_hundredth_of_its_noise_is_caught(monkeypatch):
         return real(*args, plan=weak, **kwargs)
 
     monkeypatch.setattr(canary_audit, "release_statistics", broken)
-    bound, claimed = audited(RunConfig(model="tiny", labels=LABELS, target_epsilon=1.0, num_server_rounds=1))
+    bound, claimed = audited(RunConfig(model="tiny", labels=LABELS, target_epsilon=1.0, num_server_rounds=1, centering_share=0.0))
     assert bound.epsilon > claimed, (bound, claimed)
 
 

@@ -143,8 +143,8 @@ def statistics_request(config: RunConfig) -> dict:
 def make_department(tmp_path, **settings) -> tuple[DepartmentClient, RunConfig]:
     shared_classifier.cache_clear()
     prepare.cache_clear()
-    config = RunConfig(model="tiny", labels=LABELS, batch_size=16, target_delta=1e-4, secagg_max_weight=200,
-                       out_dir=str(tmp_path / "out"), **settings)
+    config = RunConfig(**{"model": "tiny", "labels": LABELS, "batch_size": 16, "target_delta": 1e-4,
+                          "secagg_max_weight": 200, "out_dir": str(tmp_path / "out")} | settings)
     node = {"department": "finance", "data-path": str(department_file(tmp_path)), "state-dir": str(tmp_path / "state")}
     return DepartmentClient(config=config, settings=resolve_department(config, node), run_id=7), config
 
@@ -167,7 +167,8 @@ def test_a_department_releases_once_and_a_repeated_request_does_not_pay_twice(tm
 
 
 def test_dp_sgd_after_stage_one_is_calibrated_to_the_rest_of_the_run_epsilon(tmp_path):
-    client, config = make_department(tmp_path, target_epsilon=4.0, num_server_rounds=3, statistics_share=0.5)
+    client, config = make_department(tmp_path, target_epsilon=4.0, num_server_rounds=3, statistics_share=0.5,
+                                     centering_share=0.0)
     start = get_trainable(client.classifier)
     _, _, first = fit(client, start, statistics_request(config))
     assert first[protocol.EPSILON] == pytest.approx(2.0, abs=0.01)

@@ -53,7 +53,20 @@ def test_label_fingerprint_depends_on_order():
 def test_rounds_left_out_add_dp_sgd_only_where_epsilon_leaves_room_for_it():
     from shared.config import STAGE_TWO_MIN_EPSILON, STAGE_TWO_ROUNDS, default_rounds
 
-    assert default_rounds(dp=True, epsilon=STAGE_TWO_MIN_EPSILON, head_init="class-statistics") == 1 + STAGE_TWO_ROUNDS
-    assert default_rounds(dp=True, epsilon=3.0, head_init="class-statistics") == 1  # stage 1 alone
-    assert default_rounds(dp=False, epsilon=1.0, head_init="class-statistics") == 1 + STAGE_TWO_ROUNDS
-    assert default_rounds(dp=True, epsilon=1.0, head_init="zeros") == STAGE_TWO_ROUNDS
+    statistics = {"head_init": "class-statistics", "centering_share": 0.05}  # stage 1: feature mean, class statistics
+    assert default_rounds(dp=True, epsilon=STAGE_TWO_MIN_EPSILON, **statistics) == 2 + STAGE_TWO_ROUNDS
+    assert default_rounds(dp=True, epsilon=3.0, **statistics) == 2  # stage 1 alone
+    assert default_rounds(dp=False, epsilon=1.0, **statistics) == 2 + STAGE_TWO_ROUNDS
+    assert default_rounds(dp=True, epsilon=3.0, head_init="class-statistics", centering_share=0.0) == 1
+    assert default_rounds(dp=True, epsilon=1.0, head_init="zeros", centering_share=0.05) == STAGE_TWO_ROUNDS
+
+
+def test_stage_one_needs_its_rounds_and_a_centring_share_below_one():
+    with pytest.raises(ConfigError) as raised:
+        RunConfig(num_server_rounds=1, centering_share=1.0)
+    message = str(raised.value)
+    assert "num-server-rounds must be >= 2 (got 1)" in message and "centering-share must be in [0, 1)" in message
+    assert RunConfig(num_server_rounds=1, centering_share=0.0).statistics_round == 1
+    centred = RunConfig(num_server_rounds=4)
+    assert (centred.centering_round, centred.statistics_round, centred.dp_sgd_rounds) == (1, 2, 2)
+    assert RunConfig(head_init="zeros", num_server_rounds=1).centering_round == 0

@@ -16,17 +16,18 @@ from server.update_checks import aggregate_problem
 from shared import protocol
 from shared.config import RunConfig
 from shared.errors import ConfigError
+from shared.model import trainable_names
 from shared.params import get_trainable
 from tests.requests import evaluate_request, fit
 from tests.rounds import begin
 from tests.test_class_statistics import make_department
 
-NAMES = ["head.weight", "head.bias"]
+NAMES = ["head.weight", "head.bias", "centering.statistics"]
 
 
 def strategy(tmp_path, **settings) -> FedprivStrategy:
     config = RunConfig(labels=("a", "b"), out_dir=str(tmp_path), secagg_max_weight=100, **settings)
-    start = [np.zeros((2, 3), np.float32), np.zeros(2, np.float32)]
+    start = [np.zeros((2, 3), np.float32), np.zeros(2, np.float32), np.zeros(4, np.float32)]
     return FedprivStrategy(
         config=config, recorder=RunRecorder(tmp_path, config=config, run_id=1), parameter_names=NAMES,
         backbone_fingerprint="f", initial_parameters=ndarrays_to_parameters(start), evaluate_fn=None,
@@ -40,7 +41,8 @@ def reply(name: str, update: list[np.ndarray], weight: int) -> tuple[SimpleNames
 
 
 def honest(value: float) -> list[np.ndarray]:
-    return [np.full((2, 3), value, np.float32), np.full(2, value, np.float32)]
+    """A DP-SGD update: the head moves, the centring's statistics (set in round 1 only) do not."""
+    return [np.full((2, 3), value, np.float32), np.full(2, value, np.float32), np.zeros(4, np.float32)]
 
 
 def test_a_department_claiming_a_huge_weight_is_left_out_without_secagg(tmp_path):
@@ -91,7 +93,7 @@ def test_honest_aggregates_pass_the_check():
 def test_a_crafted_evaluation_model_reads_nothing_back_under_dp(tmp_path):
     client, config = make_department(tmp_path)
     crafted = get_trainable(client.classifier)
-    crafted[-1][:] = [0.0, 50.0, 0.0]  # the probe: a head that answers one label whatever the input
+    crafted[trainable_names(client.classifier).index("head.bias")][:] = [0.0, 50.0, 0.0]  # the probe: a head that answers one label whatever the input
     replies = [client.evaluate(crafted, evaluate_request(config)) for _ in range(2)]
     for loss, count, metrics in replies:
         assert (loss, count) == (0.0, 0) and metrics[protocol.EVALUATION_WITHHELD] is True

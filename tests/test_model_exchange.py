@@ -1,4 +1,5 @@
-"""Only LoRA adapters and the head are trainable and transmitted; the frozen backbone never travels."""
+"""Only LoRA adapters and the head are trained, and they and the centring's statistics are all that is
+transmitted; the frozen backbone never travels."""
 
 from __future__ import annotations
 
@@ -12,15 +13,16 @@ from shared.params import get_trainable, set_trainable
 
 def test_head_only_exchanges_just_the_head(tiny_backbone):
     model = build_classifier(tiny_backbone, num_labels=5, lora_r=0, lora_alpha=8, lora_targets=("query",))
-    assert trainable_names(model) == ["head.weight", "head.bias"]
+    assert trainable_names(model) == ["head.weight", "head.bias", "centering.statistics"]
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["head.weight", "head.bias"]
     assert all(not p.requires_grad for p in tiny_backbone.model.parameters())
 
 
 def test_lora_exchanges_adapters_and_head_not_the_backbone(tiny_backbone):
     model = build_classifier(tiny_backbone, num_labels=5, lora_r=4, lora_alpha=8, lora_targets=("query", "value"))
     names = trainable_names(model)
-    assert names[-2:] == ["head.weight", "head.bias"]
-    assert names[:-2] and all("lora_" in n for n in names[:-2])
+    assert names[-3:] == ["head.weight", "head.bias", "centering.statistics"]
+    assert names[:-3] and all("lora_" in n for n in names[:-3])
     sent = sum(a.size for a in get_trainable(model))
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     assert sent < frozen / 10
@@ -36,10 +38,11 @@ def test_set_trainable_roundtrip_and_rejections(tiny_backbone):
         np.testing.assert_array_equal(sent, got)
     with pytest.raises(ModelError, match="sent 1 arrays"):
         set_trainable(model, arrays[:1])
-    bad_shape = arrays[:-1] + [np.zeros(7, dtype=np.float32)]
+    bias = trainable_names(model).index("head.bias")
+    bad_shape = arrays[:bias] + [np.zeros(7, dtype=np.float32)] + arrays[bias + 1:]
     with pytest.raises(ModelError, match=r"head.bias: shape \(7,\), expected \(3,\)"):
         set_trainable(model, bad_shape, sender="department hr")
-    not_finite = arrays[:-1] + [np.array([0.0, np.nan, 1.0], dtype=np.float32)]
+    not_finite = arrays[:bias] + [np.array([0.0, np.nan, 1.0], dtype=np.float32)] + arrays[bias + 1:]
     with pytest.raises(ModelError, match="NaN"):
         set_trainable(model, not_finite)
 

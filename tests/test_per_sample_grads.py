@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from shared.features import tokenize
-from shared.model import build_classifier, trainable_names
+from shared.model import build_classifier
 
 TEXTS = ["reset my password", "book a meeting room for six people tomorrow", "invoice 4411 status", "vpn"]
 
@@ -23,7 +23,15 @@ def _lora_model(backbone):
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.1)
+        # features are centred (shared.centering): a mean of norm ~0.5 over 10 records
+        model.centering.statistics.copy_(torch.cat([torch.randn(backbone.hidden_size) * 5 / backbone.hidden_size**0.5,
+                                                    torch.tensor([10.0])]))
     return model
+
+
+def trainable_names(model: nn.Module) -> list[str]:
+    """The parameters DP-SGD trains (the centring's statistics are transmitted, never trained)."""
+    return [name for name, p in model.named_parameters() if p.requires_grad]
 
 
 def test_opacus_per_sample_grads_match_per_example_loop(tiny_backbone):
@@ -95,7 +103,7 @@ def test_dp_step_equals_the_clipped_per_example_mean(tiny_backbone, head_only):
     input_ids, mask = tokenize(tiny_backbone, texts, max_length=16)
     labels = torch.tensor([0, 1, 2, 1, 2, 0, 1, 0])
     if head_only:
-        model, inputs = full.head, (embed_texts(tiny_backbone, texts, max_length=16) * 50,)
+        model, inputs = full.feature_head(), (embed_texts(tiny_backbone, texts, max_length=16),)
     else:
         model, inputs = full, (input_ids, mask)
     names = trainable_names(model)

@@ -102,11 +102,11 @@ def test_flowers_secagg_workflow_drives_the_strategy_to_the_weighted_average(tmp
     fed = strategy(tmp_path, secagg=True, dp=False, head_init="zeros", num_server_rounds=2, secagg_num_shares=3,
                    min_departments=4)
     rng = np.random.default_rng(1)
-    given = {node: rng.uniform(-1, 1, 8).astype(np.float32) for node in range(101, 105)}
-    shapes = [(2, 3), (2,)]
+    given = {node: rng.uniform(-1, 1, 12).astype(np.float32) for node in range(101, 105)}
+    shapes = [(2, 3), (2,), (4,)]
 
     def as_update(vector: np.ndarray) -> list[np.ndarray]:
-        return [vector[:6].reshape(shapes[0]), vector[6:]]
+        return [vector[:6].reshape(shapes[0]), vector[6:8], vector[8:]]
 
     workflow = AuditedSecAggPlusWorkflow(config=fed.run_config, audit_dir=None)
     grid = LossyGrid(given, dropped=103, from_stage=Stage.COLLECT_MASKED_VECTORS, to_update=as_update)
@@ -115,9 +115,10 @@ def test_flowers_secagg_workflow_drives_the_strategy_to_the_weighted_average(tmp
     weights = np.array([n - 100 for n in survivors], dtype=np.float64)
     expected = sum(w * given[n] for w, n in zip(weights, survivors, strict=True)) / weights.sum()
     assert fed.round.number == 1 and len(fed.round.asked) == 4 and workflow.num_shares == 3  # a ring of 3 out of 4
-    np.testing.assert_allclose(np.concatenate([a.ravel() for a in aggregate]), expected, atol=1e-3)
-    np.testing.assert_allclose(np.concatenate([a.ravel() for a in parameters_to_ndarrays(fed.latest_parameters)]),
-                               expected, atol=1e-3)  # the strategy added the unmasked average to the model
+    model = np.concatenate([a.ravel() for a in parameters_to_ndarrays(fed.latest_parameters)])
+    np.testing.assert_array_equal(np.concatenate([a.ravel() for a in aggregate]), model)
+    np.testing.assert_allclose(model[:8], expected[:8], atol=1e-3)  # the strategy added the unmasked average to the head
+    assert not model[8:].any()  # and left the centring's statistics alone: a DP-SGD round does not set them
     assert fed.recorder.rounds[1]["aggregate_check"] == "passed"
 
 
@@ -158,10 +159,10 @@ def test_the_server_moves_the_model_with_momentum_over_dp_sgd_rounds_and_a_resum
 
 
 def test_the_statistics_round_starts_the_server_momentum_afresh(tmp_path):
-    fed = strategy(tmp_path, secagg=False, dp=False, num_server_rounds=3, server_momentum=0.5)
+    fed = strategy(tmp_path, secagg=False, dp=False, num_server_rounds=3, server_momentum=0.5, centering_share=0.0)
     fed.velocity = honest(1.0)  # as if earlier DP-SGD rounds had left momentum
     begin(fed, "hr", "it")
-    statistics = [np.array([[1.0, 0, 0], [0, 1.0, 0]], np.float32), np.array([1.0, 1.0], np.float32)]
+    statistics = [np.array([[1.0, 0, 0], [0, 1.0, 0]], np.float32), np.array([1.0, 1.0], np.float32), np.zeros(4, np.float32)]
     fed.aggregate_fit(1, [reply("hr", statistics, 1), reply("it", statistics, 1)], [])
     assert fed.velocity is None
     head = parameters_to_ndarrays(fed.latest_parameters)
@@ -178,3 +179,30 @@ def test_one_rounds_aggregate_moves_the_model_by_at_most_twice_itself_at_server_
         fed.aggregate_fit(flower_round, [reply("hr", honest(value), 50), reply("it", honest(value), 50)], [])
     moved = parameters_to_ndarrays(fed.latest_parameters)[1][0]
     assert 0.19 < moved <= 0.2 + 1e-6  # 0.1 x (1 + 0.5 + 0.25 + ...) -> 0.1 / (1 - 0.5)
+
+
+def test_the_feature_mean_round_sets_the_centring_from_the_sum_and_nothing_else(tmp_path):
+    fed = strategy(tmp_path, secagg=False, dp=True, num_server_rounds=3)
+    assert begin(fed, "hr", "it") and fed.round.stage == protocol.STAGE_FEATURE_MEAN
+    scale = fed.run_config.feature_mean_scale
+    releases = {"hr": np.array([3.0, 0.0, 1.0, 4.0]), "it": np.array([1.0, 2.0, -1.0, 6.0])}
+    # a department also sends values in the head's slots: the feature-mean round ignores them
+    updates = {name: [np.full((2, 3), 5.0, np.float32), np.full(2, 5.0, np.float32), (r / scale).astype(np.float32)]
+               for name, r in releases.items()}
+    fed.aggregate_fit(1, [reply(name, update, 100) for name, update in updates.items()], [])
+    head_weight, head_bias, centring = parameters_to_ndarrays(fed.latest_parameters)
+    np.testing.assert_allclose(centring, releases["hr"] + releases["it"], rtol=1e-5)  # the sum: [4, 2, 0], 10 records
+    assert not head_weight.any() and not head_bias.any() and fed.velocity is None
+    assert begin(fed, "hr", "it", flower_round=2) and fed.round.stage == protocol.STAGE_STATISTICS
+    assert begin(fed, "hr", "it", flower_round=3) and fed.round.stage == protocol.STAGE_DP_SGD
+
+
+def test_a_department_cannot_move_the_centring_in_a_statistics_or_dp_sgd_round(tmp_path):
+    fed = strategy(tmp_path, secagg=False, dp=False, num_server_rounds=3)
+    centring = np.array([1.0, 0.0, 0.0, 2.0], np.float32)
+    fed.latest_parameters = ndarrays_to_parameters([np.zeros((2, 3), np.float32), np.zeros(2, np.float32), centring])
+    for flower_round in (2, 3):  # the statistics round, then a DP-SGD round, each with a hostile centring slot
+        begin(fed, "hr", "it", flower_round=flower_round)
+        hostile = honest(0.5)[:2] + [np.full(4, 7.0, np.float32)]
+        fed.aggregate_fit(flower_round, [reply("hr", hostile, 1), reply("it", honest(0.5), 1)], [])
+        np.testing.assert_array_equal(parameters_to_ndarrays(fed.latest_parameters)[2], centring)

@@ -26,6 +26,9 @@ def top_layer_model(backbone, count):
         for name, parameter in classifier.named_parameters():
             if "lora_B" in name:
                 parameter.normal_(0, 0.5)  # PEFT starts B at zero: make the adapters matter
+        # features are centred (shared.centering): a mean of norm ~0.5 over 10 records
+        classifier.centering.statistics.copy_(torch.cat([torch.randn(backbone.hidden_size) * 5 / backbone.hidden_size**0.5,
+                                                         torch.tensor([10.0])]))
     return classifier
 
 
@@ -34,6 +37,7 @@ def test_lora_sits_in_the_top_layers_only_and_the_cached_forward_equals_the_full
     classifier = top_layer_model(tiny_backbone, count)
     depth = tiny_backbone.model.config.num_hidden_layers
     lora = [n for n in trainable_names(classifier) if "lora" in n]
+    assert float(classifier.centering.statistics[-1]) == 10.0  # the centring is part of both forwards
     assert lora and all(any(f"layer.{i}." in n for i in range(depth - count, depth)) for n in lora)
     input_ids, mask = tokenize(tiny_backbone, TEXTS, max_length=16)
     states = lower_layer_states(tiny_backbone, input_ids, mask, count=count)

@@ -72,7 +72,7 @@ def audit_department_release(
     canary_targets = torch.tensor(np.asarray(rows)[included], dtype=targets.dtype)
     plan = claimed = None
     if config.dp:
-        plan = plan_stage_one(config, budget=budget, delta=delta, prior=[], release_counts=scope_rows is None)
+        plan = plan_stage_one(config, budget=budget, delta=delta, prior=[], before_stage=[], release_counts=scope_rows is None)
         claimed = epsilon_of(plan.mechanisms, delta=delta, accountant=config.accountant)
     release = release_statistics(
         torch.cat([features, canary_features]), torch.cat([targets, canary_targets]), num_labels=num_labels,

@@ -93,7 +93,7 @@ def audit_department_training(
             ledger = PrivacyLedger(Path(state), department=settings.name)
             budget = policy.effective_budget(config)
             if config.statistics_round:  # stage 1 came first: DP-SGD is calibrated to the rest of the run
-                plan = plan_stage_one(config, budget=budget, delta=policy.delta, prior=[],
+                plan = plan_stage_one(config, budget=budget, delta=policy.delta, prior=[], before_stage=[],
                                       release_counts=not settings.label_scope)
                 names = ([MECHANISM_CLASS_COUNTS] if plan.counts_sigma else []) + [MECHANISM_CLASS_SUMS]
                 ledger.record(run=AUDIT_RUN, server_round=1, mechanisms=list(zip(names, plan.mechanisms, strict=True)),

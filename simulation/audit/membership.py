@@ -104,7 +104,7 @@ def membership_audit(run_dir: Path, *, seed: int = 0) -> dict[str, Any]:
                                   lora_layers=config.lora_layers)
     arrays, _ = load_checkpoint(checkpoints[-1])
     set_trainable(classifier, [arrays[name] for name in trainable_names(classifier)])
-    module = classifier.head if config.head_only else classifier
+    module = classifier.feature_head() if config.head_only else classifier
 
     def scores(records: list[Record], cache_dir: Path) -> np.ndarray:
         if not records:

@@ -27,14 +27,16 @@ PARTITIONS = {"domain": ["--partition", "domain"],
 # 14 points there (0.81 vs 0.96 on CLINC150's validation split), against 3 on the 150 intents.
 BROAD_LABELS = "domains-as-labels"
 # The designs side by side: the default (shared.config.default_rounds: at epsilon >= 8 stage 1 then
-# 30 DP-SGD rounds of the head, else stage 1 alone), stage 1 alone, stage 1 then LoRA on the top
-# layer (cached states), and the earlier head-only DP-SGD from a zero head.
+# 20 DP-SGD rounds of the head, else stage 1 alone), stage 1 alone (feature mean, then class
+# statistics on centred features), stage 1 without centring, stage 1 then LoRA on the top layer
+# (cached states), and the earlier head-only DP-SGD from a zero head.
 DESIGNS = {"default": [],
-           "stage 1": ["--rounds", "1"],
-           "stage 1, distributed noise": ["--rounds", "1", "--distributed-noise"],
-           # as measured in BENCHMARKS.md section 1, before the server's momentum (section 13)
+           "stage 1": ["--rounds", "2"],
+           "stage 1, distributed noise": ["--rounds", "2", "--distributed-noise"],
+           "stage 1, no centring": ["--rounds", "1", "--centering-share", "0"],
+           # as measured in BENCHMARKS.md section 1, before the server's momentum (section 13) and centring
            "stage 1 + 2": ["--rounds", "13", "--lora-r", "8", "--lora-layers", "1", "--learning-rate", "1.0",
-                           "--server-momentum", "0"],
+                           "--server-momentum", "0", "--centering-share", "0"],
            "head DP-SGD (old)": ["--head-init", "zeros", "--rounds", "40", "--learning-rate", "5", "--server-momentum", "0"]}
 TARGETS = {"domain": {8.0: 0.94, 3.0: 0.92, 1.0: 0.88}, "domain-no-scopes": {8.0: 0.93, 3.0: 0.90, 1.0: 0.85},
            "dirichlet-0.5": {8.0: 0.92, 3.0: 0.86, 1.0: 0.60}, BROAD_LABELS: {}}

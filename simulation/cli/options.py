@@ -15,11 +15,12 @@ import typer
 from shared.config import DEFAULTS, default_rounds
 from shared.errors import ConfigError
 
-Rounds = Annotated[int | None, typer.Option(help="Federated rounds: round 1 releases DP class statistics (stage 1); any later rounds fine-tune the head with DP-SGD. Default: 21 at epsilon >= 8 or without DP, else 1 (stage 2 costs accuracy at small epsilon; see BENCHMARKS.md).")]
+Rounds = Annotated[int | None, typer.Option(help="Federated rounds: round 1 releases the DP feature mean, round 2 DP class statistics (stage 1); any later rounds fine-tune the head with DP-SGD. Default: 22 at epsilon >= 8 or without DP, else 2 (stage 2 costs accuracy at small epsilon; see BENCHMARKS.md).")]
 HeadInit = Annotated[str, typer.Option(help="class-statistics: round 1 builds the head from each department's DP class statistics (default); zeros: every round is DP-SGD from a zero head (the earlier design).")]
 LocalEpochs = Annotated[int, typer.Option(help="Local epochs per round.")]
 LearningRate = Annotated[float, typer.Option(help="Local SGD learning rate.")]
 StatisticsShare = Annotated[float, typer.Option(help="When DP-SGD rounds follow stage 1: the share of each department's epsilon that stage 1's class statistics spend (the rest is DP-SGD's).")]
+CenteringShare = Annotated[float, typer.Option(help="The share of stage 1's noise precision that round 1's DP feature mean spends (features are centred on it); 0: no feature-mean round, uncentred features.")]
 Momentum = Annotated[float, typer.Option(help="SGD momentum of the DP-SGD rounds.")]
 ServerMomentum = Annotated[float, typer.Option(help="The server's momentum over DP-SGD rounds (FedAvgM; post-processing, no privacy cost); 0: plain FedAvg.")]
 MaxGradNorm = Annotated[float, typer.Option(help="Per-sample clipping bound.")]
@@ -82,6 +83,7 @@ TRAINING: dict[str, Any] = {
     "momentum": Momentum,
     "server_momentum": ServerMomentum,
     "statistics_share": StatisticsShare,
+    "centering_share": CenteringShare,
     "max_grad_norm": MaxGradNorm,
     "epsilon": Epsilon,
     "delta": Delta,
@@ -123,7 +125,8 @@ def training_settings(values: dict[str, Any]) -> dict[str, Any]:
             settings[RENAMED.get(name, name)] = module_names(value) if name == "lora_targets" else value
     if settings["num_server_rounds"] is None:
         settings["num_server_rounds"] = default_rounds(dp=settings["dp"], epsilon=settings["target_epsilon"],
-                                                       head_init=settings["head_init"])
+                                                       head_init=settings["head_init"],
+                                                       centering_share=settings["centering_share"])
     return settings
 
 

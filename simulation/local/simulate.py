@@ -121,9 +121,11 @@ def _run(console: Console, config: RunConfig, *, num_departments: int) -> dict[s
 def privacy_mechanisms(config: RunConfig) -> str:
     """The DP mechanisms of a run, in the order its rounds use them."""
     stages = []
+    noise = "distributed noise" if config.distributed_noise else "local noise"
+    if config.centering_round:
+        stages.append(f"round {config.centering_round} Gaussian feature mean ({noise})")
     if config.statistics_round:
-        noise = "distributed noise" if config.distributed_noise else "local noise"
-        stages.append(f"round 1 Gaussian class statistics ({noise})")
+        stages.append(f"round {config.statistics_round} Gaussian class statistics ({noise})")
     if config.dp_sgd_rounds:
         stages.append(f"{config.dp_sgd_rounds} round(s) of DP-SGD")
     return ", then ".join(stages)

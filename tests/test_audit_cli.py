@@ -25,7 +25,7 @@ UNCHANGED_BY_AN_AUDIT = {"audit.json", "report.html"}
 
 
 def simulate(out: Path, *extra: str) -> None:
-    done = subprocess.run([FEDPRIV, "simulate", "--model", "tiny", "--rounds", "1", "--no-secagg", "--out", str(out), *extra],
+    done = subprocess.run([FEDPRIV, "simulate", "--model", "tiny", "--rounds", "2", "--no-secagg", "--out", str(out), *extra],
                           capture_output=True, text=True, timeout=600, env=dict(os.environ))
     assert done.returncode == 0, done.stdout + done.stderr
 
@@ -43,7 +43,7 @@ def test_the_canary_audit_sees_a_leak_bounds_a_private_run_and_catches_a_broken_
     leaked = subprocess.run([FEDPRIV, "audit", str(exact), "--canaries", "400"], capture_output=True, text=True,
                             env=dict(os.environ))
     assert leaked.returncode == 0, leaked.stdout + leaked.stderr
-    [result] = json.loads((exact / "audit.json").read_text())["canary_audit"]["stages"]  # one round: stage 1 only
+    [result] = json.loads((exact / "audit.json").read_text())["canary_audit"]["stages"]  # stage 1 only (feature mean, class statistics)
     assert result["claimed_epsilon"] is None and result["correct_guesses"] == result["guesses"] == 400
     assert result["epsilon_lower_bound"] >= 2.0
 

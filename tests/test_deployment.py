@@ -75,34 +75,36 @@ def test_tls_authenticated_federation_and_refusals(tmp_path, processes):
             stdout=(tmp_path / f"{name}.out").open("w"), stderr=subprocess.STDOUT))
 
     run = fedpriv("run", "--kit", str(kits / "server"), "--labels-file", str(tmp_path / "labels.txt"),
-                  "--min-departments", "3", "--rounds", "2", "--model", "tiny", "--batch-size", "32",
+                  "--min-departments", "3", "--rounds", "3", "--model", "tiny", "--batch-size", "32",
                   "--out", str(tmp_path / "run"), timeout=540)
     assert run.returncode == 0, run.stdout + run.stderr
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["status"] == "completed" and metrics["secure_aggregation"] is True
-    assert [r["round"] for r in metrics["rounds"]] == [1, 2]
+    assert [r["round"] for r in metrics["rounds"]] == [1, 2, 3]
     assert set(metrics["privacy"]) == set(DEPARTMENTS)
     assert all(0 < p["epsilon"] <= 8.0 and p["status"] == "trained" for p in metrics["privacy"].values())
     assert metrics["transport"] == "tls+node-auth"
     assert "on (gRPC over TLS)" in (tmp_path / "run" / "report.html").read_text()
     for name in DEPARTMENTS:  # each department's ledger lives in its own kit's state folder
         lines = [json.loads(line) for line in (kits / name / "state" / "privacy-ledger.jsonl").read_text().splitlines()]
-        assert [e["mechanism"] for e in lines] == ["class-counts", "class-sums", "dp-sgd"]  # stage 1, then one DP-SGD round
+        # stage 1 (the feature mean, then class statistics), then one DP-SGD round
+        assert [e["mechanism"] for e in lines] == ["feature-mean", "class-counts", "class-sums", "dp-sgd"]
     # every reply was signed by its department's kit key and verified: no round was refused for its names
     assert not any("not signed" in f for r in metrics["rounds"] for f in r["failures"])
     for name in DEPARTMENTS:  # each department's terminal: one fedpriv line per round it served, not Flower's log
         deadline = time.monotonic() + 10
-        while "trained round 2" not in (tmp_path / f"{name}.out").read_text() and time.monotonic() < deadline:
+        while "trained round 3" not in (tmp_path / f"{name}.out").read_text() and time.monotonic() < deadline:
             time.sleep(0.5)
         shown = (tmp_path / f"{name}.out").read_text()
-        assert f"{name}: released round 1 (class statistics" in shown and f"{name}: trained round 2 (DP-SGD" in shown, shown
+        assert all(f"{name}: {what}" in shown for what in ("released round 1 (feature mean", "released round 2 (class statistics",
+                                                         "trained round 3 (DP-SGD")), shown
         assert (kits / name / "logs" / "supernode.log").stat().st_size > 0
     status = fedpriv("status", "--kit", str(kits / "server"))  # the admin sees the departments by name
     assert status.returncode == 0, status.stdout + status.stderr
     for name in DEPARTMENTS:
         assert re.search(rf"{name}\s+│\s+\d+\s+│\s+online", status.stdout), status.stdout
         assert f"department {name}: online" in (tmp_path / "server.out").read_text()  # the server's terminal names it
-    assert re.search(r"completed\s+│\s+2 of 2", status.stdout), status.stdout  # the run this kit started, and its round
+    assert re.search(r"completed\s+│\s+3 of 3", status.stdout), status.stdout  # the run this kit started, and its round
 
     # A second run, stopped (SIGTERM) after its first round and resumed by the deployed server. Its
     # epsilon is 16: the departments already spent 8 on these records, and they compose both runs.
@@ -124,9 +126,9 @@ def test_tls_authenticated_federation_and_refusals(tmp_path, processes):
     assert f"after round {completed_before}" in resumed.stdout
     metrics = json.loads((second / "metrics.json").read_text())
     assert [r["round"] for r in metrics["rounds"]] == [1, 2, 3]
-    for name in DEPARTMENTS:  # 3 + 4 mechanisms, none released (or paid for) twice, and within the new budget
+    for name in DEPARTMENTS:  # 4 + 4 mechanisms, none released (or paid for) twice, and within the new budget
         lines = [json.loads(line) for line in (kits / name / "state" / "privacy-ledger.jsonl").read_text().splitlines()]
-        assert len(lines) == 7 and len({(e["run"], e["round"], e["mechanism"]) for e in lines}) == 7
+        assert len(lines) == 8 and len({(e["run"], e["round"], e["mechanism"]) for e in lines}) == 8
         assert 8.0 < lines[-1]["epsilon"] <= 16.0
 
     # A kit from another provisioning: its key is unregistered, and (as is) its CA is wrong too.

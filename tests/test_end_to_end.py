@@ -41,23 +41,23 @@ def fedpriv(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_simulate_tiny_three_departments_two_rounds(tmp_path):
+def test_simulate_tiny_three_departments_stage_one_then_a_dp_sgd_round(tmp_path):
     data, test = write_federation(tmp_path)
     out = tmp_path / "run"
-    result = fedpriv("simulate", "--data", str(data), "--test-data", str(test), "--model", "tiny", "--rounds", "2",
+    result = fedpriv("simulate", "--data", str(data), "--test-data", str(test), "--model", "tiny", "--rounds", "3",
                      "--batch-size", "16", "--learning-rate", "2.0", "--epsilon", "8", "--delta", "1e-3",
                      "--lora-r", "4", "--lora-layers", "1",  # stage 2: LoRA in the top layer, on cached states
                      "--no-secagg", "--out", str(out))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "round   2/2" in result.stdout
+    assert "round   3/3" in result.stdout
 
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["status"] == "completed" and metrics["dp"] is True
     assert metrics["secure_aggregation"] is False and not any(r["secure_aggregation"] for r in metrics["rounds"])
-    assert [r["round"] for r in metrics["rounds"]] == [1, 2]
+    assert [r["round"] for r in metrics["rounds"]] == [1, 2, 3]
     assert set(metrics["privacy"]) == {"it", "hr", "finance"}
     for ledger in metrics["privacy"].values():
-        assert 0 < ledger["epsilon"] <= 8.0 and ledger["delta"] == 1e-3 and ledger["rounds_trained"] == 2
+        assert 0 < ledger["epsilon"] <= 8.0 and ledger["delta"] == 1e-3 and ledger["rounds_trained"] == 3
     initial_loss = metrics["initial"]["loss"]
     losses = [r["loss"] for r in metrics["rounds"]]
     assert losses[-1] < initial_loss, (initial_loss, losses)
@@ -65,9 +65,10 @@ def test_simulate_tiny_three_departments_two_rounds(tmp_path):
     assert 0 <= metrics["final_accuracy"] <= 1
     for department in ("it", "hr", "finance"):
         ledger_lines = (out / "departments" / department / "privacy-ledger.jsonl").read_text().splitlines()
-        # round 1: the class-statistics release (counts, then sums); round 2: DP-SGD from its head
-        assert [json.loads(line)["mechanism"] for line in ledger_lines] == ["class-counts", "class-sums", "dp-sgd"]
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["round-001.safetensors", "round-002.safetensors"]
+        # round 1: the feature mean; round 2: the class-statistics release (counts, then sums); round 3: DP-SGD
+        assert [json.loads(line)["mechanism"] for line in ledger_lines] == ["feature-mean", "class-counts", "class-sums",
+                                                                            "dp-sgd"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [f"round-00{r}.safetensors" for r in (1, 2, 3)]
     assert (out / "accuracy_epsilon.png").stat().st_size > 1000
 
     prediction = fedpriv("predict", "--model", str(out / "model"), "--threshold", "0",  # the nearest label, however unsure

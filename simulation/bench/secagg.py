@@ -136,9 +136,10 @@ def secagg_runs(*, data: Path, out: Path, sizes: list[int], rounds: int, repeats
         for repeat in range(repeats):
             for secagg in (False, True):
                 name = f"secagg-{departments}-{'on' if secagg else 'off'}-{repeat}"
+                # the head: the sum of the aggregates, on the uncentred features it is scored on
                 args = ["--data", str(data), "--partition", "iid", "--departments", str(departments),
                         "--rounds", str(rounds), "--model", model, "--audit-updates",
-                        "--server-momentum", "0"] + ([] if secagg else ["--no-secagg"])  # the model: the sum of the aggregates
+                        "--server-momentum", "0", "--centering-share", "0"] + ([] if secagg else ["--no-secagg"])
                 run = measured_run(name, args, out)
                 run_dir = Path(run["run_dir"])
                 rows.append({

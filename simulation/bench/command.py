@@ -51,6 +51,8 @@ FULL = BenchPlan(
     + tuple((design, "domains-as-labels", epsilon) for design in ("default", "stage 1") for epsilon in (8.0, None))
     + tuple(("stage 1", partition, 8.0) for partition in ("domain", "domain-no-scopes", "dirichlet-0.5"))
     + tuple(("stage 1, distributed noise", "dirichlet-0.5", epsilon) for epsilon in (1.0, 3.0, 8.0))
+    + tuple(("stage 1, no centring", partition, epsilon) for partition in ("domain-no-scopes", "dirichlet-0.5")
+            for epsilon in (1.0, 3.0))
     + (("stage 1 + 2", "domain", 8.0), ("stage 1 + 2", "domain-no-scopes", 8.0), ("stage 1 + 2", "domain", None),
        ("head DP-SGD (old)", "domain", 8.0), ("head DP-SGD (old)", "dirichlet-0.5", 8.0)),
     7, 256, (5, 10), 5, 2, (10, 50, 100), 100, (0, 21), True, 5000)

@@ -23,6 +23,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from shared.centering import centred
 from shared.errors import ModelError
 from shared.model import Backbone, TextClassifier, encode
 
@@ -115,9 +116,7 @@ class ExportedModel:
     def predict(self, texts: Sequence[str]) -> torch.Tensor:
         """Class probabilities, (N, L) in ``labels`` order."""
         batch = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
-        features = encode(self.encoder, batch["input_ids"], batch["attention_mask"])
-        if self.centre.any():
-            features = torch.nn.functional.normalize(features - self.centre, dim=-1)
+        features = centred(encode(self.encoder, batch["input_ids"], batch["attention_mask"]), self.centre)
         return self.head(features).softmax(dim=-1)
 
 

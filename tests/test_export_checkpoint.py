@@ -39,6 +39,8 @@ def test_export_loads_with_fedpriv_and_with_plain_transformers(tmp_path, tiny_ba
         for p in model.parameters():
             if p.requires_grad:
                 p.normal_(0, 0.5)
+        # a centre from round 1's feature mean: the export and its README snippet must apply it
+        model.centering.statistics.copy_(torch.cat([torch.randn(tiny_backbone.hidden_size), torch.tensor([12.0])]))
     export_model(tmp_path, classifier=model, backbone=tiny_backbone, labels=LABELS, max_length=32,
                  summary={"final_accuracy": 0.5})
     exported = load_exported(tmp_path)

@@ -197,7 +197,7 @@ class FedprivStrategy(FedAvg):
         names = self.parameter_names
         sums = federation_sums([average[names.index("head.weight")]], departments=departments,
                                scale=self.run_config.statistics_scale)[0]
-        weight, bias = nearest_class_mean_head(sums, logit_scale=self.run_config.ncm_logit_scale)
+        weight, bias = nearest_class_mean_head(sums, logit_scale=self.run_config.statistics_logit_scale)
         head = {"head.weight": weight, "head.bias": bias}
         return [head.get(name, array).astype(np.float32) for name, array in zip(names, current, strict=True)]
 

@@ -39,10 +39,15 @@ class RunConfig:
     # a class-sum row's weight: clip((noisy count - offset x count-noise deviation) / full-weight count, 0, 1)
     statistics_count_offset: float = 0.0
     statistics_full_weight_count: float = 100.0
+    # The nearest-class-mean head's logits are this times the cosine to each class mean: where stage 1
+    # is the whole run, ncm-logit-scale (30: the validation loss is lowest at 25-30, so its
+    # probabilities are calibrated); where DP-SGD rounds follow, stage-two-logit-scale (15: a less
+    # confident start leaves DP-SGD more gradient per record to work with; BENCHMARKS.md section 15)
     ncm_logit_scale: float = 30.0
+    stage_two_logit_scale: float = 15.0
     # Stage 1 with distributed noise: each consenting department adds only its share of the noise,
     # so the SecAgg+ sum carries one release's worth (client.site_policy, distributed-noise)
-    distributed_noise: bool = False  # the nearest-class-mean head's logits: this times the cosine
+    distributed_noise: bool = False
     local_epochs: int = 1
     batch_size: int = 256  # expected logical batch under Poisson sampling
     learning_rate: float = 2.5
@@ -149,6 +154,11 @@ class RunConfig:
         return self.num_server_rounds - self.statistics_round
 
     @property
+    def statistics_logit_scale(self) -> float:
+        """The logit scale of the head stage 1 builds: calibrated if it is final, lower if DP-SGD starts from it."""
+        return self.stage_two_logit_scale if self.dp_sgd_rounds > 0 else self.ncm_logit_scale
+
+    @property
     def statistics_scale(self) -> float:
         """Public bound that brings a class sum or count (at most secagg-max-weight records) into SecAgg+'s range."""
         return self.secagg_max_weight / self.secagg_clipping_range
@@ -229,6 +239,7 @@ def _validate(cfg: RunConfig) -> list[str]:
          f"statistics-full-weight-count must be > 0 (got {cfg.statistics_full_weight_count})")
     need(cfg.secagg or not cfg.distributed_noise, "distributed-noise needs SecAgg+ (a noise share alone protects nothing)")
     need(cfg.ncm_logit_scale > 0, f"ncm-logit-scale must be > 0 (got {cfg.ncm_logit_scale})")
+    need(cfg.stage_two_logit_scale > 0, f"stage-two-logit-scale must be > 0 (got {cfg.stage_two_logit_scale})")
     need(cfg.local_epochs >= 1, f"local-epochs must be >= 1 (got {cfg.local_epochs})")
     need(cfg.batch_size >= 1, f"batch-size must be >= 1 (got {cfg.batch_size})")
     need(cfg.learning_rate > 0, f"learning-rate must be > 0 (got {cfg.learning_rate})")

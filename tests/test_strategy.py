@@ -206,3 +206,14 @@ def test_a_department_cannot_move_the_centring_in_a_statistics_or_dp_sgd_round(t
         hostile = honest(0.5)[:2] + [np.full(4, 7.0, np.float32)]
         fed.aggregate_fit(flower_round, [reply("hr", hostile, 1), reply("it", honest(0.5), 1)], [])
         np.testing.assert_array_equal(parameters_to_ndarrays(fed.latest_parameters)[2], centring)
+
+
+@pytest.mark.parametrize(("rounds", "logit_scale"), [(1, 30.0), (2, 15.0)])
+def test_stage_ones_head_is_calibrated_when_final_and_less_confident_when_dp_sgd_follows(tmp_path, rounds, logit_scale):
+    fed = strategy(tmp_path, secagg=False, dp=False, num_server_rounds=rounds, centering_share=0.0,
+                   ncm_logit_scale=30.0, stage_two_logit_scale=15.0)
+    begin(fed, "hr", "it")
+    statistics = [np.array([[3.0, 4.0, 0], [0, 0, 2.0]], np.float32), np.zeros(2, np.float32), np.zeros(4, np.float32)]
+    fed.aggregate_fit(1, [reply("hr", statistics, 1), reply("it", statistics, 1)], [])
+    weight = parameters_to_ndarrays(fed.latest_parameters)[0]
+    np.testing.assert_allclose(weight, logit_scale * np.array([[0.6, 0.8, 0], [0, 0, 1.0]]), rtol=1e-6)

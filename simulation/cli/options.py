@@ -22,6 +22,8 @@ LearningRate = Annotated[float, typer.Option(help="Local SGD learning rate.")]
 StatisticsShare = Annotated[float, typer.Option(help="When DP-SGD rounds follow stage 1: the share of each department's epsilon that stage 1's class statistics spend (the rest is DP-SGD's).")]
 CenteringShare = Annotated[float, typer.Option(help="The share of stage 1's noise precision that round 1's DP feature mean spends (features are centred on it); 0: no feature-mean round, uncentred features.")]
 Momentum = Annotated[float, typer.Option(help="SGD momentum of the DP-SGD rounds.")]
+NcmLogitScale = Annotated[float, typer.Option(help="Where stage 1 is the whole run: its head's logits are this times the cosine to each class mean (how confident its probabilities are).")]
+StageTwoLogitScale = Annotated[float, typer.Option(help="Where DP-SGD rounds follow stage 1: the logit scale of the head they start from.")]
 ServerMomentum = Annotated[float, typer.Option(help="The server's momentum over DP-SGD rounds (FedAvgM; post-processing, no privacy cost); 0: plain FedAvg.")]
 MaxGradNorm = Annotated[float, typer.Option(help="Per-sample clipping bound.")]
 Epsilon = Annotated[float, typer.Option(help="Each department's privacy budget epsilon over the whole run (a department may set a lower one).")]
@@ -84,6 +86,8 @@ TRAINING: dict[str, Any] = {
     "server_momentum": ServerMomentum,
     "statistics_share": StatisticsShare,
     "centering_share": CenteringShare,
+    "ncm_logit_scale": NcmLogitScale,
+    "stage_two_logit_scale": StageTwoLogitScale,
     "max_grad_norm": MaxGradNorm,
     "epsilon": Epsilon,
     "delta": Delta,

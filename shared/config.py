@@ -34,7 +34,7 @@ class RunConfig:
     num_server_rounds: int = 2
     head_init: str = "class-statistics"  # "zeros": no stage 1, every round DP-SGD from a zero head
     centering_share: float = 0.05  # of stage 1's noise precision, for the feature mean; 0: no centring round
-    statistics_share: float = 0.35  # of the run's epsilon, for stage 1 when DP-SGD rounds follow it
+    statistics_share: float = 0.5  # of the run's epsilon, for stage 1 when DP-SGD rounds follow it (section 15)
     statistics_count_share: float = 0.1  # of stage 1's noise precision, for the noisy counts that weigh the rows
     # a class-sum row's weight: clip((noisy count - offset x count-noise deviation) / full-weight count, 0, 1)
     statistics_count_offset: float = 0.0

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-THRESHOLDS = (0.0, 0.2, 0.3, 0.4, 0.5)
+THRESHOLDS = (0.0, 0.2, 0.25, 0.3, 0.4, 0.5)
 
 
 def out_of_scope_rows(model: Path, clinc: Path, *, in_scope: str = "test", out_of_scope: str = "oos_test",

@@ -18,9 +18,9 @@ from simulation.cli.console import console
 UNKNOWN = "unknown"
 # Chosen on CLINC150's validation split (in-scope val + out-of-scope val, models trained on train
 # alone): the largest threshold that costs every default model at most 1 point of in-scope accuracy
-# (0.2: -0.5 at epsilon 8 with out-of-scope recall 0.50, -0.1 / 0.0 for stage 1 alone at epsilon 1 / 3;
-# 0.25: -1.03 at epsilon 8). BENCHMARKS.md section 9 shows the test split at this and other thresholds.
-DEFAULT_THRESHOLD = 0.2
+# (0.25: -0.6 / -0.8 at epsilon 8 with out-of-scope recall 0.66 / 0.61, -0.4 / -0.03 for stage 1 alone at
+# epsilon 1 / 3; 0.3: -1.4 at epsilon 8). BENCHMARKS.md section 9 shows the test split at this and other thresholds.
+DEFAULT_THRESHOLD = 0.25
 OUTPUT_SUFFIXES = (".csv", ".jsonl")
 
 

@@ -34,14 +34,14 @@ class RunConfig:
     num_server_rounds: int = 2
     head_init: str = "class-statistics"  # "zeros": no stage 1, every round DP-SGD from a zero head
     centering_share: float = 0.05  # of stage 1's noise precision, for the feature mean; 0: no centring round
-    statistics_share: float = 0.5  # of the run's epsilon, for stage 1 when DP-SGD rounds follow it (section 15)
+    statistics_share: float = 0.5  # of the run's epsilon, for stage 1 when DP-SGD rounds follow it (BENCHMARKS.md section 15)
     statistics_count_share: float = 0.1  # of stage 1's noise precision, for the noisy counts that weigh the rows
     # a class-sum row's weight: clip((noisy count - offset x count-noise deviation) / full-weight count, 0, 1)
     statistics_count_offset: float = 0.0
     statistics_full_weight_count: float = 100.0
     # The nearest-class-mean head's logits are this times the cosine to each class mean: where stage 1
-    # is the whole run, ncm-logit-scale (30: the validation loss is lowest at 25-30, so its
-    # probabilities are calibrated); where DP-SGD rounds follow, stage-two-logit-scale (15: a less
+    # is the whole run, ncm-logit-scale (30: the validation loss is lowest at 25-30 in most cases, so
+    # its probabilities are calibrated); where DP-SGD rounds follow, stage-two-logit-scale (15: a less
     # confident start leaves DP-SGD more gradient per record to work with; BENCHMARKS.md section 15)
     ncm_logit_scale: float = 30.0
     stage_two_logit_scale: float = 15.0

@@ -61,6 +61,20 @@ def test_rounds_left_out_add_dp_sgd_only_where_epsilon_leaves_room_for_it():
     assert default_rounds(dp=True, epsilon=1.0, head_init="zeros", centering_share=0.05) == STAGE_TWO_ROUNDS
 
 
+def test_local_epochs_left_out_are_one_under_dp_and_more_without():
+    import inspect
+
+    from shared.config import NO_DP_LOCAL_EPOCHS
+    from simulation.cli.options import training_settings, with_training_options
+
+    def command(*, training: dict) -> None: ...
+
+    left_out = {name: parameter.default for name, parameter in inspect.signature(with_training_options(command)).parameters.items()}
+    assert training_settings(left_out)["local_epochs"] == 1
+    assert training_settings({**left_out, "no_dp": True})["local_epochs"] == NO_DP_LOCAL_EPOCHS > 1
+    assert training_settings({**left_out, "no_dp": True, "local_epochs": 3})["local_epochs"] == 3
+
+
 def test_stage_one_needs_its_rounds_and_a_centring_share_below_one():
     with pytest.raises(ConfigError) as raised:
         RunConfig(num_server_rounds=1, centering_share=1.0)

@@ -12,12 +12,12 @@ from typing import Annotated, Any
 
 import typer
 
-from shared.config import DEFAULTS, default_rounds
+from shared.config import DEFAULTS, default_local_epochs, default_rounds
 from shared.errors import ConfigError
 
 Rounds = Annotated[int | None, typer.Option(help="Federated rounds: round 1 releases the DP feature mean, round 2 DP class statistics (stage 1); any later rounds fine-tune the head with DP-SGD. Default: 22 at epsilon >= 8 or without DP, else 2 (stage 2 costs accuracy at small epsilon; see BENCHMARKS.md).")]
 HeadInit = Annotated[str, typer.Option(help="class-statistics: round 1 builds the head from each department's DP class statistics (default); zeros: every round is DP-SGD from a zero head (the earlier design).")]
-LocalEpochs = Annotated[int, typer.Option(help="Local epochs per round.")]
+LocalEpochs = Annotated[int | None, typer.Option(help="Local epochs per DP-SGD round. Default: 1 with DP (more epochs spend the budget on noisier steps), 10 without.")]
 LearningRate = Annotated[float, typer.Option(help="Local SGD learning rate.")]
 StatisticsShare = Annotated[float, typer.Option(help="When DP-SGD rounds follow stage 1: the share of each department's epsilon that stage 1's class statistics spend (the rest is DP-SGD's).")]
 CenteringShare = Annotated[float, typer.Option(help="The share of stage 1's noise precision that round 1's DP feature mean spends (features are centred on it); 0: no feature-mean round, uncentred features.")]
@@ -109,8 +109,9 @@ NEGATED = {"no_dp": "dp", "no_secagg": "secagg"}
 
 
 def _default(name: str) -> Any:
-    """An option's default: its setting's default (``--rounds`` left out: rounds follow epsilon)."""
-    if name == "rounds":
+    """An option's default: its setting's default (``--rounds`` left out: rounds follow epsilon;
+    ``--local-epochs`` left out: they follow ``--no-dp``)."""
+    if name in ("rounds", "local_epochs"):
         return None
     if name in NEGATED:
         return False  # the setting is on by default; the option switches it off
@@ -120,7 +121,8 @@ def _default(name: str) -> Any:
 
 def training_settings(values: dict[str, Any]) -> dict[str, Any]:
     """RunConfig keyword arguments from the training options' values; the rounds follow epsilon when
-    ``--rounds`` is left out (``shared.config.default_rounds``)."""
+    ``--rounds`` is left out (``shared.config.default_rounds``), the local epochs ``--no-dp`` when
+    ``--local-epochs`` is (``shared.config.default_local_epochs``)."""
     settings: dict[str, Any] = {}
     for name, value in values.items():
         if name in NEGATED:
@@ -131,6 +133,8 @@ def training_settings(values: dict[str, Any]) -> dict[str, Any]:
         settings["num_server_rounds"] = default_rounds(dp=settings["dp"], epsilon=settings["target_epsilon"],
                                                        head_init=settings["head_init"],
                                                        centering_share=settings["centering_share"])
+    if settings["local_epochs"] is None:
+        settings["local_epochs"] = default_local_epochs(dp=settings["dp"])
     return settings
 
 

@@ -74,10 +74,10 @@ class DepartmentClient(NumPyClient):
         return self.classifier.feature_head() if self.config.head_only else self.classifier
 
     @contextmanager
-    def _module_to_train(self) -> Iterator[torch.nn.Module]:
-        """The trained module; with a label scope, only its own rows of the head are trainable."""
+    def _module_to_train(self, *, scoped: bool = True) -> Iterator[torch.nn.Module]:
+        """The trained module; with a label scope (and ``scoped``), only its own rows of the head are trainable."""
         scope = self.settings.label_scope
-        if not scope:
+        if not (scope and scoped):
             yield self._trained_module()
             return
         rows = [self.config.labels.index(label) for label in scope]
@@ -271,6 +271,11 @@ class DepartmentClient(NumPyClient):
             raise ConfigError(f"round {server_round} asks for DP-SGD, but the run plans none "
                               f"({cfg.num_server_rounds} round(s), all of them stage 1)",
                               source=f"request to department {self.settings.name}")
+        # Distributed noise: one step a round with a 1/sqrt(shares) share of the noise, every trained
+        # parameter (a declared scope too) getting its share, so that every coordinate of the SecAgg+ sum
+        # carries the whole noise (client.dp_training.train_private)
+        shares, refused = policy.noise_shares(requested=cfg.distributed_noise, secagg=secagg)
+        refusals += refused
         ledger = PrivacyLedger(self.settings.state_dir, department=self.settings.name)
         ledger.check_anchor(request.ledger_indexes.get(safe_name(self.settings.name), 0))
         budget = policy.effective_budget(cfg)
@@ -279,8 +284,8 @@ class DepartmentClient(NumPyClient):
         try:
             plan = ledger.plan(
                 run=self.run, num_records=len(data.train), batch_size=cfg.batch_size, local_epochs=cfg.local_epochs,
-                planned_rounds=planned_rounds,
-                run_epsilon=cfg.target_epsilon, budget=budget, delta=policy.delta, accountant=cfg.accountant,
+                planned_rounds=planned_rounds, run_epsilon=cfg.target_epsilon, budget=budget, delta=policy.delta,
+                accountant=cfg.accountant, one_step_rounds=cfg.distributed_noise,
             )
             before, after = ledger.check_round(plan)
         except BudgetExhausted as exhausted:
@@ -288,13 +293,14 @@ class DepartmentClient(NumPyClient):
         refusals += policy.refusals_of_round(plan, before=before, after=after)
         if refusals:
             return self._declined(parameters, metrics, status=protocol.STATUS_POLICY_REFUSED, reason="; ".join(refusals))
-        with self._module_to_train() as module:
+        with self._module_to_train(scoped=shares == 1) as module:
             result = train_private(
                 module=module, dataset=data.train, plan=plan, prior=ledger.history,
                 batch_size=cfg.batch_size, local_epochs=cfg.local_epochs, learning_rate=cfg.learning_rate,
-                momentum=cfg.momentum, max_grad_norm=cfg.max_grad_norm,
+                momentum=cfg.momentum, max_grad_norm=cfg.max_grad_norm, noise_shares=shares,
             )
-        entry = ledger.record_round(run=self.run, server_round=server_round, plan=plan, steps=result.steps)
+        entry = ledger.record_round(run=self.run, server_round=server_round, plan=plan, steps=result.steps,
+                                    noise_shares=shares)
         # Under DP nothing data-dependent leaves but the DP update: no training loss, and every
         # department weighs the same (its record count would be a clear-text statistic of its data).
         metrics.update({

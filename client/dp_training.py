@@ -7,6 +7,7 @@ tuples ``(*inputs, labels)`` and the module is called as ``module(*inputs)``.
 
 from __future__ import annotations
 
+import math
 import secrets
 import warnings
 from collections.abc import Callable
@@ -35,13 +36,22 @@ def _optimizer(module: nn.Module, *, learning_rate: float, momentum: float) -> t
 def train_private(
     *, module: nn.Module, dataset: Dataset, plan: PrivacyPlan, prior: list[Mechanism],
     batch_size: int, local_epochs: int, learning_rate: float, momentum: float, max_grad_norm: float,
+    noise_shares: int = 1,
 ) -> TrainResult:
-    """One round of DP-SGD: Poisson sampling, per-sample clipping to ``max_grad_norm``, Gaussian noise."""
+    """One round of DP-SGD: Poisson sampling, per-sample clipping to ``max_grad_norm``, Gaussian noise.
+
+    ``noise_shares`` > 1 (distributed noise): the round is the plan's single step, with
+    ``1 / sqrt(noise_shares)`` of the plan's noise, its clipped sum divided by ``batch_size`` (a
+    run-wide public number, not the department's own expected batch): the SecAgg+ sum of that many
+    departments' updates is then one DP-SGD step over their records with the plan's whole noise,
+    each record's contribution bounded by ``learning_rate x max_grad_norm / batch_size``.
+    """
     from opacus import PrivacyEngine
 
     # torch's default generator starts from the same seed in every process: sampling and noise
     # get generators seeded from the OS's entropy instead, fresh each round.
     sampling_rng, noise_rng = (torch.Generator().manual_seed(secrets.randbits(63)) for _ in range(2))
+    applied_noise = plan.noise_multiplier / math.sqrt(noise_shares)
     loader = _loader(dataset, batch_size=batch_size, shuffle=False, generator=sampling_rng)
     module.train()
     with warnings.catch_warnings():
@@ -57,7 +67,7 @@ def train_private(
             optimizer=_optimizer(module, learning_rate=learning_rate, momentum=momentum),
             data_loader=loader,
             criterion=nn.CrossEntropyLoss(),
-            noise_multiplier=plan.noise_multiplier,
+            noise_multiplier=applied_noise,
             max_grad_norm=max_grad_norm,
             poisson_sampling=True,
             noise_generator=noise_rng,
@@ -66,21 +76,24 @@ def train_private(
     dp_module, optimizer, criterion, dp_loader = made if ghost else (made[0], made[1], nn.CrossEntropyLoss(), made[2])
     if abs(dp_loader.sample_rate - plan.sample_rate) > 1e-12:
         raise RuntimeError(f"Opacus sampling rate {dp_loader.sample_rate} differs from the plan's {plan.sample_rate}")
+    if noise_shares > 1:
+        optimizer.expected_batch_size = batch_size  # Opacus divides the noisy sum by it
     try:
         mean_loss, steps = _run_epochs(dp_module, optimizer, dp_loader, local_epochs, criterion,
-                                       empty_batch=None if ghost else _no_samples)
+                                       empty_batch=None if ghost else _no_samples, max_steps=plan.steps_per_round)
     finally:
         dp_module._close()  # remove Opacus hooks so the module can be reused next round
-    counted = _steps_of(engine.accountant.history, plan) - _steps_of(prior, plan)
+    mechanism = (applied_noise, plan.sample_rate)
+    counted = _steps_of(engine.accountant.history, mechanism) - _steps_of(prior, mechanism)
     if steps != plan.steps_per_round or counted != plan.steps_per_round:
         raise RuntimeError(f"ran {steps} DP steps and Opacus counted {counted}; the privacy plan accounted for "
                            f"{plan.steps_per_round}")
     return TrainResult(mean_loss, steps)
 
 
-def _steps_of(history: list[Mechanism], plan: PrivacyPlan) -> int:
-    """Steps of the plan's mechanism in an Opacus accountant history (it merges repeats of one mechanism)."""
-    return sum(n for sigma, q, n in history if (sigma, q) == (plan.noise_multiplier, plan.sample_rate))
+def _steps_of(history: list[Mechanism], mechanism: tuple[float, float]) -> int:
+    """Steps of (noise multiplier, sampling rate) in an Opacus accountant history (it merges repeats of one mechanism)."""
+    return sum(n for sigma, q, n in history if (sigma, q) == mechanism)
 
 
 def train_plain(
@@ -131,12 +144,16 @@ def _no_samples(module: nn.Module) -> None:
 
 def _run_epochs(
     module: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, epochs: int, criterion: Callable,
-    empty_batch: Callable[[nn.Module], None] | None = None,
+    empty_batch: Callable[[nn.Module], None] | None = None, max_steps: int | None = None,
 ) -> tuple[float, int]:
     module.train()
     loss_sum, loss_count, steps = 0.0, 0, 0
     for _ in range(epochs):
+        if steps == max_steps:
+            break
         for batch in loader:
+            if steps == max_steps:
+                break
             *inputs, labels = batch
             optimizer.zero_grad(set_to_none=True)
             # An empty Poisson batch still takes its (noise-only) step: skipping it would change the

@@ -187,9 +187,13 @@ class PrivacyLedger:
 
     def plan(
         self, *, run: str, num_records: int, batch_size: int, local_epochs: int, planned_rounds: int,
-        run_epsilon: float, budget: float, delta: float, accountant: str,
+        run_epsilon: float, budget: float, delta: float, accountant: str, one_step_rounds: bool = False,
     ) -> PrivacyPlan:
-        """The run's DP-SGD plan: fixed at the run's first round, read back from the ledger later."""
+        """The run's DP-SGD plan: fixed at the run's first round, read back from the ledger later.
+
+        ``one_step_rounds``: each round is a single Poisson-sampled step (distributed noise:
+        ``client.dp_training.train_private``'s noise shares), not ``local_epochs`` epochs of them.
+        """
         problems = []
         for name, value in (("the run's epsilon", run_epsilon), ("budget epsilon", budget)):
             if value <= 0:
@@ -201,6 +205,7 @@ class PrivacyLedger:
         if problems:
             raise ConfigError(problems, source=f"privacy budget of department {self.department}")
         sample_rate, steps = poisson_schedule(num_records=num_records, batch_size=batch_size, local_epochs=local_epochs)
+        steps = 1 if one_step_rounds else steps
         this_run = [e for e in self.entries if e.run == run and e.mechanism == MECHANISM_DP_SGD]
         if this_run:
             sigma = this_run[0].noise_multiplier
@@ -227,10 +232,12 @@ class PrivacyLedger:
             )
         return before, after
 
-    def record_round(self, *, run: str, server_round: int, plan: PrivacyPlan, steps: int) -> LedgerEntry:
+    def record_round(
+        self, *, run: str, server_round: int, plan: PrivacyPlan, steps: int, noise_shares: int = 1,
+    ) -> LedgerEntry:
         mechanism = (MECHANISM_DP_SGD, (plan.noise_multiplier, plan.sample_rate, steps))
         return self.record(run=run, server_round=server_round, mechanisms=[mechanism], accountant=plan.accountant,
-                           delta=plan.delta, budget=plan.budget)[-1]
+                           delta=plan.delta, budget=plan.budget, noise_shares=noise_shares)[-1]
 
     def record(
         self, *, run: str, server_round: int, mechanisms: list[tuple[str, Mechanism]], accountant: str,

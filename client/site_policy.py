@@ -10,7 +10,7 @@ simulation) may set:
     min-noise-multiplier    refuse a run whose noise multiplier is below this
     require-secagg          refuse to send an update that SecAgg+ does not mask
     min-departments         refuse a round whose aggregate holds fewer departments than this
-    distributed-noise       consent to add only a 1/sqrt(min-departments) share of stage 1's noise,
+    distributed-noise       consent to add only a 1/sqrt(min-departments) share of each release's noise,
                             trusting SecAgg+ and the other departments to add theirs (needs
                             min-departments >= 2 and SecAgg+)
 

@@ -45,8 +45,9 @@ class RunConfig:
     # confident start leaves DP-SGD more gradient per record to work with; BENCHMARKS.md section 15)
     ncm_logit_scale: float = 30.0
     stage_two_logit_scale: float = 15.0
-    # Stage 1 with distributed noise: each consenting department adds only its share of the noise,
-    # so the SecAgg+ sum carries one release's worth (client.site_policy, distributed-noise)
+    # Distributed noise: each consenting department adds only its share of the noise, so the SecAgg+
+    # sum carries one release's worth, in stage 1 and in DP-SGD rounds of one step each
+    # (client.site_policy, distributed-noise; client.dp_training.train_private)
     distributed_noise: bool = False
     local_epochs: int = 1
     batch_size: int = 256  # expected logical batch under Poisson sampling
@@ -276,35 +277,3 @@ def _validate(cfg: RunConfig) -> list[str]:
 
 
 DEFAULTS = RunConfig()
-
-# Stage 2 (DP-SGD of the head, from stage 1's) pays where epsilon leaves room for it. Measured on
-# CLINC150's validation split (BENCHMARKS.md section 7): at epsilon 8, 30 DP-SGD rounds after stage 1
-# (at statistics-share 0.35) gained 9 points where classes are broad (the 150 intents relabelled as
-# their 10 domains: 0.81 -> 0.90) and moved the 150 intents by -0.1 (by domain) to -1.6 (Dirichlet);
-# at epsilon 5 they cost the intents 2 points, at 3 six, at 1 fifty-nine. So `--rounds` left out means
-# stage 1 alone below STAGE_TWO_MIN_EPSILON, and stage 1 then STAGE_TWO_ROUNDS DP-SGD rounds at or
-# above it (and without DP). 20 rounds with the server's momentum (0.5, local learning rate 2.5) did
-# as well as 30 without it, and better where departments are small and the noise dominates
-# (section 13), in two thirds of the time.
-STAGE_TWO_MIN_EPSILON = 8.0
-STAGE_TWO_ROUNDS = 20
-
-
-def default_rounds(*, dp: bool, epsilon: float, head_init: str, centering_share: float) -> int:
-    """The number of rounds a run has when the user names none (see STAGE_TWO_MIN_EPSILON)."""
-    if head_init != "class-statistics":
-        return STAGE_TWO_ROUNDS  # every round is DP-SGD from a zero head
-    stage_one = 2 if centering_share > 0 else 1
-    return stage_one + STAGE_TWO_ROUNDS if (not dp or epsilon >= STAGE_TWO_MIN_EPSILON) else stage_one
-
-
-# Local epochs per DP-SGD round. Under DP one: more epochs per round spend the same budget on more,
-# noisier steps (BENCHMARKS.md section 15: 3 and 5 epochs at batch 256 cost 1.7 and 9.2 points by
-# domain at epsilon 8). Without DP nothing is spent, and one epoch a round leaves the baseline short
-# of what its features allow (section 16: 0.94 on validation after 20 rounds, 0.956 with ten epochs).
-NO_DP_LOCAL_EPOCHS = 10
-
-
-def default_local_epochs(*, dp: bool) -> int:
-    """The local epochs a round has when the user names none (see NO_DP_LOCAL_EPOCHS)."""
-    return DEFAULTS.local_epochs if dp else NO_DP_LOCAL_EPOCHS

@@ -51,28 +51,56 @@ def test_label_fingerprint_depends_on_order():
 
 
 def test_rounds_left_out_add_dp_sgd_only_where_epsilon_leaves_room_for_it():
-    from shared.config import STAGE_TWO_MIN_EPSILON, STAGE_TWO_ROUNDS, default_rounds
+    from shared.schedule import DISTRIBUTED_STAGE_TWO_MIN_EPSILON, STAGE_TWO_MIN_EPSILON, STAGE_TWO_ROUNDS, default_schedule
 
-    statistics = {"head_init": "class-statistics", "centering_share": 0.05}  # stage 1: feature mean, class statistics
-    assert default_rounds(dp=True, epsilon=STAGE_TWO_MIN_EPSILON, **statistics) == 2 + STAGE_TWO_ROUNDS
-    assert default_rounds(dp=True, epsilon=3.0, **statistics) == 2  # stage 1 alone
-    assert default_rounds(dp=False, epsilon=1.0, **statistics) == 2 + STAGE_TWO_ROUNDS
-    assert default_rounds(dp=True, epsilon=3.0, head_init="class-statistics", centering_share=0.0) == 1
-    assert default_rounds(dp=True, epsilon=1.0, head_init="zeros", centering_share=0.05) == STAGE_TWO_ROUNDS
+    def rounds(*, dp=True, distributed_noise=False, epsilon, head_init="class-statistics", centering_share=0.05):
+        return default_schedule(dp=dp, distributed_noise=distributed_noise, epsilon=epsilon, head_init=head_init,
+                                centering_share=centering_share)["num_server_rounds"]
+
+    assert rounds(epsilon=STAGE_TWO_MIN_EPSILON) == 2 + STAGE_TWO_ROUNDS  # feature mean, class statistics, DP-SGD
+    assert rounds(epsilon=3.0) == 2  # stage 1 alone
+    assert rounds(dp=False, epsilon=1.0) == 2 + STAGE_TWO_ROUNDS
+    assert rounds(epsilon=3.0, centering_share=0.0) == 1
+    assert rounds(epsilon=1.0, head_init="zeros") == STAGE_TWO_ROUNDS
+    # distributed noise: the SecAgg+ sum carries one noise, and stage 2 pays from a smaller epsilon
+    assert DISTRIBUTED_STAGE_TWO_MIN_EPSILON < STAGE_TWO_MIN_EPSILON
+    assert rounds(distributed_noise=True, epsilon=DISTRIBUTED_STAGE_TWO_MIN_EPSILON) == 2 + STAGE_TWO_ROUNDS
+    assert rounds(distributed_noise=True, epsilon=1.0) == 2
 
 
-def test_local_epochs_left_out_are_one_under_dp_and_more_without():
+def left_out_options() -> dict:
     import inspect
 
-    from shared.config import NO_DP_LOCAL_EPOCHS
-    from simulation.cli.options import training_settings, with_training_options
+    from simulation.cli.options import with_training_options
 
     def command(*, training: dict) -> None: ...
 
-    left_out = {name: parameter.default for name, parameter in inspect.signature(with_training_options(command)).parameters.items()}
+    return {name: parameter.default for name, parameter in inspect.signature(with_training_options(command)).parameters.items()}
+
+
+def test_local_epochs_left_out_are_one_under_dp_and_more_without():
+    from shared.schedule import NO_DP_LOCAL_EPOCHS
+    from simulation.cli.options import training_settings
+
+    left_out = left_out_options()
     assert training_settings(left_out)["local_epochs"] == 1
     assert training_settings({**left_out, "no_dp": True})["local_epochs"] == NO_DP_LOCAL_EPOCHS > 1
     assert training_settings({**left_out, "no_dp": True, "local_epochs": 3})["local_epochs"] == 3
+
+
+def test_distributed_noise_left_out_schedule_takes_bigger_steps_and_named_options_win():
+    from shared.config import DEFAULTS
+    from shared.schedule import DISTRIBUTED_LEARNING_RATE, DISTRIBUTED_SERVER_MOMENTUM
+    from simulation.cli.options import training_settings
+
+    left_out = left_out_options()
+    local = training_settings(left_out)
+    assert (local["learning_rate"], local["server_momentum"]) == (DEFAULTS.learning_rate, DEFAULTS.server_momentum)
+    distributed = training_settings({**left_out, "distributed_noise": True})
+    assert distributed["distributed_noise"] is True
+    assert (distributed["learning_rate"], distributed["server_momentum"]) == (DISTRIBUTED_LEARNING_RATE, DISTRIBUTED_SERVER_MOMENTUM)
+    named = training_settings({**left_out, "distributed_noise": True, "learning_rate": 1.0, "server_momentum": 0.0})
+    assert (named["learning_rate"], named["server_momentum"]) == (1.0, 0.0)
 
 
 def test_stage_one_needs_its_rounds_and_a_centring_share_below_one():

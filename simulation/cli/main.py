@@ -75,7 +75,6 @@ def simulate(
     seed: Annotated[int, typer.Option(help="Seed for partitioning, splits and initialisation (never for DP noise).")] = DEFAULTS.seed,
     budget: Annotated[list[str] | None, typer.Option(help="NAME=EPSILON: that department's own budget, as its local configuration would set it (repeatable). It trains until one more round would cross it.")] = None,
     policy: Annotated[list[str] | None, typer.Option(help="NAME:KEY=VALUE: a department's site policy (repeatable); keys: max-epsilon-per-round, min-noise-multiplier, require-secagg, min-departments, delta.")] = None,
-    distributed_noise: Annotated[bool, typer.Option("--distributed-noise", help="Stage 1 with distributed noise: every simulated department consents to add only its share, so the SecAgg+ sum carries one release's noise (trusts SecAgg+ and the other departments; each ledger records both epsilons). Needs SecAgg+.")] = False,
     no_declared_scopes: Annotated[bool, typer.Option("--no-declared-scopes", help="Ignore the label scopes CLINC150's domains and the demo corpus declare, as a user's own departments would have none: stage 1 finds each department's labels from noisy counts.")] = False,
     label_scope: Annotated[list[str] | None, typer.Option(help="NAME=LABEL[,LABEL...]: the labels that department declares it holds (repeatable); it trains only their rows of the head, so its noise lands only there. CLINC150 by domain and the demo corpus declare theirs.")] = None,
     min_departments: Annotated[int, typer.Option(help="The run ends when fewer departments than this can still train (budgets spent).")] = DEFAULTS.min_departments,
@@ -101,8 +100,7 @@ def simulate(
         request = SimulationRequest(
             data=data, test_data=test_data, columns=Columns(text_column, label_column, department_column),
             partition=partition, departments=departments, alpha=alpha, batch_size=batch_size, seed=seed,
-            training=training | {"audit_updates": audit_updates, "distributed_noise": distributed_noise,
-                                 "min_departments": min_departments},
+            training=training | {"audit_updates": audit_updates, "min_departments": min_departments},
             feature_cache=feature_cache, out=out, policies=opt.department_policies(budget or [], policy or [], label_scope or []),
             declared_scopes=not no_declared_scopes,
         )

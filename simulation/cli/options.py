@@ -12,19 +12,21 @@ from typing import Annotated, Any
 
 import typer
 
-from shared.config import DEFAULTS, default_local_epochs, default_rounds
+from shared.config import DEFAULTS
 from shared.errors import ConfigError
+from shared.schedule import default_schedule
 
-Rounds = Annotated[int | None, typer.Option(help="Federated rounds: round 1 releases the DP feature mean, round 2 DP class statistics (stage 1); any later rounds fine-tune the head with DP-SGD. Default: 22 at epsilon >= 8 or without DP, else 2 (stage 2 costs accuracy at small epsilon; see BENCHMARKS.md).")]
+Rounds = Annotated[int | None, typer.Option(help="Federated rounds: round 1 releases the DP feature mean, round 2 DP class statistics (stage 1); any later rounds fine-tune the head with DP-SGD. Default: 22 at epsilon >= 8 (>= 3 with --distributed-noise) or without DP, else 2 (stage 2 costs accuracy at small epsilon; see BENCHMARKS.md).")]
 HeadInit = Annotated[str, typer.Option(help="class-statistics: round 1 builds the head from each department's DP class statistics (default); zeros: every round is DP-SGD from a zero head (the earlier design).")]
-LocalEpochs = Annotated[int | None, typer.Option(help="Local epochs per DP-SGD round. Default: 1 with DP (more epochs spend the budget on noisier steps), 10 without.")]
-LearningRate = Annotated[float, typer.Option(help="Local SGD learning rate.")]
+LocalEpochs = Annotated[int | None, typer.Option(help="Local epochs per DP-SGD round. Default: 1 with DP (more epochs spend the budget on noisier steps), 10 without. With --distributed-noise a round is one step.")]
+LearningRate = Annotated[float | None, typer.Option(help="Local SGD learning rate. Default: 2.5, or 20 with --distributed-noise (one step a round).")]
 StatisticsShare = Annotated[float, typer.Option(help="When DP-SGD rounds follow stage 1: the share of each department's epsilon that stage 1's class statistics spend (the rest is DP-SGD's).")]
 CenteringShare = Annotated[float, typer.Option(help="The share of stage 1's noise precision that round 1's DP feature mean spends (features are centred on it); 0: no feature-mean round, uncentred features.")]
 Momentum = Annotated[float, typer.Option(help="SGD momentum of the DP-SGD rounds.")]
 NcmLogitScale = Annotated[float, typer.Option(help="Where stage 1 is the whole run: its head's logits are this times the cosine to each class mean (how confident its probabilities are).")]
 StageTwoLogitScale = Annotated[float, typer.Option(help="Where DP-SGD rounds follow stage 1: the logit scale of the head they start from.")]
-ServerMomentum = Annotated[float, typer.Option(help="The server's momentum over DP-SGD rounds (FedAvgM; post-processing, no privacy cost); 0: plain FedAvg.")]
+ServerMomentum = Annotated[float | None, typer.Option(help="The server's momentum over DP-SGD rounds (FedAvgM; post-processing, no privacy cost); 0: plain FedAvg. Default: 0.5, or 0.9 with --distributed-noise.")]
+DistributedNoise = Annotated[bool, typer.Option("--distributed-noise", help="Distributed noise: each department that consents (its site policy) adds only its share of the noise, so the SecAgg+ sum carries one release's worth, in stage 1 and in each DP-SGD round (then one step a round). Trusts SecAgg+ and the other departments; each ledger records both epsilons. Needs SecAgg+.")]
 MaxGradNorm = Annotated[float, typer.Option(help="Per-sample clipping bound.")]
 Epsilon = Annotated[float, typer.Option(help="Each department's privacy budget epsilon over the whole run (a department may set a lower one).")]
 Delta = Annotated[float, typer.Option(help="Each department's delta; must be below 1/records.")]
@@ -84,6 +86,7 @@ TRAINING: dict[str, Any] = {
     "learning_rate": LearningRate,
     "momentum": Momentum,
     "server_momentum": ServerMomentum,
+    "distributed_noise": DistributedNoise,
     "statistics_share": StatisticsShare,
     "centering_share": CenteringShare,
     "ncm_logit_scale": NcmLogitScale,
@@ -105,13 +108,13 @@ TRAINING: dict[str, Any] = {
     "secagg_num_shares": SecaggNumShares,
 }
 RENAMED = {"rounds": "num_server_rounds", "epsilon": "target_epsilon", "delta": "target_delta"}
+SCHEDULE = ("rounds", "local_epochs", "learning_rate", "server_momentum")  # left out: shared.schedule
 NEGATED = {"no_dp": "dp", "no_secagg": "secagg"}
 
 
 def _default(name: str) -> Any:
-    """An option's default: its setting's default (``--rounds`` left out: rounds follow epsilon;
-    ``--local-epochs`` left out: they follow ``--no-dp``)."""
-    if name in ("rounds", "local_epochs"):
+    """An option's default: its setting's default, or None for the schedule's (``shared.schedule``)."""
+    if name in SCHEDULE:
         return None
     if name in NEGATED:
         return False  # the setting is on by default; the option switches it off
@@ -120,21 +123,20 @@ def _default(name: str) -> Any:
 
 
 def training_settings(values: dict[str, Any]) -> dict[str, Any]:
-    """RunConfig keyword arguments from the training options' values; the rounds follow epsilon when
-    ``--rounds`` is left out (``shared.config.default_rounds``), the local epochs ``--no-dp`` when
-    ``--local-epochs`` is (``shared.config.default_local_epochs``)."""
+    """RunConfig keyword arguments from the training options' values; the schedule options left out
+    follow epsilon, ``--no-dp`` and ``--distributed-noise`` (``shared.schedule.default_schedule``)."""
     settings: dict[str, Any] = {}
     for name, value in values.items():
         if name in NEGATED:
             settings[NEGATED[name]] = not value
         else:
             settings[RENAMED.get(name, name)] = module_names(value) if name == "lora_targets" else value
-    if settings["num_server_rounds"] is None:
-        settings["num_server_rounds"] = default_rounds(dp=settings["dp"], epsilon=settings["target_epsilon"],
-                                                       head_init=settings["head_init"],
-                                                       centering_share=settings["centering_share"])
-    if settings["local_epochs"] is None:
-        settings["local_epochs"] = default_local_epochs(dp=settings["dp"])
+    schedule = default_schedule(dp=settings["dp"], distributed_noise=settings["distributed_noise"],
+                                epsilon=settings["target_epsilon"], head_init=settings["head_init"],
+                                centering_share=settings["centering_share"])
+    for name, value in schedule.items():
+        if settings[name] is None:
+            settings[name] = value
     return settings
 
 

@@ -1,0 +1,98 @@
+"""Distributed noise in DP-SGD rounds: one step a round, a 1/sqrt(shares) share of the noise, a public divisor,
+so that the SecAgg+ sum of ``shares`` departments' updates carries the plan's whole noise (stage 1's release:
+tests/test_class_statistics.py)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from client.department import DepartmentClient
+from client.department_data import resolve_department
+from client.dp_training import train_private
+from client.prepared_data import prepare, shared_classifier
+from client.privacy import MECHANISM_DP_SGD, PrivacyLedger, PrivacyPlan, poisson_schedule
+from shared import protocol
+from shared.accounting import epsilon_of
+from shared.config import RunConfig
+from shared.data import Record, write_jsonl
+from shared.params import get_trainable
+from tests.requests import fit, fit_request
+from tests.test_department_client import LABELS, TEXTS, department_file
+
+SIGMA, CLIP, BATCH, LEARNING_RATE = 2.0, 1.0, 10, 1.0
+
+
+def noise_only_step(*, shares: int, records: int = 40) -> tuple[torch.Tensor, int]:
+    """One distributed round on records whose gradients are all zero: the step is -lr x noise / BATCH."""
+    head = nn.Linear(64, 50, bias=False)
+    nn.init.zeros_(head.weight)
+    dataset = TensorDataset(torch.zeros(records, 64), torch.zeros(records, dtype=torch.long))
+    rate, _ = poisson_schedule(num_records=records, batch_size=BATCH, local_epochs=1)
+    result = train_private(
+        module=head, dataset=dataset, plan=PrivacyPlan(SIGMA, rate, 1, 20, 8.0, 8.0, 1e-5, "prv"), prior=[],
+        batch_size=BATCH, local_epochs=3, learning_rate=LEARNING_RATE, momentum=0.9, max_grad_norm=CLIP,
+        noise_shares=shares,
+    )
+    return head.weight.detach().clone(), result.steps
+
+
+def test_a_distributed_round_is_one_step_with_a_share_of_the_noise_over_the_public_batch():
+    step, steps = noise_only_step(shares=4)
+    assert steps == 1  # whatever local-epochs says: the plan counts one step a round
+    whole = LEARNING_RATE * SIGMA * CLIP / BATCH
+    assert float(step.std()) == pytest.approx(whole / math.sqrt(4), rel=0.1)  # 3,200 draws: 2.5% standard error
+
+
+def test_the_sum_of_the_shares_carries_the_plans_whole_noise():
+    """The attack this guards against: a share smaller than 1/sqrt(shares) (or a divisor that differs
+    between departments) leaves the SecAgg+ sum with less noise than the ledger's epsilon is computed for."""
+    total = sum(noise_only_step(shares=4)[0] for _ in range(4))
+    sensitivity = LEARNING_RATE * CLIP / BATCH  # the most one record moves the sum
+    assert float(total.std()) / sensitivity == pytest.approx(SIGMA, rel=0.1)
+
+
+def distributed_department(tmp_path, *, data=None, **node_settings) -> tuple[DepartmentClient, RunConfig]:
+    shared_classifier.cache_clear()
+    prepare.cache_clear()
+    config = RunConfig(model="tiny", labels=LABELS, batch_size=16, target_delta=1e-4, secagg_max_weight=200,
+                       out_dir=str(tmp_path / "out"), target_epsilon=3.0, num_server_rounds=4, distributed_noise=True)
+    node = {"department": "finance", "data-path": str(data or department_file(tmp_path)), "state-dir": str(tmp_path / "state")}
+    client = DepartmentClient(config=config, settings=resolve_department(config, node | node_settings), run_id=7)
+    return client, config
+
+
+def dp_sgd_request(config: RunConfig, server_round: int) -> dict:
+    return fit_request(config, server_round, stage=protocol.STAGE_DP_SGD) | {protocol.AGGREGATE_SIZE: 4}
+
+
+def test_a_consenting_departments_dp_sgd_round_records_one_step_and_both_epsilons(tmp_path):
+    scope = ("expense", "password")
+    write_jsonl([Record(f"{t} {i}", label) for label in scope for t in TEXTS[label] for i in range(12)],
+                tmp_path / "finance.jsonl")
+    client, config = distributed_department(tmp_path, data=tmp_path / "finance.jsonl", **{
+        "distributed-noise": "true", "min-departments": 4, "label-scope": ",".join(scope)})
+    start = get_trainable(client.classifier)
+    arrays, _, metrics = fit(client, start, dp_sgd_request(config, 3))
+    assert metrics[protocol.STATUS] == protocol.STATUS_TRAINED and metrics[protocol.STEPS] == 1
+    entry = PrivacyLedger(tmp_path / "state", department="finance").entries[-1]
+    assert (entry.mechanism, entry.steps, entry.noise_shares) == (MECHANISM_DP_SGD, 1, 4)
+    own = epsilon_of([(entry.noise_multiplier / 2, entry.sample_rate, 1)], delta=1e-4, accountant="prv")
+    assert entry.own_epsilon == pytest.approx(own) and own > entry.epsilon
+    # a declared scope does not narrow the noise: the rows of labels outside it move too
+    head = arrays[-2]  # head.weight
+    outside = [LABELS.index(label) for label in LABELS if label not in scope]
+    assert np.all(head[outside] != 0)
+
+
+def test_dp_sgd_with_distributed_noise_needs_the_departments_consent(tmp_path):
+    client, config = distributed_department(tmp_path)
+    _, weight, metrics = fit(client, get_trainable(client.classifier), dp_sgd_request(config, 3))
+    assert metrics[protocol.STATUS] == protocol.STATUS_POLICY_REFUSED and weight == 0
+    assert "has not consented" in metrics[protocol.REASON]
+    assert not (tmp_path / "state" / "privacy-ledger.jsonl").exists()  # nothing spent

@@ -77,6 +77,24 @@ def test_simulate_tiny_three_departments_stage_one_then_a_dp_sgd_round(tmp_path)
 
 
 @pytest.mark.slow
+def test_distributed_noise_through_secagg_stage_one_then_one_step_dp_sgd_rounds(tmp_path):
+    data, test = write_federation(tmp_path)
+    out = tmp_path / "run"
+    result = fedpriv("simulate", "--data", str(data), "--test-data", str(test), "--model", "tiny", "--rounds", "4",
+                     "--batch-size", "16", "--epsilon", "8", "--delta", "1e-3", "--distributed-noise", "--out", str(out))
+    assert result.returncode == 0, result.stdout + result.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and all(r["secure_aggregation"] for r in metrics["rounds"])
+    for department in ("it", "hr", "finance"):
+        lines = [json.loads(line) for line in (out / "departments" / department / "privacy-ledger.jsonl").read_text().splitlines()]
+        dp_sgd = [line for line in lines if line["mechanism"] == "dp-sgd"]
+        assert len(dp_sgd) == 2 and all(line["steps"] == 1 for line in dp_sgd)  # rounds 3 and 4: one step each
+        # 3 departments: simulation trusts the smallest aggregate SecAgg+ unmasks, 2 (its reconstruction threshold)
+        assert all(line["noise_shares"] == 2 for line in lines)
+        assert lines[-1]["epsilon"] <= 8.0 < lines[-1]["own_epsilon"]
+
+
+@pytest.mark.slow
 def test_default_demo_with_minilm(tmp_path):
     """The README's main command: the built-in synthetic demo on the packaged MiniLM."""
     out = tmp_path / "demo"

@@ -28,11 +28,9 @@ STAGE_TWO_ROUNDS = 20
 NO_DP_LOCAL_EPOCHS = 10
 
 # With distributed noise each DP-SGD round is one step whose SecAgg+ sum carries a single noise
-# (client.dp_training.train_private): the noise per step is about sqrt(departments) times smaller
-# than under local noise, so stage 2 pays from epsilon 3 (section 17: +0.4 there, about +1 at 8;
-# at 1 it cost 1.4 points). One step a round moves the head less than an epoch of steps: a larger
-# learning rate and more of the server's momentum make up for it (section 17).
-DISTRIBUTED_STAGE_TWO_MIN_EPSILON = 3.0
+# (client.dp_training.train_private). One step a round moves the head less than an epoch of steps:
+# a larger learning rate and more of the server's momentum make up for it (section 17). Stage 2
+# still pays only from STAGE_TWO_MIN_EPSILON: at epsilon 3 it matched stage 1 alone (section 17).
 DISTRIBUTED_LEARNING_RATE = 20.0
 DISTRIBUTED_SERVER_MOMENTUM = 0.9
 
@@ -46,8 +44,7 @@ def default_schedule(
         rounds = STAGE_TWO_ROUNDS  # every round is DP-SGD from a zero head
     else:
         stage_one = 2 if centering_share > 0 else 1
-        least = DISTRIBUTED_STAGE_TWO_MIN_EPSILON if distributed else STAGE_TWO_MIN_EPSILON
-        rounds = stage_one + STAGE_TWO_ROUNDS if (not dp or epsilon >= least) else stage_one
+        rounds = stage_one + STAGE_TWO_ROUNDS if (not dp or epsilon >= STAGE_TWO_MIN_EPSILON) else stage_one
     return {
         "num_server_rounds": rounds,
         "local_epochs": NO_DP_LOCAL_EPOCHS if not dp else DEFAULTS.local_epochs,

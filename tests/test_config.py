@@ -51,7 +51,7 @@ def test_label_fingerprint_depends_on_order():
 
 
 def test_rounds_left_out_add_dp_sgd_only_where_epsilon_leaves_room_for_it():
-    from shared.schedule import DISTRIBUTED_STAGE_TWO_MIN_EPSILON, STAGE_TWO_MIN_EPSILON, STAGE_TWO_ROUNDS, default_schedule
+    from shared.schedule import STAGE_TWO_MIN_EPSILON, STAGE_TWO_ROUNDS, default_schedule
 
     def rounds(*, dp=True, distributed_noise=False, epsilon, head_init="class-statistics", centering_share=0.05):
         return default_schedule(dp=dp, distributed_noise=distributed_noise, epsilon=epsilon, head_init=head_init,
@@ -62,10 +62,8 @@ def test_rounds_left_out_add_dp_sgd_only_where_epsilon_leaves_room_for_it():
     assert rounds(dp=False, epsilon=1.0) == 2 + STAGE_TWO_ROUNDS
     assert rounds(epsilon=3.0, centering_share=0.0) == 1
     assert rounds(epsilon=1.0, head_init="zeros") == STAGE_TWO_ROUNDS
-    # distributed noise: the SecAgg+ sum carries one noise, and stage 2 pays from a smaller epsilon
-    assert DISTRIBUTED_STAGE_TWO_MIN_EPSILON < STAGE_TWO_MIN_EPSILON
-    assert rounds(distributed_noise=True, epsilon=DISTRIBUTED_STAGE_TWO_MIN_EPSILON) == 2 + STAGE_TWO_ROUNDS
-    assert rounds(distributed_noise=True, epsilon=1.0) == 2
+    assert rounds(distributed_noise=True, epsilon=STAGE_TWO_MIN_EPSILON) == 2 + STAGE_TWO_ROUNDS
+    assert rounds(distributed_noise=True, epsilon=3.0) == 2
 
 
 def left_out_options() -> dict:

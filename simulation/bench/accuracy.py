@@ -27,7 +27,7 @@ PARTITIONS = {"domain": ["--partition", "domain"],
 # 14 points there (0.81 vs 0.96 on CLINC150's validation split), against 3 on the 150 intents.
 BROAD_LABELS = "domains-as-labels"
 # The designs side by side: the default (shared.schedule.default_schedule: at epsilon >= 8 stage 1 then
-# 20 DP-SGD rounds of the head, else stage 1 alone; with distributed noise from epsilon 3, one step a round), stage 1 alone (feature mean, then class
+# 20 DP-SGD rounds of the head, else stage 1 alone; with distributed noise one step a round), stage 1 alone (feature mean, then class
 # statistics on centred features), stage 1 without centring, stage 1 then LoRA on the top layer
 # (cached states), and the earlier head-only DP-SGD from a zero head.
 DESIGNS = {"default": [],

@@ -31,8 +31,6 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from shared import protocol, secagg_masks
 from shared.config import RunConfig
 
-RECONSTRUCTION_THRESHOLD = 0.6  # share of a department's neighbours needed to unmask after dropouts
-
 
 class _RecordingGrid:
     """Passes every call through to Flower's grid; keeps a copy of each masked-vector reply."""
@@ -72,7 +70,7 @@ class AuditedSecAggPlusWorkflow(SecAggPlusWorkflow):
         self.neighbourhood = config.secagg_num_shares
         super().__init__(
             num_shares=1.0,  # every department shares its keys with every other, unless setup_stage narrows it
-            reconstruction_threshold=RECONSTRUCTION_THRESHOLD,
+            reconstruction_threshold=config.secagg_reconstruction_threshold,
             max_weight=config.secagg_max_weight,
             clipping_range=config.secagg_clipping_range,
             quantization_range=config.secagg_quantization_range,

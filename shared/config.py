@@ -83,6 +83,11 @@ class RunConfig:
     secagg_quantization_range: int = 2**22
     secagg_max_weight: int = 100_000  # largest num-examples a department may weight its update with
     secagg_timeout_s: float = 600.0  # a department that has not answered a stage by then is dropped
+    # The share of a department's SecAgg+ neighbours whose key shares unmask the sum: the round goes on
+    # while this many remain. Higher tolerates fewer dropouts, and lets distributed noise be calibrated
+    # for a larger smallest aggregate (smaller shares, less noise in the sum: BENCHMARKS.md section 18).
+    # Above 1/2, so that the server cannot recover both masks of one department.
+    secagg_reconstruction_threshold: float = 0.6
     # SecAgg+ neighbourhood: 0 = every department shares masks and key shares with every other (full
     # mesh, the strongest); an odd k >= 3: with k - 1 random neighbours per round (cost grows ~N k^2, not N^3)
     secagg_num_shares: int = 0
@@ -271,6 +276,8 @@ def _validate(cfg: RunConfig) -> list[str]:
     need(cfg.secagg_max_weight >= 1, f"secagg-max-weight must be >= 1 (got {cfg.secagg_max_weight})")
     need(cfg.transport in TRANSPORTS, f"transport must be one of {TRANSPORTS} (got {cfg.transport!r})")
     need(cfg.secagg_timeout_s > 0, f"secagg-timeout-s must be > 0 (got {cfg.secagg_timeout_s})")
+    need(0.5 < cfg.secagg_reconstruction_threshold <= 1,
+         f"secagg-reconstruction-threshold must be in (0.5, 1] (got {cfg.secagg_reconstruction_threshold})")
     need(cfg.secagg_num_shares == 0 or (cfg.secagg_num_shares >= 3 and cfg.secagg_num_shares % 2 == 1),
          f"secagg-num-shares must be 0 (every department) or an odd number >= 3 (got {cfg.secagg_num_shares})")
     return problems

@@ -142,7 +142,7 @@ def test_simulate_reads_the_users_column_names_and_refuses_a_missing_one(tmp_pat
 TRAINING_OPTIONS = {"rounds", "head_init", "local_epochs", "batch_size", "learning_rate", "momentum", "statistics_share",
                     "max_grad_norm", "epsilon", "delta", "accountant", "model", "lora_r", "lora_layers", "test_data",
                     "lora_alpha", "lora_targets", "max_length", "fraction_train", "val_fraction", "ncm_logit_scale",
-                    "stage_two_logit_scale", "server_momentum", "centering_share", "distributed_noise",
+                    "stage_two_logit_scale", "server_momentum", "centering_share", "distributed_noise", "secagg_reconstruction_threshold",
                     "no_dp", "no_secagg", "secagg_num_shares", "min_departments", "out", "resume"}
 
 

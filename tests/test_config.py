@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.config import RunConfig
+from shared.config import DEFAULTS, RunConfig
 from shared.errors import ConfigError
 
 PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
@@ -87,7 +87,6 @@ def test_local_epochs_left_out_are_one_under_dp_and_more_without():
 
 
 def test_distributed_noise_left_out_schedule_takes_bigger_steps_and_named_options_win():
-    from shared.config import DEFAULTS
     from shared.schedule import DISTRIBUTED_LEARNING_RATE, DISTRIBUTED_SERVER_MOMENTUM
     from simulation.cli.options import training_settings
 
@@ -110,3 +109,17 @@ def test_stage_one_needs_its_rounds_and_a_centring_share_below_one():
     centred = RunConfig(num_server_rounds=4)
     assert (centred.centering_round, centred.statistics_round, centred.dp_sgd_rounds) == (1, 2, 2)
     assert RunConfig(head_init="zeros", num_server_rounds=1).centering_round == 0
+
+
+def test_distributed_noise_in_simulation_is_calibrated_for_the_smallest_aggregate_secagg_unmasks():
+    from simulation.local.simulate import distributed_noise_consent
+
+    names = [f"d{i}" for i in range(10)]
+    default = distributed_noise_consent({}, departments=names, reconstruction_threshold=DEFAULTS.secagg_reconstruction_threshold)
+    assert {p["min-departments"] for p in default.values()} == {6} and all(p["distributed-noise"] for p in default.values())
+    strict = distributed_noise_consent({"d0": {"min-departments": 10}}, departments=names, reconstruction_threshold=0.9)
+    assert strict["d0"]["min-departments"] == 10 and strict["d1"]["min-departments"] == 9
+    assert distributed_noise_consent({}, departments=names[:2], reconstruction_threshold=0.6)["d0"]["min-departments"] == 2
+    for threshold in (0.5, float("nan"), 1.5):
+        with pytest.raises(ConfigError, match="secagg-reconstruction-threshold must be in"):
+            RunConfig(secagg_reconstruction_threshold=threshold)

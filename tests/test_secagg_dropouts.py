@@ -133,6 +133,15 @@ def test_a_department_that_drops_at_any_stage_leaves_the_survivors_sum(stage):
     np.testing.assert_allclose(aggregate, expected, atol=1e-3)
 
 
+def test_a_reconstruction_threshold_of_one_tolerates_no_dropout():
+    """secagg-reconstruction-threshold reaches Flower's workflow: at 1 every neighbour's share is needed,
+    so the smallest sum SecAgg+ can unmask is the whole round (what distributed noise may then be calibrated for)."""
+    strict = AuditedSecAggPlusWorkflow(config=RunConfig(model="tiny", labels=("a", "b"), secagg_max_weight=100,
+                                                        secagg_reconstruction_threshold=1.0), audit_dir=None)
+    assert secure_round(strict, LossyGrid(updates(), dropped=102, from_stage=Stage.COLLECT_MASKED_VECTORS)) is None
+    assert secure_round(fedpriv_workflow(), LossyGrid(updates(), dropped=102, from_stage=Stage.COLLECT_MASKED_VECTORS)) is not None
+
+
 def test_flowers_own_workflow_loses_the_round_when_a_department_drops_before_sharing_keys():
     """The defect the correction is for: with Flower 1.42's workflow the survivors fail in unmask."""
     workflow = SecAggPlusWorkflow(num_shares=1.0, reconstruction_threshold=0.6, max_weight=100)

@@ -42,6 +42,7 @@ ValFraction = Annotated[float, typer.Option(help="Share of each department's rec
 TestData = Annotated[Path | None, typer.Option(help="Held-out CSV/JSONL for server-side evaluation.")]
 NoDp = Annotated[bool, typer.Option("--no-dp", help="Baseline WITHOUT differential privacy: no guarantee holds.")]
 NoSecagg = Annotated[bool, typer.Option("--no-secagg", help="Baseline without SecAgg+: the server sees each department's update.")]
+SecaggReconstructionThreshold = Annotated[float, typer.Option(help="The share of a department's SecAgg+ neighbours needed to unmask the sum, in (0.5, 1]: the round survives dropouts down to it, and distributed noise is calibrated for it (higher: fewer dropouts tolerated, smaller noise shares).")]
 SecaggNumShares = Annotated[int, typer.Option(help="SecAgg+ neighbourhood: 0 = every department with every other (default, strongest); an odd k >= 3 = k - 1 random neighbours per round, for large federations (a server colluding with all of a department's neighbours could unmask it).")]
 TextColumn = Annotated[str, typer.Option(help="The column (CSV header or JSONL key) that holds each record's text.")]
 LabelColumn = Annotated[str, typer.Option(help="The column that holds each record's label.")]
@@ -106,6 +107,7 @@ TRAINING: dict[str, Any] = {
     "no_dp": NoDp,
     "no_secagg": NoSecagg,
     "secagg_num_shares": SecaggNumShares,
+    "secagg_reconstruction_threshold": SecaggReconstructionThreshold,
 }
 RENAMED = {"rounds": "num_server_rounds", "epsilon": "target_epsilon", "delta": "target_delta"}
 SCHEDULE = ("rounds", "local_epochs", "learning_rate", "server_momentum")  # left out: shared.schedule

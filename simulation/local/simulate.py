@@ -17,7 +17,6 @@ from rich.console import Console
 
 from client.site_policy import SitePolicy
 from server.run_folder import METRICS_FILE, PLOT_FILE, REPORT_FILE
-from server.secure_aggregation import RECONSTRUCTION_THRESHOLD
 from shared.config import DEFAULTS, RunConfig, secagg_neighbourhood
 from shared.data import Columns
 from shared.errors import ConfigError
@@ -47,6 +46,17 @@ class SimulationRequest:
     declared_scopes: bool = True
 
 
+def distributed_noise_consent(
+    policies: dict[str, dict[str, Any]], *, departments: list[str], reconstruction_threshold: float,
+) -> dict[str, dict[str, Any]]:
+    """The simulated departments are the user's to speak for: each consents to distributed noise, and
+    trusts the smallest aggregate SecAgg+ can unmask (its reconstruction threshold) to add the other
+    shares; a policy the user gave a department wins."""
+    smallest = max(2, math.ceil(reconstruction_threshold * len(departments)))
+    return policies | {name: {"distributed-noise": True, "min-departments": smallest, **policies.get(name, {})}
+                       for name in departments}
+
+
 def simulate_federation(request: SimulationRequest, *, console: Console) -> dict[str, Any]:
     from shared.model import MINILM, TINY, load_backbone
 
@@ -54,6 +64,7 @@ def simulate_federation(request: SimulationRequest, *, console: Console) -> dict
     model = training.pop("model")
     if model not in (MINILM, TINY) and not Path(model).expanduser().is_dir():
         raise ConfigError(f"--model {model}: not 'minilm', 'tiny' or an existing model folder")
+    RunConfig(**training)  # every training setting refused by name before the data is read
     if request.policies:  # refused here, before any file is written, not on the department's first round
         promised = RunConfig(target_epsilon=training["target_epsilon"], target_delta=training["target_delta"])
         for name, policy in request.policies.items():
@@ -64,13 +75,9 @@ def simulate_federation(request: SimulationRequest, *, console: Console) -> dict
         declared_scopes=request.declared_scopes,
     )
     partitioned = partition_data(data_plan)
-    policies = dict(request.policies)
-    if training["distributed_noise"]:
-        # The simulated departments are the user's to speak for: each consents, and trusts at least the
-        # smallest aggregate SecAgg+ can unmask (its reconstruction threshold) to add the other shares.
-        smallest = max(2, math.ceil(RECONSTRUCTION_THRESHOLD * len(partitioned.shares)))
-        for name in partitioned.shares:
-            policies[name] = {"distributed-noise": True, "min-departments": smallest, **policies.get(name, {})}
+    policies = (distributed_noise_consent(request.policies, departments=list(partitioned.shares),
+                                          reconstruction_threshold=training["secagg_reconstruction_threshold"])
+                if training["distributed_noise"] else dict(request.policies))
     # Departments keep a test split of their own only when the server has no test set.
     test_fraction = 0.0 if partitioned.test is not None else DEFAULTS.test_fraction
     fractions = {"val_fraction": training.pop("val_fraction"), "test_fraction": test_fraction, "seed": request.seed}

@@ -52,6 +52,7 @@ FULL = BenchPlan(
     + tuple(("stage 1", partition, 8.0) for partition in ("domain", "domain-no-scopes", "dirichlet-0.5"))
     + tuple(("stage 1, distributed noise", "dirichlet-0.5", epsilon) for epsilon in (1.0, 3.0, 8.0))
     + (("default, distributed noise", "dirichlet-0.5", 8.0),)  # below 8 the default is stage 1 alone
+    + tuple(("default, distributed noise, threshold 0.9", "dirichlet-0.5", epsilon) for epsilon in (1.0, 3.0, 8.0))
     + tuple(("stage 1, no centring", partition, epsilon) for partition in ("domain-no-scopes", "dirichlet-0.5")
             for epsilon in (1.0, 3.0))
     + (("stage 1 + 2", "domain", 8.0), ("stage 1 + 2", "domain-no-scopes", 8.0), ("stage 1 + 2", "domain", None),

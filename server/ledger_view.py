@@ -44,6 +44,9 @@ class LedgerRow:
     rounds_trained: int
     status: str
     check: str  # what recomputing the copy's epsilon found
+    # distributed noise: the guarantee of the department's own releases, should one be unmasked alone
+    # (its recorded own_epsilon, recomputed like epsilon); None where every line added the whole noise
+    own_epsilon: float | None = None
 
 
 def ledger_rows(run_dir: Path) -> list[LedgerRow]:
@@ -67,7 +70,7 @@ def ledger_rows(run_dir: Path) -> list[LedgerRow]:
         rows.append(LedgerRow(
             name, epsilon, budget, summary.get("delta"), summary["rounds_trained"],
             status if summary.get("status") != protocol.STATUS_POLICY_REFUSED else f"{status}: {summary.get('reason')}",
-            check,
+            check, copy[-1].get("own_epsilon") if copy else None,
         ))
     return rows
 
@@ -86,4 +89,11 @@ def _check(copy: list[dict]) -> str:
     last = copy[-1]
     history = [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in copy]
     mismatch = recomputed_epsilon(history, recorded=last["epsilon"], delta=last["delta"], accountant=last["accountant"])
-    return "agrees" if mismatch is None else f"MISMATCH: recomputed {mismatch:.4f}"
+    if mismatch is not None:
+        return f"MISMATCH: recomputed {mismatch:.4f}"
+    if last.get("own_epsilon") is not None:  # each line's noise was a 1/sqrt(noise_shares) share
+        own = [(e["noise_multiplier"] / math.sqrt(e.get("noise_shares", 1)), e["sample_rate"], e["steps"]) for e in copy]
+        mismatch = recomputed_epsilon(own, recorded=last["own_epsilon"], delta=last["delta"], accountant=last["accountant"])
+        if mismatch is not None:
+            return f"MISMATCH: own epsilon recomputed {mismatch:.4f}"
+    return "agrees"

@@ -112,12 +112,16 @@ def _summary(metrics: dict[str, Any], status: dict[str, Any]) -> str:
 
 
 def _ledger(ledger: list[LedgerRow]) -> str:
+    shared = any(r.own_epsilon is not None for r in ledger)  # distributed noise: two guarantees per department
     rows = [
-        [html.escape(r.department), _fmt(r.epsilon), _fmt(r.budget, "g"), _fmt(r.delta, "g"), str(r.rounds_trained),
+        [html.escape(r.department), _fmt(r.epsilon), *([_fmt(r.own_epsilon)] if shared else []), _fmt(r.budget, "g"),
+         _fmt(r.delta, "g"), str(r.rounds_trained),
          _badge(budget_state(r).replace(" ", "-"), budget_state(r)) + " " + html.escape(r.status), html.escape(r.check)]
         for r in ledger
     ]
-    return _table(["department", "epsilon spent", "budget", "delta", "rounds trained", "status", "server's recomputation"], rows)
+    own = ["own epsilon (its noise share unmasked alone)"] if shared else []
+    return _table(["department", "epsilon spent", *own, "budget", "delta", "rounds trained", "status",
+                   "server's recomputation"], rows)
 
 
 def _stage(metrics: dict[str, Any], number: int) -> str:

@@ -74,6 +74,40 @@ def test_server_keeps_a_copy_of_each_ledger_once_per_line_and_checks_it(tmp_path
     assert next(r for r in ledger_rows(tmp_path) if r.department == "hr").check.startswith("MISMATCH")
 
 
+def test_the_admin_sees_both_guarantees_of_a_distributed_noise_ledger_and_a_forged_own_epsilon(tmp_path):
+    import math
+
+    from simulation.cli.admin import ledger_table
+
+    sigma, shares = 1.2, 4
+    own = epsilon_of([(sigma / math.sqrt(shares), 0.1, 10)] * 2, delta=1e-5, accountant="rdp")
+    lines = [json.loads(ledger_line(i, sigma=sigma)) | {"noise_shares": shares, "own_epsilon": None} for i in (1, 2)]
+    lines[-1]["own_epsilon"] = own
+    recorder = RunRecorder(tmp_path, config=RunConfig(num_server_rounds=3), run_id=5)
+    for line in lines:
+        recorder.record_fit(line["round"], departments={"hr": {
+            "status": "trained", "epsilon": line["epsilon"], "delta": 1e-5, "budget": 3.0, "dp": True,
+            "ledger_entry": json.dumps(line)}}, train_loss=1.0)
+        recorder.flush_round(line["round"])
+    recorder.finish(state="completed")
+    row = ledger_rows(tmp_path)[0]
+    assert row.check == "agrees" and row.own_epsilon == pytest.approx(own) and own > 2 * row.epsilon
+    assert "own epsilon" in [column.header for column in ledger_table(tmp_path).columns]
+    write_report(tmp_path)
+    assert "own epsilon" in (tmp_path / "report.html").read_text()
+
+    lines[-1]["own_epsilon"] = row.epsilon  # a department that claims its share protects as much as the sum
+    ledger_copy_path(tmp_path, "hr").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert ledger_rows(tmp_path)[0].check.startswith("MISMATCH: own epsilon")
+
+
+def test_a_ledger_without_distributed_noise_shows_one_guarantee(tmp_path):
+    from simulation.cli.admin import ledger_table
+
+    two_rounds(tmp_path).finish(state="completed")
+    assert "own epsilon" not in [column.header for column in ledger_table(tmp_path).columns]
+
+
 def test_report_has_a_row_per_department_and_the_protections(tmp_path):
     two_rounds(tmp_path).finish(state="completed")
     write_report(tmp_path)

@@ -18,12 +18,19 @@ RunDir = Annotated[Path, typer.Argument(help="A run folder (fedpriv-runs/...).",
 def ledger_table(run_dir: Path) -> Table:
     from server.ledger_view import ledger_rows
 
-    table = Table(title=f"Privacy ledger (epsilon spent, rounds trained): {run_dir}")
-    for column in ("department", "epsilon", "budget", "delta", "rounds", "status", "recomputed"):
+    rows = ledger_rows(run_dir)
+    shared = any(row.own_epsilon is not None for row in rows)  # distributed noise: two guarantees
+    table = Table(title=f"Privacy ledger (epsilon spent, rounds trained): {run_dir}",
+                  caption="own epsilon: a department's guarantee should its noise share be unmasked alone "
+                          "(distributed noise; epsilon is against the SecAgg+ aggregate)" if shared else None)
+    columns = ("department", "epsilon", *(("own epsilon",) if shared else ()), "budget", "delta", "rounds", "status",
+               "recomputed")
+    for column in columns:
         table.add_column(column, overflow="fold")
-    for row in ledger_rows(run_dir):
+    for row in rows:
+        own = (f"{row.own_epsilon:.4f}" if row.own_epsilon is not None else "-",) if shared else ()
         table.add_row(
-            row.department, f"{row.epsilon:.4f}" if row.epsilon is not None else "no DP",
+            row.department, f"{row.epsilon:.4f}" if row.epsilon is not None else "no DP", *own,
             f"{row.budget:g}" if row.budget is not None else "-", f"{row.delta:g}" if row.delta is not None else "-",
             str(row.rounds_trained), row.status, row.check,
         )

@@ -161,6 +161,19 @@ def speaks_tls(address: str, *, timeout_s: float = 5.0) -> bool:
         return False
 
 
+def distributed_noise_consent(kit: Path, *, epsilon: float | None) -> str | None:
+    """What a department whose kit consents to distributed noise trusts, in words; None without consent."""
+    settings = read_kit(kit, insecure=True)
+    own = {key: value for key, value in department_own_settings(kit, settings, epsilon=epsilon).items() if key != SCOPE_KEY}
+    policy = SitePolicy.from_mapping(own, department=settings["department"], run=RunConfig(target_epsilon=1e9, target_delta=0.5))
+    if not policy.distributed_noise:
+        return None
+    shares = int(policy.min_departments or 1)
+    return (f"distributed noise: department {settings['department']} adds 1/sqrt({shares}) of each release's noise and "
+            f"trusts SecAgg+ and at least {shares - 1} other department(s) to add the rest; should its share ever be "
+            "unmasked alone (a server that makes the others decline), only the weaker own epsilon of its ledger holds")
+
+
 def start_department(
     kit: Path, *, data: Path, superlink: str | None, state_dir: Path | None, insecure: bool,
     epsilon: float | None, log: Path | None = None, columns: Columns = DEFAULT_COLUMNS,

@@ -7,6 +7,7 @@ tuples ``(*inputs, labels)`` and the module is called as ``module(*inputs)``.
 
 from __future__ import annotations
 
+import itertools
 import math
 import secrets
 import warnings
@@ -148,26 +149,23 @@ def _run_epochs(
 ) -> tuple[float, int]:
     module.train()
     loss_sum, loss_count, steps = 0.0, 0, 0
-    for _ in range(epochs):
-        if steps == max_steps:
-            break
-        for batch in loader:
-            if steps == max_steps:
-                break
-            *inputs, labels = batch
-            optimizer.zero_grad(set_to_none=True)
-            # An empty Poisson batch still takes its (noise-only) step: skipping it would change the
-            # mechanism that the accountant counts. The head runs it (zero-sized sums); a Transformer cannot.
-            if len(labels) == 0 and empty_batch is not None:
-                empty_batch(module)
-                optimizer.step()
-                steps += 1
-                continue
-            logits = module(*inputs)
-            criterion(logits, labels).backward()
+    # each epoch's batches drawn only when reached: a stop after max_steps samples nothing more
+    batches = itertools.chain.from_iterable(loader for _ in range(epochs))
+    for batch in itertools.islice(batches, max_steps):
+        *inputs, labels = batch
+        optimizer.zero_grad(set_to_none=True)
+        # An empty Poisson batch still takes its (noise-only) step: skipping it would change the
+        # mechanism that the accountant counts. The head runs it (zero-sized sums); a Transformer cannot.
+        if len(labels) == 0 and empty_batch is not None:
+            empty_batch(module)
             optimizer.step()
-            loss_sum += nn.functional.cross_entropy(logits.detach(), labels, reduction="sum").item()
-            loss_count += len(labels)
             steps += 1
+            continue
+        logits = module(*inputs)
+        criterion(logits, labels).backward()
+        optimizer.step()
+        loss_sum += nn.functional.cross_entropy(logits.detach(), labels, reduction="sum").item()
+        loss_count += len(labels)
+        steps += 1
     module.eval()
     return (loss_sum / loss_count if loss_count else float("nan")), steps

@@ -25,7 +25,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from shared.accounting import Mechanism, epsilon_of, recomputed_epsilon
+from shared.accounting import Mechanism, epsilon_of, own_share, recomputed_epsilon
 from shared.errors import BudgetExhausted, ConfigError, LedgerError
 
 LEDGER_FILE = "privacy-ledger.jsonl"
@@ -245,11 +245,11 @@ class PrivacyLedger:
     ) -> list[LedgerEntry]:
         """Append one line per mechanism that ran in this round, all in one write."""
         history, entries = list(self.history), list[LedgerEntry]()
-        own = [(s / math.sqrt(e.noise_shares), q, n) for e, (s, q, n) in zip(self.entries, history, strict=True)]
+        own = [own_share(m, noise_shares=e.noise_shares) for e, m in zip(self.entries, history, strict=True)]
         shared = noise_shares > 1 or any(e.noise_shares > 1 for e in self.entries)
         for name, (sigma, rate, steps) in mechanisms:
             history.append((sigma, rate, steps))
-            own.append((sigma / math.sqrt(noise_shares), rate, steps))
+            own.append(own_share((sigma, rate, steps), noise_shares=noise_shares))
             entries.append(LedgerEntry(
                 index=len(self.entries) + len(entries) + 1, run=run, round=server_round, noise_multiplier=sigma,
                 sample_rate=rate, steps=steps, accountant=accountant, delta=delta,

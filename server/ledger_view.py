@@ -14,7 +14,7 @@ from pathlib import Path
 
 from server.run_folder import ledger_copy_path, read_ledger_copy, read_metrics
 from shared import protocol
-from shared.accounting import recomputed_epsilon
+from shared.accounting import own_share, recomputed_epsilon
 
 STATUS_WORDS = {protocol.STATUS_TRAINED: "active", protocol.STATUS_BUDGET_EXHAUSTED: "budget exhausted",
                 protocol.STATUS_POLICY_REFUSED: "refused by policy", protocol.STATUS_FAILED: "failed (see the round's failures)"}
@@ -92,7 +92,7 @@ def _check(copy: list[dict]) -> str:
     if mismatch is not None:
         return f"MISMATCH: recomputed {mismatch:.4f}"
     if last.get("own_epsilon") is not None:  # each line's noise was a 1/sqrt(noise_shares) share
-        own = [(e["noise_multiplier"] / math.sqrt(e.get("noise_shares", 1)), e["sample_rate"], e["steps"]) for e in copy]
+        own = [own_share(m, noise_shares=e.get("noise_shares", 1)) for e, m in zip(copy, history, strict=True)]
         mismatch = recomputed_epsilon(own, recorded=last["own_epsilon"], delta=last["delta"], accountant=last["accountant"])
         if mismatch is not None:
             return f"MISMATCH: own epsilon recomputed {mismatch:.4f}"

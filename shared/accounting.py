@@ -20,6 +20,12 @@ Mechanism = tuple[float, float, int]  # (noise multiplier, sampling rate, steps)
 # a Gaussian mechanism on the whole data set (the class statistics) is (sigma, 1.0, 1)
 
 
+def own_share(mechanism: Mechanism, *, noise_shares: int) -> Mechanism:
+    """A mechanism as one department's own release under distributed noise: 1/sqrt(noise_shares) of its noise."""
+    sigma, rate, steps = mechanism
+    return (sigma / math.sqrt(noise_shares), rate, steps)
+
+
 def epsilon_of(history: list[Mechanism], *, delta: float, accountant: str) -> float:
     if not history:
         return 0.0

@@ -118,14 +118,14 @@ def test_stage_one_needs_its_rounds_and_a_centring_share_below_one():
 
 
 def test_distributed_noise_in_simulation_is_calibrated_for_the_smallest_aggregate_secagg_unmasks():
-    from simulation.local.simulate import distributed_noise_consent
+    from simulation.local.simulate import consenting_policies
 
     names = [f"d{i}" for i in range(10)]
-    default = distributed_noise_consent({}, departments=names, reconstruction_threshold=DEFAULTS.secagg_reconstruction_threshold)
+    default = consenting_policies({}, departments=names, reconstruction_threshold=DEFAULTS.secagg_reconstruction_threshold)
     assert {p["min-departments"] for p in default.values()} == {6} and all(p["distributed-noise"] for p in default.values())
-    strict = distributed_noise_consent({"d0": {"min-departments": 10}}, departments=names, reconstruction_threshold=0.9)
+    strict = consenting_policies({"d0": {"min-departments": 10}}, departments=names, reconstruction_threshold=0.9)
     assert strict["d0"]["min-departments"] == 10 and strict["d1"]["min-departments"] == 9
-    assert distributed_noise_consent({}, departments=names[:2], reconstruction_threshold=0.6)["d0"]["min-departments"] == 2
+    assert consenting_policies({}, departments=names[:2], reconstruction_threshold=0.6)["d0"]["min-departments"] == 2
     for threshold in (0.5, float("nan"), 1.5):
         with pytest.raises(ConfigError, match="secagg-reconstruction-threshold must be in"):
             RunConfig(secagg_reconstruction_threshold=threshold)

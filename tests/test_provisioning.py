@@ -153,15 +153,15 @@ def test_a_kits_budget_policy_and_label_scope_reach_the_department(tmp_path, kit
 
 
 def test_a_department_that_consents_to_distributed_noise_is_told_what_it_trusts(tmp_path, kits):
-    from simulation.deploy.supernode import distributed_noise_consent
+    from simulation.deploy.supernode import distributed_noise_statement
 
     kit = tmp_path / "hr"
     kit.mkdir()
     toml = 'department = "hr"\nsuperlink = "fl.example.com:9093"\nlabel-scope = ["leave"]\n'
     (kit / "department.toml").write_text(toml + "[policy]\nrequire-secagg = true\n")
-    assert distributed_noise_consent(kit, epsilon=None) is None
+    assert distributed_noise_statement(kit, epsilon=None) is None
     (kit / "department.toml").write_text(toml + "[policy]\ndistributed-noise = true\nmin-departments = 4\n")
-    said = distributed_noise_consent(kit, epsilon=None)
+    said = distributed_noise_statement(kit, epsilon=None)
     assert said is not None and "1/sqrt(4)" in said and "at least 3 other" in said and "own epsilon" in said
 
 

@@ -189,11 +189,11 @@ def department_start(
     when the server runs a federation, and prints one line per round it serves; Flower's own log
     goes to KIT/logs/supernode.log."""
     from client.activity import ACTIVITY_FILE
-    from simulation.deploy.supernode import distributed_noise_consent, start_department
+    from simulation.deploy.supernode import distributed_noise_statement, start_department
 
     if insecure:
         console.print(INSECURE_WARNING)
-    consent = distributed_noise_consent(kit, epsilon=epsilon)
+    consent = distributed_noise_statement(kit, epsilon=epsilon)
     if consent:
         console.print(f"[yellow]{consent}[/]")
     log = kit / "logs" / "supernode.log"

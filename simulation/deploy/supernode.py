@@ -161,7 +161,7 @@ def speaks_tls(address: str, *, timeout_s: float = 5.0) -> bool:
         return False
 
 
-def distributed_noise_consent(kit: Path, *, epsilon: float | None) -> str | None:
+def distributed_noise_statement(kit: Path, *, epsilon: float | None) -> str | None:
     """What a department whose kit consents to distributed noise trusts, in words; None without consent."""
     settings = read_kit(kit, insecure=True)
     own = {key: value for key, value in department_own_settings(kit, settings, epsilon=epsilon).items() if key != SCOPE_KEY}

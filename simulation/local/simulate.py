@@ -46,7 +46,7 @@ class SimulationRequest:
     declared_scopes: bool = True
 
 
-def distributed_noise_consent(
+def consenting_policies(
     policies: dict[str, dict[str, Any]], *, departments: list[str], reconstruction_threshold: float,
 ) -> dict[str, dict[str, Any]]:
     """The simulated departments are the user's to speak for: each consents to distributed noise, and
@@ -75,7 +75,7 @@ def simulate_federation(request: SimulationRequest, *, console: Console) -> dict
         declared_scopes=request.declared_scopes,
     )
     partitioned = partition_data(data_plan)
-    policies = (distributed_noise_consent(request.policies, departments=list(partitioned.shares),
+    policies = (consenting_policies(request.policies, departments=list(partitioned.shares),
                                           reconstruction_threshold=training["secagg_reconstruction_threshold"])
                 if training["distributed_noise"] else dict(request.policies))
     # Departments keep a test split of their own only when the server has no test set.

@@ -21,7 +21,9 @@ from shared import protocol
 from shared.accounting import epsilon_of
 from shared.config import RunConfig
 from shared.data import Record, write_jsonl
+from shared.model import build_classifier, trainable_names
 from shared.params import get_trainable
+from shared.top_layers import CachedTopLayers
 from tests.requests import fit, fit_request
 from tests.test_department_client import LABELS, TEXTS, department_file
 
@@ -57,11 +59,12 @@ def test_the_sum_of_the_shares_carries_the_plans_whole_noise():
     assert float(total.std()) / sensitivity == pytest.approx(SIGMA, rel=0.1)
 
 
-def distributed_department(tmp_path, *, data=None, **node_settings) -> tuple[DepartmentClient, RunConfig]:
+def distributed_department(tmp_path, *, data=None, lora: dict | None = None, **node_settings) -> tuple[DepartmentClient, RunConfig]:
     shared_classifier.cache_clear()
     prepare.cache_clear()
     config = RunConfig(model="tiny", labels=LABELS, batch_size=16, target_delta=1e-4, secagg_max_weight=200,
-                       out_dir=str(tmp_path / "out"), target_epsilon=3.0, num_server_rounds=4, distributed_noise=True)
+                       out_dir=str(tmp_path / "out"), target_epsilon=3.0, num_server_rounds=4, distributed_noise=True,
+                       **(lora or {}))
     node = {"department": "finance", "data-path": str(data or department_file(tmp_path)), "state-dir": str(tmp_path / "state")}
     client = DepartmentClient(config=config, settings=resolve_department(config, node | node_settings), run_id=7)
     return client, config
@@ -71,11 +74,12 @@ def dp_sgd_request(config: RunConfig, server_round: int) -> dict:
     return fit_request(config, server_round, stage=protocol.STAGE_DP_SGD) | {protocol.AGGREGATE_SIZE: 4}
 
 
-def test_a_consenting_departments_dp_sgd_round_records_one_step_and_both_epsilons(tmp_path):
+@pytest.mark.parametrize("lora", [None, {"lora_r": 4, "lora_layers": 1}], ids=["head", "lora-top-layer"])
+def test_a_consenting_departments_dp_sgd_round_records_one_step_and_both_epsilons(tmp_path, lora):
     scope = ("expense", "password")
     write_jsonl([Record(f"{t} {i}", label) for label in scope for t in TEXTS[label] for i in range(12)],
                 tmp_path / "finance.jsonl")
-    client, config = distributed_department(tmp_path, data=tmp_path / "finance.jsonl", **{
+    client, config = distributed_department(tmp_path, data=tmp_path / "finance.jsonl", lora=lora, **{
         "distributed-noise": "true", "min-departments": 4, "label-scope": ",".join(scope)})
     start = get_trainable(client.classifier)
     arrays, _, metrics = fit(client, start, dp_sgd_request(config, 3))
@@ -85,9 +89,12 @@ def test_a_consenting_departments_dp_sgd_round_records_one_step_and_both_epsilon
     own = epsilon_of([(entry.noise_multiplier / 2, entry.sample_rate, 1)], delta=1e-4, accountant="prv")
     assert entry.own_epsilon == pytest.approx(own) and own > entry.epsilon
     # a declared scope does not narrow the noise: the rows of labels outside it move too
-    head = arrays[-2]  # head.weight
+    trained = dict(zip(trainable_names(client.classifier), arrays, strict=True))
     outside = [LABELS.index(label) for label in LABELS if label not in scope]
-    assert np.all(head[outside] != 0)
+    assert np.all(trained["head.weight"][outside] != 0) and np.all(trained["head.bias"][outside] != 0)
+    if lora:  # the adapters moved, with their share of the noise too
+        assert any(np.any(trained[name] != start[i]) for i, name in enumerate(trainable_names(client.classifier))
+                   if "lora_" in name)
 
 
 def test_dp_sgd_with_distributed_noise_needs_the_departments_consent(tmp_path):
@@ -96,3 +103,29 @@ def test_dp_sgd_with_distributed_noise_needs_the_departments_consent(tmp_path):
     assert metrics[protocol.STATUS] == protocol.STATUS_POLICY_REFUSED and weight == 0
     assert "has not consented" in metrics[protocol.REASON]
     assert not (tmp_path / "state" / "privacy-ledger.jsonl").exists()  # nothing spent
+
+
+@pytest.mark.parametrize("count", [1, 2])
+def test_lora_in_the_top_layers_gets_the_same_share_of_the_noise(tiny_backbone, count):
+    """Every trained-module shape (opacus issue 820): the LoRA adapters that hooks mode trains get the
+    share too. With the head at zero no gradient reaches them, so their one-step move is the noise alone."""
+    torch.manual_seed(0)
+    classifier = build_classifier(tiny_backbone, num_labels=3, lora_r=16, lora_alpha=16,
+                                  lora_targets=("query", "value"), lora_layers=count)
+    nn.init.zeros_(classifier.head.weight)
+    model = CachedTopLayers(classifier, count=count)
+    records, tokens = 40, 6
+    dataset = TensorDataset(torch.randn(records, tokens, tiny_backbone.hidden_size), torch.ones(records, tokens, dtype=torch.long),
+                            torch.zeros(records, dtype=torch.long))
+    lora = {name: p.detach().clone() for name, p in model.named_parameters() if "lora_" in name}
+    rate, _ = poisson_schedule(num_records=records, batch_size=BATCH, local_epochs=1)
+    result = train_private(
+        module=model, dataset=dataset, plan=PrivacyPlan(SIGMA, rate, 1, 20, 8.0, 8.0, 1e-5, "prv"), prior=[],
+        batch_size=BATCH, local_epochs=3, learning_rate=LEARNING_RATE, momentum=0.9, max_grad_norm=CLIP,
+        noise_shares=4,
+    )
+    assert result.steps == 1
+    moved = torch.cat([(p.detach() - lora[name]).flatten() for name, p in model.named_parameters() if name in lora])
+    assert moved.numel() >= 2000  # draws enough for a 10% tolerance
+    whole = LEARNING_RATE * SIGMA * CLIP / BATCH
+    assert float(moved.std()) == pytest.approx(whole / math.sqrt(4), rel=0.1)

@@ -25,7 +25,13 @@ from client.dp_training import train_plain, train_private
 from client.feature_mean import FeatureMeanPlan, plan_feature_mean, release_feature_mean
 from client.label_scope import scoped_head
 from client.prepared_data import PreparedData, prepare, shared_classifier, train_features
-from client.privacy import MECHANISM_CLASS_COUNTS, MECHANISM_CLASS_SUMS, MECHANISM_FEATURE_MEAN, PrivacyLedger
+from client.privacy import (
+    MECHANISM_CLASS_COUNTS,
+    MECHANISM_CLASS_SUMS,
+    MECHANISM_FEATURE_MEAN,
+    PrivacyLedger,
+    department_batch,
+)
 from client.secure_aggregation import MASKED_BY_SECAGG, check_weight, out_of_range, update_delta
 from client.update_replay import load_update, request_key, save_update
 from shared import protocol, secagg_masks
@@ -260,7 +266,8 @@ class DepartmentClient(NumPyClient):
                 return self._declined(parameters, metrics, status=protocol.STATUS_POLICY_REFUSED, reason="; ".join(refusals))
             with self._module_to_train() as module:
                 result = train_plain(
-                    module=module, dataset=data.train, batch_size=cfg.batch_size, local_epochs=cfg.local_epochs,
+                    module=module, dataset=data.train, local_epochs=cfg.local_epochs,
+                    batch_size=department_batch(num_records=len(data.train), batch_size=cfg.batch_size).expected,
                     learning_rate=cfg.learning_rate, momentum=cfg.momentum, seed=cfg.seed + server_round,
                 )
             metrics.update({protocol.STATUS: protocol.STATUS_TRAINED, protocol.TRAIN_LOSS: result.mean_loss})
@@ -276,6 +283,7 @@ class DepartmentClient(NumPyClient):
         # carries the whole noise (client.dp_training.train_private)
         shares, refused = policy.noise_shares(requested=cfg.distributed_noise, secagg=secagg)
         refusals += refused
+        batch = department_batch(num_records=len(data.train), batch_size=cfg.batch_size, distributed=shares > 1)
         ledger = PrivacyLedger(self.settings.state_dir, department=self.settings.name)
         ledger.check_anchor(request.ledger_indexes.get(safe_name(self.settings.name), 0))
         budget = policy.effective_budget(cfg)
@@ -283,7 +291,7 @@ class DepartmentClient(NumPyClient):
                         protocol.EPSILON: ledger.spent(delta=policy.delta, accountant=cfg.accountant)})
         try:
             plan = ledger.plan(
-                run=self.run, num_records=len(data.train), batch_size=cfg.batch_size, local_epochs=cfg.local_epochs,
+                run=self.run, num_records=len(data.train), batch_size=batch.expected, local_epochs=cfg.local_epochs,
                 planned_rounds=planned_rounds, run_epsilon=cfg.target_epsilon, budget=budget, delta=policy.delta,
                 accountant=cfg.accountant, one_step_rounds=cfg.distributed_noise,
             )
@@ -296,7 +304,7 @@ class DepartmentClient(NumPyClient):
         with self._module_to_train(scoped=shares == 1) as module:
             result = train_private(
                 module=module, dataset=data.train, plan=plan, prior=ledger.history,
-                batch_size=cfg.batch_size, local_epochs=cfg.local_epochs, learning_rate=cfg.learning_rate,
+                batch_size=batch.expected, public_batch=batch.divisor, local_epochs=cfg.local_epochs, learning_rate=cfg.learning_rate,
                 momentum=cfg.momentum, max_grad_norm=cfg.max_grad_norm, noise_shares=shares,
             )
         entry = ledger.record_round(run=self.run, server_round=server_round, plan=plan, steps=result.steps,

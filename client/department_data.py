@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from client.label_scope import SCOPE_KEY, parse_label_scope
+from client.privacy import MIN_TRAIN_RECORDS
 from client.site_policy import SitePolicy
 from shared.config import RunConfig
 from shared.data import DEFAULT_COLUMNS, Columns, Record, check_department_names, check_labels, load_records, safe_name
@@ -91,7 +92,7 @@ def resolve_department(config: RunConfig, node_config: Mapping[str, Any]) -> Dep
     return DepartmentSettings(name, data_path, state_dir, policy, scope, shared_cache, signing_key, columns)
 
 
-def load_department(settings: DepartmentSettings, config: RunConfig, *, min_train: int | None = None) -> DepartmentData:
+def load_department(settings: DepartmentSettings, config: RunConfig) -> DepartmentData:
     """Read, check and split a department's records; fail naming the department and file."""
     records = load_records(settings.data_path, columns=settings.columns)
     if config.labels:
@@ -101,10 +102,9 @@ def load_department(settings: DepartmentSettings, config: RunConfig, *, min_trai
     split = split_department(
         records, val_fraction=config.val_fraction, test_fraction=config.test_fraction, seed=config.seed
     )
-    needed = config.batch_size if min_train is None else min_train
-    if len(split.train) < needed or not split.val:
+    if len(split.train) < MIN_TRAIN_RECORDS or not split.val:
         raise DataError(
             f"department {settings.name} ({settings.data_path}): {len(split.train)} training records, "
-            f"{len(split.val)} validation; needs at least batch-size={needed} for training and 1 for validation"
+            f"{len(split.val)} validation; needs at least {MIN_TRAIN_RECORDS} for training and 1 for validation"
         )
     return DepartmentData(settings.name, split.train, split.val, split.test)

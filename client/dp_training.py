@@ -37,16 +37,24 @@ def _optimizer(module: nn.Module, *, learning_rate: float, momentum: float) -> t
 def train_private(
     *, module: nn.Module, dataset: Dataset, plan: PrivacyPlan, prior: list[Mechanism],
     batch_size: int, local_epochs: int, learning_rate: float, momentum: float, max_grad_norm: float,
-    noise_shares: int = 1,
+    public_batch: int | None = None, noise_shares: int = 1,
 ) -> TrainResult:
-    """One round of DP-SGD: Poisson sampling, per-sample clipping to ``max_grad_norm``, Gaussian noise.
+    """One round of DP-SGD: Poisson sampling (expected batch ``batch_size``), per-sample clipping to
+    ``max_grad_norm``, Gaussian noise.
 
-    ``noise_shares`` > 1 (distributed noise): the round is the plan's single step, with
-    ``1 / sqrt(noise_shares)`` of the plan's noise, its clipped sum divided by ``batch_size`` (a
-    run-wide public number, not the department's own expected batch): the SecAgg+ sum of that many
+    ``public_batch``: the noisy clipped sum is divided by this run-wide public number (the run's
+    batch-size) rather than by the department's own expected batch, so every department's update
+    carries the same noise, lr x sigma x max_grad_norm / public_batch, and its signal grows with
+    the records it samples: a small department sampling a quarter of its records moves the model
+    by its share, not by a mean as noisy as its batch is small. None: Opacus' own expected batch.
+
+    ``noise_shares`` > 1 (distributed noise, needs ``public_batch``): the round is the plan's single
+    step, with ``1 / sqrt(noise_shares)`` of the plan's noise: the SecAgg+ sum of that many
     departments' updates is then one DP-SGD step over their records with the plan's whole noise,
-    each record's contribution bounded by ``learning_rate x max_grad_norm / batch_size``.
+    each record's contribution bounded by ``learning_rate x max_grad_norm / public_batch``.
     """
+    if noise_shares > 1 and public_batch is None:
+        raise ValueError("distributed noise divides by the run's public batch: pass public_batch")
     from opacus import PrivacyEngine
 
     # torch's default generator starts from the same seed in every process: sampling and noise
@@ -77,8 +85,8 @@ def train_private(
     dp_module, optimizer, criterion, dp_loader = made if ghost else (made[0], made[1], nn.CrossEntropyLoss(), made[2])
     if abs(dp_loader.sample_rate - plan.sample_rate) > 1e-12:
         raise RuntimeError(f"Opacus sampling rate {dp_loader.sample_rate} differs from the plan's {plan.sample_rate}")
-    if noise_shares > 1:
-        optimizer.expected_batch_size = batch_size  # Opacus divides the noisy sum by it
+    if public_batch is not None:
+        optimizer.expected_batch_size = public_batch  # Opacus divides the noisy sum by it
     try:
         mean_loss, steps = _run_epochs(dp_module, optimizer, dp_loader, local_epochs, criterion,
                                        empty_batch=None if ghost else _no_samples, max_steps=plan.steps_per_round)

@@ -56,6 +56,36 @@ class PrivacyPlan:
         return (self.noise_multiplier, self.sample_rate, self.steps_per_round)
 
 
+# A department holding fewer than this many of the run's batches samples this share of its records
+# instead: its sampling rate stays at most 1 / SAMPLING_BATCHES (Poisson amplification), while a larger
+# department keeps the run's batch-size. The run-wide batch once had to fit the smallest department,
+# which left every department sampling its tiny batches (BENCHMARKS.md section 19).
+SAMPLING_BATCHES = 4
+MIN_TRAIN_RECORDS = SAMPLING_BATCHES  # a batch of at least one record
+
+
+@dataclass(frozen=True)
+class DepartmentBatch:
+    """What a department's DP-SGD samples (``expected``) and what it divides its noisy clipped sum by
+    (``divisor``; None: Opacus' own expected batch, ``client.dp_training.train_private``)."""
+
+    expected: int
+    divisor: int | None
+
+
+def department_batch(*, num_records: int, batch_size: int, distributed: bool = False) -> DepartmentBatch:
+    """The run's ``batch_size``, or a quarter of the records (at least 1) below four batches.
+
+    A department sampling less than the run's batch divides by the run's batch (public, the same
+    for every department), so its update carries the same noise as the others' and moves the model
+    by its share of the records; one sampling the run's batch divides by its own expected batch, as
+    every department did before. Distributed noise always divides by the run's batch: the SecAgg+
+    sum must be one step over a public divisor.
+    """
+    expected = max(1, min(batch_size, num_records // SAMPLING_BATCHES))
+    return DepartmentBatch(expected, batch_size if distributed or expected < batch_size else None)
+
+
 def poisson_schedule(*, num_records: int, batch_size: int, local_epochs: int) -> tuple[float, int]:
     """(sampling rate, steps per round) exactly as Opacus' DPDataLoader will run them."""
     batches_per_epoch = math.ceil(num_records / batch_size)

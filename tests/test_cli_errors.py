@@ -37,7 +37,6 @@ def small_federation(tmp_path, per_department=40):
         (["--model", "/no/such/model"], "--model /no/such/model: not 'minilm', 'tiny' or an existing model folder"),
         (["--partition", "shuffle"], "--partition must be one of column, domain, dirichlet, iid"),
         (["--partition", "domain"], "--partition domain needs the CLINC150 folder"),
-        (["--batch-size", "500"], "needs at least batch-size=500"),
         (["--accountant", "moments"], "accountant must be one of"),
         (["--budget", "it=0"], "site policy of department it: - epsilon: the budget must be > 0 (got 0.0)"),
         (["--budget", "it"], "--budget 'it': expected NAME=EPSILON"),
@@ -131,8 +130,8 @@ def test_version_and_the_labels_file_a_deployed_run_needs(tmp_path):
 def test_simulate_reads_the_users_column_names_and_refuses_a_missing_one(tmp_path):
     data = csv(tmp_path, "body,tag,unit\n" + "".join(f"message {i},{'ab'[i % 2]},{('it', 'hr')[i % 2]}\n" for i in range(4)))
     result = run("simulate", "--data", str(data), "--model", "tiny", "--out", str(tmp_path / "r"),
-                 "--text-column", "body", "--label-column", "tag", "--department-column", "unit", "--batch-size", "500")
-    assert result.exit_code == 1 and "needs at least batch-size=500" in " ".join(result.output.split())  # read, then refused
+                 "--text-column", "body", "--label-column", "tag", "--department-column", "unit")
+    assert result.exit_code == 1 and "needs at least 4 for training" in " ".join(result.output.split())  # read, then refused
     result = run("simulate", "--data", str(data), "--model", "tiny", "--out", str(tmp_path / "r"),
                  "--text-column", "body", "--label-column", "tag")
     assert result.exit_code == 1 and "no 'department' column" in " ".join(result.output.split())

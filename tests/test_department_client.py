@@ -33,9 +33,9 @@ def department_file(tmp_path, copies=12):
     return path
 
 
-def make_client(tmp_path, *, lora_r=0, dp=True, epsilon=5.0, rounds=3, node_extra=None, **settings):
+def make_client(tmp_path, *, lora_r=0, dp=True, epsilon=5.0, rounds=3, node_extra=None, batch_size=16, **settings):
     config = RunConfig(
-        model="tiny", labels=LABELS, batch_size=16, learning_rate=0.5, num_server_rounds=rounds, lora_r=lora_r,
+        model="tiny", labels=LABELS, batch_size=batch_size, learning_rate=0.5, num_server_rounds=rounds, lora_r=lora_r,
         lora_alpha=8, dp=dp, target_epsilon=epsilon, target_delta=1e-4, out_dir=str(tmp_path / "out"),
         head_init="zeros", **settings,
     )
@@ -184,7 +184,7 @@ def test_too_small_department_is_named(tmp_path):
     write_jsonl([Record("a", "expense"), Record("b", "room")], client.settings.data_path)
     prepare.cache_clear()
     reason, log = failure(client, fit(client, get_trainable(client.classifier), fit_request(config, 1)))
-    assert re.search("department finance .* needs at least batch-size=16", log) and "DataError" in reason
+    assert re.search("department finance .* needs at least 4 for training", log) and "DataError" in reason
 
 
 def test_only_a_simulation_shares_a_feature_cache(tmp_path):

@@ -39,7 +39,7 @@ def noise_only_step(*, shares: int, records: int = 40) -> tuple[torch.Tensor, in
     result = train_private(
         module=head, dataset=dataset, plan=PrivacyPlan(SIGMA, rate, 1, 20, 8.0, 8.0, 1e-5, "prv"), prior=[],
         batch_size=BATCH, local_epochs=3, learning_rate=LEARNING_RATE, momentum=0.9, max_grad_norm=CLIP,
-        noise_shares=shares,
+        public_batch=BATCH, noise_shares=shares,
     )
     return head.weight.detach().clone(), result.steps
 
@@ -122,7 +122,7 @@ def test_lora_in_the_top_layers_gets_the_same_share_of_the_noise(tiny_backbone, 
     result = train_private(
         module=model, dataset=dataset, plan=PrivacyPlan(SIGMA, rate, 1, 20, 8.0, 8.0, 1e-5, "prv"), prior=[],
         batch_size=BATCH, local_epochs=3, learning_rate=LEARNING_RATE, momentum=0.9, max_grad_norm=CLIP,
-        noise_shares=4,
+        public_batch=BATCH, noise_shares=4,
     )
     assert result.steps == 1
     moved = torch.cat([(p.detach() - lora[name]).flatten() for name, p in model.named_parameters() if name in lora])

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow  # real Flower simulations: `python -m pytest -m s
 def run_with_broken_departments(tmp_path, broken: int) -> tuple[dict, dict, list[str]]:
     out = tmp_path / "run"
     data = partition_data(DataPlan(data=None, test_data=None, partition="iid", departments=5, alpha=0.5, seed=0))
-    federation = plan_federation(data, out_dir=out, val_fraction=0.1, test_fraction=0.1, batch_size=32,
+    federation = plan_federation(data, out_dir=out, val_fraction=0.1, test_fraction=0.1,
                                  delta=1e-5, dp=True, seed=0, policies={})
     write_federation(data, federation)
     names = [d.name for d in federation.departments]

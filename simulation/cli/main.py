@@ -68,7 +68,7 @@ def simulate(
     partition: Annotated[str | None, typer.Option(help="column | domain | dirichlet | iid. Default: domain for CLINC150, else column.")] = None,
     departments: Annotated[int | None, typer.Option(help="Number of departments for dirichlet / iid (default 4).")] = None,
     alpha: Annotated[float, typer.Option(help="Dirichlet concentration for --partition dirichlet.")] = 0.5,
-    batch_size: Annotated[int | None, typer.Option(help=f"Expected batch size (Poisson sampling). Default: {DEFAULTS.batch_size}, at most a quarter of the smallest department.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help=f"Expected batch size (Poisson sampling); a department with fewer than 4 batches of records samples a quarter of them. Default: {DEFAULTS.batch_size}, at most a quarter of the largest department.")] = None,
     audit_updates: Annotated[bool, typer.Option("--audit-updates", help="Save each department's raw delta (its own folder) and what the server received (masked under SecAgg+), for audits.")] = False,
     out: opt.Out = None,
     feature_cache: Annotated[Path | None, typer.Option(help="One folder where departments and server cache their embeddings of the frozen backbone, reused by later runs on the same data (default: inside the run folder).")] = None,

@@ -209,7 +209,7 @@ def run(
     kit: Annotated[Path, typer.Option(help="The server kit (its .flwr connection is written by `server start`).")],
     labels_file: Annotated[Path | None, typer.Option(help="The federation's labels, one per line (`fedpriv labels DATA...` writes it).")] = None,
     min_departments: Annotated[int | None, typer.Option(help="Departments a round needs: the run waits until that many are connected, and ends when fewer can still train.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Expected batch size (Poisson sampling).")] = DEFAULTS.batch_size,
+    batch_size: Annotated[int, typer.Option(help="Expected batch size (Poisson sampling); a department with fewer than 4 batches of records samples a quarter of them.")] = DEFAULTS.batch_size,
     test_data: opt.TestData = None,
     secagg_max_weight: Annotated[int, typer.Option(help="SecAgg+ bound on a department's training records.")] = DEFAULTS.secagg_max_weight,
     secagg_timeout: Annotated[float, typer.Option(help="Seconds a SecAgg+ stage waits for a department before dropping it (the round goes on while the reconstruction threshold holds).")] = DEFAULTS.secagg_timeout_s,

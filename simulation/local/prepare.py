@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from client.label_scope import SCOPE_KEY, parse_label_scope
+from client.privacy import MIN_TRAIN_RECORDS
 from shared import partition
 from shared.data import DEFAULT_COLUMNS, Columns, Record, check_labels, derive_labels, load_records, safe_name, write_jsonl
 from shared.errors import ConfigError, DataError
@@ -109,9 +110,10 @@ class Partitioned:
     # domain partition, the demo corpus's design for its departments (client.label_scope).
     declared_scopes: dict[str, tuple[str, ...]]
 
-    def smallest_train_split(self, *, val_fraction: float, test_fraction: float, seed: int) -> int:
-        """Training records of the smallest department (a batch size must fit every department)."""
-        return min(
+    def largest_train_split(self, *, val_fraction: float, test_fraction: float, seed: int) -> int:
+        """Training records of the largest department (the default batch fits it: smaller departments
+        sample a quarter of theirs, ``client.privacy.department_batch``)."""
+        return max(
             len(partition.split_department(records, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed).train)
             for records in self.shares.values()
         )
@@ -143,7 +145,7 @@ def partition_data(plan: DataPlan) -> Partitioned:
 
 
 def plan_federation(
-    data: Partitioned, *, out_dir: Path, val_fraction: float, test_fraction: float, batch_size: int, delta: float,
+    data: Partitioned, *, out_dir: Path, val_fraction: float, test_fraction: float, delta: float,
     dp: bool, seed: int, policies: Mapping[str, Mapping[str, Any]],
 ) -> Federation:
     """Check every department against the training settings; the federation's files, not yet written."""
@@ -167,10 +169,10 @@ def plan_federation(
                 problems.append(str(exc))
         split = partition.split_department(records, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
         train = len(split.train)
-        if train < batch_size or not split.val:
+        if train < MIN_TRAIN_RECORDS or not split.val:
             problems.append(
-                f"department {name}: {len(records)} records leave {train} for training after the validation split; "
-                f"needs at least batch-size={batch_size}"
+                f"department {name}: {len(records)} records leave {train} for training and {len(split.val)} for "
+                f"validation; needs at least {MIN_TRAIN_RECORDS} for training and 1 for validation"
             )
         if dp and not delta < 1 / max(train, 1):
             problems.append(f"department {name}: delta={delta} must be below 1/records = 1/{train}")

@@ -37,7 +37,7 @@ class SimulationRequest:
     partition: str | None
     departments: int | None
     alpha: float
-    batch_size: int | None  # None: at most a quarter of the smallest department
+    batch_size: int | None  # None: at most a quarter of the largest department
     seed: int
     training: dict[str, Any]  # RunConfig settings from the shared training options (simulation.cli.options)
     feature_cache: Path | None
@@ -81,10 +81,11 @@ def simulate_federation(request: SimulationRequest, *, console: Console) -> dict
     # Departments keep a test split of their own only when the server has no test set.
     test_fraction = 0.0 if partitioned.test is not None else DEFAULTS.test_fraction
     fractions = {"val_fraction": training.pop("val_fraction"), "test_fraction": test_fraction, "seed": request.seed}
-    batch_size = request.batch_size or max(1, min(DEFAULTS.batch_size, partitioned.smallest_train_split(**fractions) // 4))
+    # the default batch fits the largest department; smaller ones sample a quarter of their records
+    batch_size = request.batch_size or max(1, min(DEFAULTS.batch_size, partitioned.largest_train_split(**fractions) // 4))
     out = run_dir_path(request.out)
     federation = plan_federation(
-        partitioned, out_dir=out, batch_size=batch_size, delta=training["target_delta"], dp=training["dp"],
+        partitioned, out_dir=out, delta=training["target_delta"], dp=training["dp"],
         policies=policies, **fractions
     )
     config = RunConfig(

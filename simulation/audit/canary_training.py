@@ -25,7 +25,7 @@ from client.class_statistics import plan_stage_one
 from client.department_data import DepartmentData, DepartmentSettings
 from client.dp_training import train_plain, train_private
 from client.label_scope import scoped_head
-from client.privacy import MECHANISM_CLASS_COUNTS, MECHANISM_CLASS_SUMS, PrivacyLedger
+from client.privacy import MECHANISM_CLASS_COUNTS, MECHANISM_CLASS_SUMS, PrivacyLedger, department_batch
 from shared.accounting import epsilon_of
 from shared.config import RunConfig
 from shared.errors import BudgetExhausted
@@ -85,9 +85,10 @@ def audit_department_training(
             module = head if config.head_only else module
         before = _canary_logits(module, canary_inputs, rows)
         claimed = None
+        batch = department_batch(num_records=len(train.tensors[0]), batch_size=config.batch_size)  # as the department samples
         if not config.dp:
             for server_round in range(config.dp_sgd_rounds):
-                train_plain(module=module, dataset=train, batch_size=config.batch_size, local_epochs=config.local_epochs,
+                train_plain(module=module, dataset=train, batch_size=batch.expected, local_epochs=config.local_epochs,
                             learning_rate=config.learning_rate, momentum=config.momentum, seed=config.seed + server_round)
         else:
             ledger = PrivacyLedger(Path(state), department=settings.name)
@@ -100,7 +101,7 @@ def audit_department_training(
                               accountant=config.accountant, delta=policy.delta, budget=budget)
             stage_one = len(ledger.history)
             for server_round in range(2, 2 + config.dp_sgd_rounds):
-                plan = ledger.plan(run=AUDIT_RUN, num_records=len(train.tensors[0]), batch_size=config.batch_size,
+                plan = ledger.plan(run=AUDIT_RUN, num_records=len(train.tensors[0]), batch_size=batch.expected,
                                    local_epochs=config.local_epochs, planned_rounds=config.dp_sgd_rounds,
                                    run_epsilon=config.target_epsilon, budget=budget, delta=policy.delta,
                                    accountant=config.accountant)
@@ -109,7 +110,7 @@ def audit_department_training(
                 except BudgetExhausted:
                     break
                 result = train_private(module=module, dataset=train, plan=plan, prior=ledger.history,
-                                       batch_size=config.batch_size, local_epochs=config.local_epochs,
+                                       batch_size=batch.expected, public_batch=batch.divisor, local_epochs=config.local_epochs,
                                        learning_rate=config.learning_rate, momentum=config.momentum,
                                        max_grad_norm=config.max_grad_norm)
                 ledger.record_round(run=AUDIT_RUN, server_round=server_round, plan=plan, steps=result.steps)

@@ -31,7 +31,7 @@ def throughput(
     """Samples/s of one local epoch, plain and DP, alternated; ``lora_r`` 0 trains the head on cached
     features (the default model), above 0 LoRA adapters and head through the whole Transformer."""
     from client.dp_training import train_plain, train_private
-    from client.privacy import PrivacyPlan, calibrate_noise, poisson_schedule
+    from client.privacy import PrivacyPlan, calibrate_noise, department_batch, poisson_schedule
     from shared.features import labelled_dataset
     from shared.model import build_classifier, load_backbone
 
@@ -40,7 +40,7 @@ def throughput(
                                   lora_targets=DEFAULTS.lora_targets)
     dataset = labelled_dataset(backbone, records, labels=labels, max_length=DEFAULTS.max_length, head_only=lora_r == 0,
                                cache_dir=cache_dir)
-    batch = min(batch_size, len(dataset) // 4)
+    batch = department_batch(num_records=len(dataset), batch_size=batch_size).expected  # as a department samples
     rate, steps = poisson_schedule(num_records=len(dataset), batch_size=batch, local_epochs=1)
     sigma = calibrate_noise(target_epsilon=8.0, delta=DEFAULTS.target_delta, sample_rate=rate,
                             steps=steps * DEFAULTS.num_server_rounds, prior=[], accountant=DEFAULTS.accountant)

@@ -236,12 +236,19 @@ class PrivacyLedger:
             raise ConfigError(problems, source=f"privacy budget of department {self.department}")
         sample_rate, steps = poisson_schedule(num_records=num_records, batch_size=batch_size, local_epochs=local_epochs)
         steps = 1 if one_step_rounds else steps
+        # Distributed noise: the SecAgg+ sum gives every department in it the same noise, which protects
+        # each at its ledger's epsilon only if they all add shares of one multiplier. Calibrated at its own
+        # sampling rate, a department with more records (a lower rate) would add less and leave a smaller
+        # one short (8.92 where its ledger said 7.99: README, privacy section). So every department
+        # calibrates at the largest rate any may sample, 1 / SAMPLING_BATCHES, and accounts its own:
+        # departments of one budget and history add the same multiplier, and a larger one spends less.
+        calibration_rate = 1.0 / SAMPLING_BATCHES if one_step_rounds else sample_rate
         this_run = [e for e in self.entries if e.run == run and e.mechanism == MECHANISM_DP_SGD]
         if this_run:
             sigma = this_run[0].noise_multiplier
         else:
             sigma = calibrate_noise(
-                target_epsilon=min(run_epsilon, budget), delta=delta, sample_rate=sample_rate,
+                target_epsilon=min(run_epsilon, budget), delta=delta, sample_rate=calibration_rate,
                 steps=steps * planned_rounds, prior=self.history, accountant=accountant,
             )
         return PrivacyPlan(sigma, sample_rate, steps, planned_rounds, run_epsilon, budget, delta, accountant)

@@ -16,7 +16,7 @@ from client.department import DepartmentClient
 from client.department_data import resolve_department
 from client.dp_training import train_private
 from client.prepared_data import prepare, shared_classifier
-from client.privacy import MECHANISM_DP_SGD, PrivacyLedger, PrivacyPlan, poisson_schedule
+from client.privacy import MECHANISM_DP_SGD, PrivacyLedger, PrivacyPlan, department_batch, poisson_schedule
 from shared import protocol
 from shared.accounting import epsilon_of
 from shared.config import RunConfig
@@ -129,3 +129,22 @@ def test_lora_in_the_top_layers_gets_the_same_share_of_the_noise(tiny_backbone, 
     assert moved.numel() >= 2000  # draws enough for a 10% tolerance
     whole = LEARNING_RATE * SIGMA * CLIP / BATCH
     assert float(moved.std()) == pytest.approx(whole / math.sqrt(4), rel=0.1)
+
+
+def test_departments_of_different_sizes_add_shares_of_one_noise_multiplier(tmp_path):
+    """The attack this guards against: calibrated at its own sampling rate, a department with more records
+    adds a smaller multiplier, and the SecAgg+ sum then carries less noise than a smaller department's
+    ledger assumes (on the epsilon-8 default: epsilon 8.92 where the ledger said 7.99)."""
+    plans = {}
+    for records in (200, 2_000, 20_000):  # sampling rates 1/4, 1/8, 1/79 at batch 256 (a quarter of 200: 50)
+        ledger = PrivacyLedger(tmp_path / str(records), department=f"d{records}")
+        batch = department_batch(num_records=records, batch_size=256, distributed=True)
+        plans[records] = ledger.plan(run="r", num_records=records, batch_size=batch.expected, local_epochs=1,
+                                     planned_rounds=20, run_epsilon=4.0, budget=4.0, delta=1e-5, accountant="prv",
+                                     one_step_rounds=True)
+    sigmas = {plan.noise_multiplier for plan in plans.values()}
+    assert len(sigmas) == 1  # one multiplier: every sum of their shares carries it
+    for plan in plans.values():  # each accounts its own sampling rate: within its budget, the smallest at it
+        assert epsilon_of([plan.round_mechanism] * plan.planned_rounds, delta=1e-5, accountant="prv") <= 4.0 + 0.01
+    assert epsilon_of([plans[200].round_mechanism] * 20, delta=1e-5, accountant="prv") == pytest.approx(4.0, abs=0.01)
+    assert len({plan.sample_rate for plan in plans.values()}) == 3

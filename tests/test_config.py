@@ -53,11 +53,9 @@ def test_label_fingerprint_depends_on_order():
 def test_rounds_left_out_add_dp_sgd_only_where_epsilon_leaves_room_for_it():
     from shared.schedule import STAGE_TWO_MIN_EPSILON, STAGE_TWO_ROUNDS, default_schedule
 
-    def rounds(*, dp=True, distributed_noise=False, epsilon, head_init="class-statistics", centering_share=0.05,
-               reconstruction_threshold=DEFAULTS.secagg_reconstruction_threshold):
+    def rounds(*, dp=True, distributed_noise=False, epsilon, head_init="class-statistics", centering_share=0.05):
         return default_schedule(dp=dp, distributed_noise=distributed_noise, epsilon=epsilon, head_init=head_init,
-                                centering_share=centering_share,
-                                reconstruction_threshold=reconstruction_threshold)["num_server_rounds"]
+                                centering_share=centering_share)["num_server_rounds"]
 
     assert rounds(epsilon=STAGE_TWO_MIN_EPSILON) == 2 + STAGE_TWO_ROUNDS  # feature mean, class statistics, DP-SGD
     assert rounds(epsilon=3.0) == 2  # stage 1 alone
@@ -66,10 +64,6 @@ def test_rounds_left_out_add_dp_sgd_only_where_epsilon_leaves_room_for_it():
     assert rounds(epsilon=1.0, head_init="zeros") == STAGE_TWO_ROUNDS
     assert rounds(distributed_noise=True, epsilon=STAGE_TWO_MIN_EPSILON) == 2 + STAGE_TWO_ROUNDS
     assert rounds(distributed_noise=True, epsilon=3.0) == 2
-    # SecAgg+ unmasking only with 90% of the departments: small noise shares, and stage 2 pays from epsilon 3
-    assert rounds(distributed_noise=True, epsilon=3.0, reconstruction_threshold=0.9) == 2 + STAGE_TWO_ROUNDS
-    assert rounds(distributed_noise=True, epsilon=1.0, reconstruction_threshold=1.0) == 2
-    assert rounds(epsilon=3.0, reconstruction_threshold=0.9) == 2  # local noise: no shares
 
 
 def left_out_options() -> dict:

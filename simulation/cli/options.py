@@ -16,7 +16,7 @@ from shared.config import DEFAULTS
 from shared.errors import ConfigError
 from shared.schedule import default_schedule
 
-Rounds = Annotated[int | None, typer.Option(help="Federated rounds: round 1 releases the DP feature mean, round 2 DP class statistics (stage 1); any later rounds fine-tune the head with DP-SGD. Default: 22 at epsilon >= 8 (>= 3 with --distributed-noise and --secagg-reconstruction-threshold >= 0.9) or without DP, else 2 (stage 2 costs accuracy at small epsilon; see BENCHMARKS.md).")]
+Rounds = Annotated[int | None, typer.Option(help="Federated rounds: round 1 releases the DP feature mean, round 2 DP class statistics (stage 1); any later rounds fine-tune the head with DP-SGD. Default: 22 at epsilon >= 8 or without DP, else 2 (stage 2 costs accuracy at small epsilon; see BENCHMARKS.md).")]
 HeadInit = Annotated[str, typer.Option(help="class-statistics: round 1 builds the head from each department's DP class statistics (default); zeros: every round is DP-SGD from a zero head (the earlier design).")]
 LocalEpochs = Annotated[int | None, typer.Option(help="Local epochs per DP-SGD round. Default: 1 with DP (more epochs spend the budget on noisier steps), 10 without. With --distributed-noise a round is one step.")]
 LearningRate = Annotated[float | None, typer.Option(help="Local SGD learning rate. Default: 2.5, or 20 with --distributed-noise (one step a round).")]
@@ -135,8 +135,7 @@ def training_settings(values: dict[str, Any]) -> dict[str, Any]:
             settings[RENAMED.get(name, name)] = module_names(value) if name == "lora_targets" else value
     schedule = default_schedule(dp=settings["dp"], distributed_noise=settings["distributed_noise"],
                                 epsilon=settings["target_epsilon"], head_init=settings["head_init"],
-                                centering_share=settings["centering_share"],
-                                reconstruction_threshold=settings["secagg_reconstruction_threshold"])
+                                centering_share=settings["centering_share"])
     for name, value in schedule.items():
         if settings[name] is None:
             settings[name] = value
